@@ -1,2 +1,19 @@
-//! The DiG protein model (Distributional Graphormer, NMI 2024) in tch.
-pub fn hello() {}
+//! The DiG protein model (Distributional Graphormer, Nature Machine
+//! Intelligence 2024) in tch: the score network under the published
+//! state-dict names, the IGSO(3) tables, the deterministic reverse-diffusion
+//! sampler on SE(3)^L, and structure writers. No network code lives here.
+//!
+//! `../shared/MODEL.md` is the specification this crate implements.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod network;
+pub mod so3;
+pub mod structure;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{ModelError, Result};
+pub use network::{ProteinContext, ScoreNetwork};
+pub use weights::DigModel;

@@ -1,0 +1,405 @@
+//! Structure output of the sampler: an [`Ensemble`] holds the sampled rigid
+//! frames (translation `T` in Å and rotation `R` per residue) of one protein,
+//! turns them into backbone atoms (N, CA, C), and writes them as an npz that
+//! numpy reads (`tr`, `rot_mat`, `sample_index`) and as a multi-model PDB that
+//! analysis tools such as MDTraj read. File writes are atomic: a crash leaves
+//! either the previous file or the finished new one, never a partial file
+//! under the final name.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tch::{Kind, Tensor};
+
+use crate::{ModelError, Result};
+
+/// Position of N in the residue's local frame (Å), as in the published code.
+const N_REF: [f64; 3] = [1.45597958, 0.0, 0.0];
+/// Position of C in the residue's local frame (Å), as in the published code.
+const C_REF: [f64; 3] = [-0.533655602, 1.42752619, 0.0];
+
+/// The PDB format numbers residues and models with four digits.
+const PDB_MAX_RESIDUES: usize = 9999;
+const PDB_MAX_MODELS: usize = 9999;
+/// Every PDB record is padded to this many columns.
+const PDB_RECORD_WIDTH: usize = 80;
+
+/// A set of sampled structures of one protein, CPU float32, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ensemble {
+    /// One-letter amino-acid codes, one per residue (length L).
+    pub sequence: String,
+    /// Which sample of the run each structure is, (N,). Kept because a shard
+    /// of a larger run holds samples that do not start at 0.
+    pub sample_index: Vec<i64>,
+    /// Translations, (N, L, 3), Å.
+    pub tr: Vec<f32>,
+    /// Rotation matrices, (N, L, 3, 3).
+    pub rot_mat: Vec<f32>,
+}
+
+impl Ensemble {
+    /// Number of residues L.
+    pub fn len_residues(&self) -> usize {
+        self.sequence.chars().count()
+    }
+
+    /// Number of structures N.
+    pub fn num_samples(&self) -> usize {
+        self.sample_index.len()
+    }
+
+    /// Backbone atoms `[N, CA, C]` per residue of structure `sample` (Å):
+    /// `CA = T`, `N = R^T n_ref + T`, `C = R^T c_ref + T`.
+    ///
+    /// # Panics
+    /// If `sample >= num_samples()` or the arrays are shorter than the
+    /// sequence and sample count say.
+    pub fn backbone(&self, sample: usize) -> Vec<[[f32; 3]; 3]> {
+        let l = self.len_residues();
+        assert!(
+            sample < self.num_samples(),
+            "sample {sample} out of range: the ensemble has {} samples",
+            self.num_samples()
+        );
+        let tr = &self.tr[sample * l * 3..(sample + 1) * l * 3];
+        let rot = &self.rot_mat[sample * l * 9..(sample + 1) * l * 9];
+        tr.chunks_exact(3)
+            .zip(rot.chunks_exact(9))
+            .map(|(t, r)| {
+                // (R^T v)_k = sum_j R[j][k] v[j]. Summed in f64 so that the
+                // only rounding is the final one to f32.
+                let place = |v: [f64; 3]| -> [f32; 3] {
+                    std::array::from_fn(|k| {
+                        let rotated: f64 = (0..3).map(|j| f64::from(r[j * 3 + k]) * v[j]).sum();
+                        (f64::from(t[k]) + rotated) as f32
+                    })
+                };
+                [place(N_REF), [t[0], t[1], t[2]], place(C_REF)]
+            })
+            .collect()
+    }
+
+    /// Writes `tr` (N,L,3) f32, `rot_mat` (N,L,3,3) f32 and `sample_index`
+    /// (N,) i64 as an npz that `numpy.load` reads. Atomic: see the module doc.
+    pub fn write_npz(&self, path: &Path) -> Result<()> {
+        self.check_shapes().map_err(ModelError::Invalid)?;
+        let (n, l) = (self.num_samples() as i64, self.len_residues() as i64);
+        let tr = Tensor::from_slice(&self.tr).view([n, l, 3]);
+        let rot_mat = Tensor::from_slice(&self.rot_mat).view([n, l, 3, 3]);
+        let sample_index = Tensor::from_slice(&self.sample_index);
+        write_atomically(path, |tmp| {
+            Tensor::write_npz(
+                &[
+                    ("tr", &tr),
+                    ("rot_mat", &rot_mat),
+                    ("sample_index", &sample_index),
+                ],
+                tmp,
+            )
+            .map_err(io::Error::other)
+        })
+    }
+
+    /// Reads an npz written by [`Ensemble::write_npz`]. The file does not
+    /// store the sequence, so the caller supplies the one the ensemble was
+    /// sampled for; its length must match the file's L.
+    ///
+    /// Also reads the published sampler's single state (`tr` (L,3), `rot_mat`
+    /// (L,3,3), no `sample_index`) as one sample with index 0; a missing
+    /// `sample_index` means `0..N`.
+    pub fn read_npz(path: &Path, sequence: impl Into<String>) -> Result<Ensemble> {
+        let sequence = sequence.into();
+        let bad = |message: String| ModelError::format(path, message);
+        // Reported separately so that a wrong path reads as such, not as a
+        // malformed file.
+        fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+        let entries =
+            Tensor::read_npz(path).map_err(|e| bad(format!("not a readable npz file: {e}")))?;
+        let entry = |name: &str| entries.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        let expected = "expected tr (N,L,3) float32, rot_mat (N,L,3,3) float32 and \
+                        optionally sample_index (N,) int64";
+
+        let tr = entry("tr").ok_or_else(|| bad(format!("no `tr` entry; {expected}")))?;
+        let rot_mat =
+            entry("rot_mat").ok_or_else(|| bad(format!("no `rot_mat` entry; {expected}")))?;
+        for (name, t) in [("tr", tr), ("rot_mat", rot_mat)] {
+            // Checked because the conversion below would silently round a
+            // float64 file instead of reproducing it.
+            if t.kind() != Kind::Float {
+                return Err(bad(format!("`{name}` is {:?}; {expected}", t.kind())));
+            }
+        }
+        let (tr_shape, rot_shape) = (tr.size(), rot_mat.size());
+        let (n, l) = match (tr_shape.as_slice(), rot_shape.as_slice()) {
+            ([n, lt, 3], [nr, lr, 3, 3]) if n == nr && lt == lr => (*n, *lt),
+            ([lt, 3], [lr, 3, 3]) if lt == lr => (1, *lt),
+            _ => {
+                return Err(bad(format!(
+                    "`tr` has shape {tr_shape:?} and `rot_mat` {rot_shape:?}; {expected}"
+                )))
+            }
+        };
+        let seq_len = sequence.chars().count();
+        if l as usize != seq_len {
+            return Err(bad(format!(
+                "the structures have {l} residues but the given sequence has {seq_len}; \
+                 pass the sequence the ensemble was sampled for"
+            )));
+        }
+
+        let sample_index = match entry("sample_index") {
+            None => (0..n).collect(),
+            Some(t) => {
+                if t.size() != [n] || !matches!(t.kind(), Kind::Int64 | Kind::Int) {
+                    return Err(bad(format!(
+                        "`sample_index` is {:?} with shape {:?}; {expected}",
+                        t.kind(),
+                        t.size()
+                    )));
+                }
+                Vec::<i64>::try_from(t).map_err(|e| bad(e.to_string()))?
+            }
+        };
+        let flat = |t: &Tensor| Vec::<f32>::try_from(&t.reshape([-1]));
+        Ok(Ensemble {
+            sequence,
+            sample_index,
+            tr: flat(tr).map_err(|e| bad(e.to_string()))?,
+            rot_mat: flat(rot_mat).map_err(|e| bad(e.to_string()))?,
+        })
+    }
+
+    /// Writes the backbone (N, CA, C) of every sample as a multi-model PDB:
+    /// one `MODEL n` (n = 1, 2, ...) per sample, chain A, residues numbered
+    /// from 1, and a `REMARK   1` line per model saying its sample index.
+    ///
+    /// Everything is checked before the first byte is written, so an error
+    /// leaves `w` untouched. Errors (`InvalidData`): inconsistent array
+    /// lengths, a letter [`three_letter`] does not know, more than 9999
+    /// residues or models, or a coordinate that does not fit the `%8.3f`
+    /// field (from -999.999 to 9999.999 Å) or is not finite.
+    pub fn write_pdb<W: Write>(&self, w: W) -> io::Result<()> {
+        let invalid = |message: String| io::Error::new(io::ErrorKind::InvalidData, message);
+        self.check_shapes().map_err(invalid)?;
+        let (n, l) = (self.num_samples(), self.len_residues());
+        if l > PDB_MAX_RESIDUES || n > PDB_MAX_MODELS {
+            return Err(invalid(format!(
+                "{n} samples of {l} residues do not fit a PDB file (at most \
+                 {PDB_MAX_MODELS} models of {PDB_MAX_RESIDUES} residues); write the npz instead"
+            )));
+        }
+        let res_names = self
+            .sequence
+            .chars()
+            .enumerate()
+            .map(|(i, code)| {
+                three_letter(code).ok_or_else(|| {
+                    invalid(format!(
+                        "residue {} is `{code}`, not one of the 20 standard one-letter codes \
+                         or X",
+                        i + 1
+                    ))
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        for sample in 0..n {
+            for (residue, atoms) in self.backbone(sample).iter().enumerate() {
+                for (atom, xyz) in BACKBONE_ATOMS.iter().zip(atoms) {
+                    if let Some(&x) = xyz.iter().find(|&&x| pdb_coordinate(x).is_none()) {
+                        return Err(invalid(format!(
+                            "sample index {} (model {}), residue {}, atom {}: coordinate {x} Å \
+                             does not fit the PDB %8.3f field (-999.999 to 9999.999 Å); \
+                             write the npz instead",
+                            self.sample_index[sample],
+                            sample + 1,
+                            residue + 1,
+                            atom.name.trim(),
+                        )));
+                    }
+                }
+            }
+        }
+
+        let mut w = BufWriter::new(w);
+        for (model, index) in self.sample_index.iter().enumerate() {
+            record(
+                &mut w,
+                &format!("REMARK   1 DIG MODEL {:>4} SAMPLE_INDEX {index}", model + 1),
+            )?;
+        }
+        for sample in 0..n {
+            record(&mut w, &format!("MODEL     {:>4}", sample + 1))?;
+            // Serials restart in every model, as the models are alternatives
+            // of the same chain.
+            let mut serial = 0;
+            for (residue, atoms) in self.backbone(sample).iter().enumerate() {
+                for (atom, xyz) in BACKBONE_ATOMS.iter().zip(atoms) {
+                    serial += 1;
+                    // Checked above; the fallback is never taken.
+                    let [x, y, z] = xyz.map(|c| pdb_coordinate(c).unwrap_or_default());
+                    record(
+                        &mut w,
+                        &format!(
+                            "ATOM  {serial:>5} {name}{alt_loc}{res_name:>3} {chain}{res_seq:>4}\
+                             {i_code}   {x}{y}{z}{occupancy:>6.2}{temp_factor:>6.2}          \
+                             {element:>2}",
+                            name = atom.name,
+                            alt_loc = ' ',
+                            res_name = res_names[residue],
+                            chain = CHAIN_ID,
+                            res_seq = residue + 1,
+                            i_code = ' ',
+                            occupancy = 1.0,
+                            temp_factor = 0.0,
+                            element = atom.element,
+                        ),
+                    )?;
+                }
+            }
+            if let Some(last) = res_names.last() {
+                serial += 1;
+                record(
+                    &mut w,
+                    &format!("TER   {serial:>5}      {last:>3} {CHAIN_ID}{l:>4}"),
+                )?;
+            }
+            record(&mut w, "ENDMDL")?;
+        }
+        record(&mut w, "END")?;
+        w.flush()
+    }
+
+    /// [`Ensemble::write_pdb`] into a file, atomically (see the module doc).
+    pub fn write_pdb_file(&self, path: &Path) -> Result<()> {
+        write_atomically(path, |tmp| self.write_pdb(File::create(tmp)?))
+    }
+
+    /// Checks that the array lengths agree with the sequence and sample count.
+    fn check_shapes(&self) -> std::result::Result<(), String> {
+        let (n, l) = (self.num_samples(), self.len_residues());
+        if self.tr.len() != n * l * 3 || self.rot_mat.len() != n * l * 9 {
+            return Err(format!(
+                "inconsistent ensemble: {n} samples of {l} residues need {} translation and {} \
+                 rotation values, got {} and {}",
+                n * l * 3,
+                n * l * 9,
+                self.tr.len(),
+                self.rot_mat.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The three-letter PDB residue name of a one-letter amino-acid code: the 20
+/// standard amino acids (upper case) and `X` for unknown (`UNK`).
+pub fn three_letter(code: char) -> Option<&'static str> {
+    Some(match code {
+        'A' => "ALA",
+        'R' => "ARG",
+        'N' => "ASN",
+        'D' => "ASP",
+        'C' => "CYS",
+        'Q' => "GLN",
+        'E' => "GLU",
+        'G' => "GLY",
+        'H' => "HIS",
+        'I' => "ILE",
+        'L' => "LEU",
+        'K' => "LYS",
+        'M' => "MET",
+        'F' => "PHE",
+        'P' => "PRO",
+        'S' => "SER",
+        'T' => "THR",
+        'W' => "TRP",
+        'Y' => "TYR",
+        'V' => "VAL",
+        'X' => "UNK",
+        _ => return None,
+    })
+}
+
+/// A backbone atom as the PDB ATOM record spells it.
+struct PdbAtom {
+    /// Columns 13-16: element symbols of one letter start in column 14.
+    name: &'static str,
+    element: &'static str,
+}
+
+/// In the order of [`Ensemble::backbone`].
+const BACKBONE_ATOMS: [PdbAtom; 3] = [
+    PdbAtom {
+        name: " N  ",
+        element: "N",
+    },
+    PdbAtom {
+        name: " CA ",
+        element: "C",
+    },
+    PdbAtom {
+        name: " C  ",
+        element: "C",
+    },
+];
+
+const CHAIN_ID: char = 'A';
+
+/// `x` as `%8.3f`, or `None` when it would not fit eight columns or is not a
+/// number. Decided on the formatted text, not on a bound, because the sign
+/// takes a column (-1000 does not fit, 9999.999 does) and rounding can add a
+/// digit (9999.9996 becomes 10000.000).
+fn pdb_coordinate(x: f32) -> Option<String> {
+    let text = format!("{x:8.3}");
+    (x.is_finite() && text.len() == 8).then_some(text)
+}
+
+/// Writes one PDB record padded to the fixed 80 columns.
+fn record(w: &mut impl Write, line: &str) -> io::Result<()> {
+    debug_assert!(
+        line.len() <= PDB_RECORD_WIDTH,
+        "PDB record too long: {line}"
+    );
+    writeln!(w, "{line:<PDB_RECORD_WIDTH$}")
+}
+
+/// Writes `path` by letting `write` fill a temporary file in the same
+/// directory, flushing it to disk and renaming it over `path`. The rename is
+/// atomic within a file system, so readers see the old file or the complete
+/// new one. The temporary name is hidden and lacks the final extension, so
+/// nothing that looks for finished files picks it up.
+fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let fail = |e: io::Error| ModelError::format(path, format!("cannot write: {e}"));
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| fail(io::Error::other("the path does not name a file")))?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = write(&tmp)
+        // Data must be on disk before the rename makes it visible, or a crash
+        // could leave a complete-looking name over incomplete content.
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(fail(e));
+    }
+    // Makes the rename itself durable. Best effort: some file systems do not
+    // support syncing a directory, and the new file is already in place.
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

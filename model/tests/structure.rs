@@ -1,0 +1,495 @@
+//! Structure output: backbone geometry, the npz (checked against numpy) and
+//! the multi-model PDB (checked column by column and against MDTraj).
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use dig_model::structure::{three_letter, Ensemble};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const N_REF: [f64; 3] = [1.45597958, 0.0, 0.0];
+const C_REF: [f64; 3] = [-0.533655602, 1.42752619, 0.0];
+
+/// A uniformly random rotation matrix (Shoemake's unit quaternion), row-major.
+fn random_rotation(rng: &mut impl Rng) -> [f32; 9] {
+    use std::f64::consts::TAU;
+    let (u1, u2, u3): (f64, f64, f64) = (rng.random(), rng.random(), rng.random());
+    let (a, b) = ((1.0 - u1).sqrt(), u1.sqrt());
+    let [w, x, y, z] = [
+        a * (TAU * u2).sin(),
+        a * (TAU * u2).cos(),
+        b * (TAU * u3).sin(),
+        b * (TAU * u3).cos(),
+    ];
+    [
+        1.0 - 2.0 * (y * y + z * z),
+        2.0 * (x * y - w * z),
+        2.0 * (x * z + w * y),
+        2.0 * (x * y + w * z),
+        1.0 - 2.0 * (x * x + z * z),
+        2.0 * (y * z - w * x),
+        2.0 * (x * z - w * y),
+        2.0 * (y * z + w * x),
+        1.0 - 2.0 * (x * x + y * y),
+    ]
+    .map(|v| v as f32)
+}
+
+/// `sample_index.len()` random structures of `sequence`: translations
+/// uniform in a 40 Å box, uniformly random rotations.
+fn random_ensemble(seed: u64, sequence: &str, sample_index: Vec<i64>) -> Ensemble {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let count = sample_index.len() * sequence.len();
+    let tr = (0..count * 3)
+        .map(|_| rng.random_range(-20.0f32..20.0))
+        .collect();
+    let rot_mat = (0..count).flat_map(|_| random_rotation(&mut rng)).collect();
+    Ensemble {
+        sequence: sequence.to_string(),
+        sample_index,
+        tr,
+        rot_mat,
+    }
+}
+
+/// One residue with the given frame.
+fn single_residue(t: [f32; 3], r: [f32; 9]) -> Ensemble {
+    Ensemble {
+        sequence: "G".into(),
+        sample_index: vec![0],
+        tr: t.to_vec(),
+        rot_mat: r.to_vec(),
+    }
+}
+
+const IDENTITY: [f32; 9] = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+
+fn distance(a: [f64; 3], b: [f64; 3]) -> f64 {
+    (0..3).map(|k| (a[k] - b[k]).powi(2)).sum::<f64>().sqrt()
+}
+
+fn to_f64(v: [f32; 3]) -> [f64; 3] {
+    v.map(f64::from)
+}
+
+/// Runs `script` with the project's Python (numpy and MDTraj installed) and
+/// parses the JSON it prints.
+fn python_json(script: &str, args: &[&Path]) -> serde_json::Value {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let output = Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e}; create the venv (ENVIRONMENT.md)",
+                python.display()
+            )
+        });
+    assert!(
+        output.status.success(),
+        "python failed (needs numpy and mdtraj in .venv):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("python prints JSON")
+}
+
+fn pdb_text(ensemble: &Ensemble) -> String {
+    let mut buf = Vec::new();
+    ensemble.write_pdb(&mut buf).expect("writes PDB");
+    String::from_utf8(buf).expect("PDB is ASCII")
+}
+
+/// Columns `first..=last` of a PDB line, 1-based as the format defines them.
+fn cols(line: &str, first: usize, last: usize) -> &str {
+    &line[first - 1..last]
+}
+
+#[test]
+fn backbone_for_identity_rotation_places_n_and_c_at_reference_offsets() {
+    let bb = single_residue([1.0, 2.0, 3.0], IDENTITY).backbone(0);
+    let [n, ca, c] = bb[0];
+    assert_eq!(ca, [1.0, 2.0, 3.0]);
+    assert_eq!(n, [(1.0 + N_REF[0]) as f32, 2.0, 3.0]);
+    assert_eq!(c, [(1.0 + C_REF[0]) as f32, (2.0 + C_REF[1]) as f32, 3.0]);
+}
+
+#[test]
+fn backbone_applies_the_transpose_of_the_rotation() {
+    // R = rotation by +90 degrees about z: R x = y. R^T x = -y, so N lies
+    // along -y; with R instead of R^T it would lie along +y.
+    let r = [0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0];
+    let [n, _, c] = single_residue([0.0; 3], r).backbone(0)[0];
+    assert_eq!(n, [0.0, -N_REF[0] as f32, 0.0]);
+    // R^T (cx, cy, 0) = (cy, -cx, 0).
+    assert_eq!(c, [C_REF[1] as f32, -C_REF[0] as f32, 0.0]);
+}
+
+#[test]
+fn backbone_bond_lengths_and_angle_are_those_of_the_reference_frame_for_random_rotations() {
+    let ensemble = random_ensemble(7, "ACDEFGHIKL", vec![0, 1, 2]);
+    let n_ca = N_REF.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let ca_c = C_REF.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let angle = (N_REF.iter().zip(&C_REF).map(|(a, b)| a * b).sum::<f64>() / (n_ca * ca_c)).acos();
+    for sample in 0..ensemble.num_samples() {
+        for [n, ca, c] in ensemble.backbone(sample) {
+            let (n, ca, c) = (to_f64(n), to_f64(ca), to_f64(c));
+            assert!(
+                (distance(n, ca) - n_ca).abs() < 1e-5,
+                "N-CA {}",
+                distance(n, ca)
+            );
+            assert!(
+                (distance(c, ca) - ca_c).abs() < 1e-5,
+                "CA-C {}",
+                distance(c, ca)
+            );
+            let dot: f64 = (0..3).map(|k| (n[k] - ca[k]) * (c[k] - ca[k])).sum();
+            let got = (dot / (distance(n, ca) * distance(c, ca))).acos();
+            assert!(
+                (got - angle).abs() < 1e-5,
+                "N-CA-C {got} rad, expected {angle}"
+            );
+        }
+    }
+}
+
+#[test]
+fn npz_round_trip_is_bit_identical() {
+    let mut ensemble = random_ensemble(1, "MKTAYIAKQR", vec![17, 3, 42]);
+    // Values a lossy path would change: negative zero, a subnormal, a NaN
+    // with a payload, the extremes.
+    ensemble.tr[..5].copy_from_slice(&[
+        -0.0,
+        f32::from_bits(1),
+        f32::from_bits(0x7fc0_1234),
+        f32::MAX,
+        f32::MIN,
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("samples.npz");
+    ensemble.write_npz(&path).unwrap();
+    let back = Ensemble::read_npz(&path, "MKTAYIAKQR").unwrap();
+    assert_eq!(back.sequence, ensemble.sequence);
+    assert_eq!(back.sample_index, vec![17, 3, 42]);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&back.tr), bits(&ensemble.tr));
+    assert_eq!(bits(&back.rot_mat), bits(&ensemble.rot_mat));
+}
+
+#[test]
+fn npz_is_read_by_numpy_with_shapes_dtypes_and_values() {
+    let ensemble = random_ensemble(2, "ACDEFGH", vec![5, 6]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("samples.npz");
+    ensemble.write_npz(&path).unwrap();
+    let got = python_json(
+        r#"
+import json, sys, numpy as np
+d = np.load(sys.argv[1])
+print(json.dumps({k: {"shape": list(d[k].shape), "dtype": str(d[k].dtype),
+                      "values": d[k].ravel().astype(np.float64).tolist()} for k in d.files}))
+"#,
+        &[&path],
+    );
+    let entries = got.as_object().unwrap();
+    assert_eq!(entries.len(), 3, "{got}");
+    for (name, shape, dtype) in [
+        ("tr", vec![2, 7, 3], "float32"),
+        ("rot_mat", vec![2, 7, 3, 3], "float32"),
+        ("sample_index", vec![2], "int64"),
+    ] {
+        assert_eq!(got[name]["shape"], serde_json::json!(shape), "{name}");
+        assert_eq!(got[name]["dtype"], dtype, "{name}");
+    }
+    // float32 -> float64 is exact, so the values must match exactly.
+    let values =
+        |name: &str| -> Vec<f64> { serde_json::from_value(got[name]["values"].clone()).unwrap() };
+    assert_eq!(
+        values("tr"),
+        ensemble
+            .tr
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        values("rot_mat"),
+        ensemble
+            .rot_mat
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(values("sample_index"), vec![5.0, 6.0]);
+}
+
+#[test]
+fn write_npz_replaces_an_existing_file_and_leaves_no_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("samples.npz");
+    std::fs::write(&path, b"old content").unwrap();
+    let ensemble = random_ensemble(3, "GG", vec![0]);
+    ensemble.write_npz(&path).unwrap();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec!["samples.npz"]);
+    assert_eq!(Ensemble::read_npz(&path, "GG").unwrap(), ensemble);
+}
+
+#[test]
+fn write_npz_into_a_missing_directory_fails_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing").join("samples.npz");
+    let err = random_ensemble(3, "GG", vec![0])
+        .write_npz(&path)
+        .unwrap_err();
+    assert!(err.to_string().contains("missing/samples.npz"), "{err}");
+    assert!(!path.exists());
+}
+
+#[test]
+fn write_npz_rejects_arrays_that_disagree_with_the_sequence() {
+    let mut ensemble = random_ensemble(3, "GGG", vec![0]);
+    ensemble.sequence = "GG".into();
+    let dir = tempfile::tempdir().unwrap();
+    let err = ensemble.write_npz(&dir.path().join("x.npz")).unwrap_err();
+    assert!(
+        err.to_string().contains("2 residues need 6 translation"),
+        "{err}"
+    );
+}
+
+#[test]
+fn read_npz_rejects_a_sequence_of_the_wrong_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("samples.npz");
+    random_ensemble(4, "ACDE", vec![0, 1])
+        .write_npz(&path)
+        .unwrap();
+    let err = Ensemble::read_npz(&path, "ACD").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("have 4 residues but the given sequence has 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn read_npz_reads_the_published_single_state_as_sample_zero() {
+    // The published sampler's final state: tr (24,3), rot_mat (24,3,3), no
+    // sample_index.
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/final_state.npz");
+    let sequence = "A".repeat(24);
+    let ensemble = Ensemble::read_npz(&path, sequence).unwrap();
+    assert_eq!((ensemble.num_samples(), ensemble.len_residues()), (1, 24));
+    assert_eq!(ensemble.sample_index, vec![0]);
+    assert_eq!((ensemble.tr.len(), ensemble.rot_mat.len()), (72, 216));
+}
+
+#[test]
+fn three_letter_knows_the_twenty_standard_amino_acids_and_x() {
+    let expected = [
+        ('A', "ALA"),
+        ('R', "ARG"),
+        ('N', "ASN"),
+        ('D', "ASP"),
+        ('C', "CYS"),
+        ('Q', "GLN"),
+        ('E', "GLU"),
+        ('G', "GLY"),
+        ('H', "HIS"),
+        ('I', "ILE"),
+        ('L', "LEU"),
+        ('K', "LYS"),
+        ('M', "MET"),
+        ('F', "PHE"),
+        ('P', "PRO"),
+        ('S', "SER"),
+        ('T', "THR"),
+        ('W', "TRP"),
+        ('Y', "TYR"),
+        ('V', "VAL"),
+        ('X', "UNK"),
+    ];
+    for (code, name) in expected {
+        assert_eq!(three_letter(code), Some(name), "{code}");
+    }
+    for code in ['B', 'Z', 'O', 'U', 'a', '-', ' '] {
+        assert_eq!(three_letter(code), None, "{code}");
+    }
+}
+
+#[test]
+fn pdb_records_have_the_fixed_wwpdb_columns() {
+    let ensemble = Ensemble {
+        sequence: "MG".into(),
+        sample_index: vec![17, 4],
+        tr: vec![
+            1.0, -2.5, 3.25, 10.0, 20.0, -999.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0,
+        ],
+        rot_mat: IDENTITY.repeat(4),
+    };
+    let text = pdb_text(&ensemble);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.iter().all(|l| l.len() == 80),
+        "every record has 80 columns"
+    );
+    let trimmed: Vec<&str> = lines.iter().map(|l| l.trim_end()).collect();
+    assert_eq!(trimmed[0], "REMARK   1 DIG MODEL    1 SAMPLE_INDEX 17");
+    assert_eq!(trimmed[1], "REMARK   1 DIG MODEL    2 SAMPLE_INDEX 4");
+    assert_eq!(trimmed[2], "MODEL        1");
+    assert_eq!(cols(trimmed[2], 11, 14), "   1");
+
+    // Second atom of model 1: CA of MET 1 at (1, -2.5, 3.25).
+    let ca = lines[4];
+    assert_eq!(cols(ca, 1, 6), "ATOM  ");
+    assert_eq!(cols(ca, 7, 11), "    2");
+    assert_eq!(cols(ca, 12, 12), " ");
+    assert_eq!(cols(ca, 13, 16), " CA ");
+    assert_eq!(cols(ca, 17, 17), " ");
+    assert_eq!(cols(ca, 18, 20), "MET");
+    assert_eq!(cols(ca, 21, 21), " ");
+    assert_eq!(cols(ca, 22, 22), "A");
+    assert_eq!(cols(ca, 23, 26), "   1");
+    assert_eq!(cols(ca, 27, 30), "    ");
+    assert_eq!(cols(ca, 31, 38), "   1.000");
+    assert_eq!(cols(ca, 39, 46), "  -2.500");
+    assert_eq!(cols(ca, 47, 54), "   3.250");
+    assert_eq!(cols(ca, 55, 60), "  1.00");
+    assert_eq!(cols(ca, 61, 66), "  0.00");
+    assert_eq!(cols(ca, 67, 76), "          ");
+    assert_eq!(cols(ca, 77, 78), " C");
+
+    // N and C of GLY 2: atom names, element, and the N offset in x.
+    let (n2, c2) = (lines[6], lines[8]);
+    assert_eq!(
+        (
+            cols(n2, 7, 11),
+            cols(n2, 13, 16),
+            cols(n2, 18, 20),
+            cols(n2, 23, 26)
+        ),
+        ("    4", " N  ", "GLY", "   2")
+    );
+    assert_eq!(cols(n2, 31, 38), "  11.456");
+    assert_eq!(cols(n2, 47, 54), "-999.000");
+    assert_eq!(cols(n2, 77, 78), " N");
+    assert_eq!(
+        (cols(c2, 13, 16), cols(c2, 31, 38), cols(c2, 39, 46)),
+        (" C  ", "   9.466", "  21.428")
+    );
+
+    assert_eq!(trimmed[9], "TER       7      GLY A   2");
+    assert_eq!(trimmed[10], "ENDMDL");
+    assert_eq!(trimmed[11], "MODEL        2");
+    assert_eq!(cols(lines[12], 7, 11), "    1", "serials restart per model");
+    assert_eq!(trimmed[18], "TER       7      GLY A   2");
+    assert_eq!(trimmed[19], "ENDMDL");
+    assert_eq!(trimmed[20], "END");
+    assert_eq!(lines.len(), 21);
+}
+
+#[test]
+fn pdb_rejects_coordinates_that_do_not_fit_the_8_3_field_without_writing() {
+    for bad in [
+        12345.0,
+        10000.0,
+        9999.9996,
+        -1000.0,
+        -999.9996,
+        f32::NAN,
+        f32::INFINITY,
+    ] {
+        let ensemble = single_residue([0.0, bad, 0.0], IDENTITY);
+        let mut buf = Vec::new();
+        let err = ensemble.write_pdb(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidData, "{bad}");
+        assert!(
+            err.to_string().contains("does not fit the PDB %8.3f field"),
+            "{err}"
+        );
+        assert!(buf.is_empty(), "nothing written for {bad}");
+    }
+    // The widest values that do fit.
+    let text = pdb_text(&single_residue([9999.999, -999.999, 0.0], IDENTITY));
+    let ca = text.lines().nth(3).unwrap();
+    assert_eq!(
+        (cols(ca, 31, 38), cols(ca, 39, 46)),
+        ("9999.999", "-999.999")
+    );
+}
+
+#[test]
+fn pdb_rejects_an_unknown_residue_letter() {
+    let ensemble = random_ensemble(5, "ACB", vec![0]);
+    let err = ensemble.write_pdb(Vec::new()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidData);
+    assert!(err.to_string().contains("residue 3 is `B`"), "{err}");
+}
+
+#[test]
+fn write_pdb_file_writes_the_same_text_atomically() {
+    let ensemble = random_ensemble(6, "ACDEF", vec![0, 1]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("samples.pdb");
+    ensemble.write_pdb_file(&path).unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), pdb_text(&ensemble));
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec!["samples.pdb"]);
+}
+
+#[test]
+fn mdtraj_loads_the_multi_model_pdb_with_the_sampled_ca_distances() {
+    let sequence = "MKTAYIAKQRQISFVKSHFSRQX";
+    let ensemble = random_ensemble(8, sequence, vec![10, 11, 12, 13]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("samples.pdb");
+    ensemble.write_pdb_file(&path).unwrap();
+    let got = python_json(
+        r#"
+import json, sys, mdtraj as md
+t = md.load_pdb(sys.argv[1])
+ca = t.topology.select("name CA")
+pairs = [[ca[i], ca[i + 1]] for i in range(len(ca) - 1)]
+d = md.compute_distances(t, pairs) * 10.0
+print(json.dumps({"n_frames": t.n_frames, "n_atoms": t.n_atoms, "n_residues": t.n_residues,
+                  "residues": [r.name for r in t.topology.residues],
+                  "elements": sorted({a.element.symbol for a in t.topology.atoms}),
+                  "ca_ca": d.astype(float).tolist()}))
+"#,
+        &[&path],
+    );
+    let l = sequence.len();
+    assert_eq!(got["n_frames"], 4);
+    assert_eq!(got["n_atoms"], 3 * l);
+    assert_eq!(got["n_residues"], l);
+    assert_eq!(got["residues"][0], "MET");
+    assert_eq!(got["residues"][l - 1], "UNK");
+    assert_eq!(got["elements"], serde_json::json!(["C", "N"]));
+    let ca_ca: Vec<Vec<f64>> = serde_json::from_value(got["ca_ca"].clone()).unwrap();
+    assert_eq!(ca_ca.len(), 4);
+    for (sample, frame) in ca_ca.iter().enumerate() {
+        assert_eq!(frame.len(), l - 1);
+        for (i, &mdtraj) in frame.iter().enumerate() {
+            let at = |r: usize| -> [f64; 3] {
+                std::array::from_fn(|k| f64::from(ensemble.tr[(sample * l + r) * 3 + k]))
+            };
+            let expected = distance(at(i), at(i + 1));
+            assert!(
+                (mdtraj - expected).abs() < 1e-3,
+                "frame {sample}, CA {i}-{}: mdtraj {mdtraj} Å, tr {expected} Å",
+                i + 1
+            );
+        }
+    }
+}
