@@ -8,7 +8,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod features;
 pub mod network;
+pub mod pipeline;
 pub mod rng;
 pub mod sampler;
 pub mod so3;

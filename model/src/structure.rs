@@ -238,8 +238,8 @@ impl Ensemble {
             for (residue, atoms) in self.backbone(sample).iter().enumerate() {
                 for (atom, xyz) in BACKBONE_ATOMS.iter().zip(atoms) {
                     serial += 1;
-                    // Checked above; the fallback is never taken.
-                    let [x, y, z] = xyz.map(|c| pdb_coordinate(c).unwrap_or_default());
+                    let [x, y, z] =
+                        xyz.map(|c| pdb_coordinate(c).expect("coordinates checked above"));
                     record(
                         &mut w,
                         &format!(

@@ -1,0 +1,124 @@
+//! Sampling an ensemble: the glue between the initial-state RNG, the sampler
+//! and the output [`Ensemble`]. Samples of one protein are drawn in batches
+//! of `batch_size` that share one [`ProteinContext`]; sample `i` depends only
+//! on `(model, features, seed, i, steps)`, whatever batch it lands in.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::network::ProteinContext;
+use crate::rng::initial_state;
+use crate::sampler::Sampler;
+use crate::structure::Ensemble;
+use crate::{ModelError, Result};
+
+/// Where the initial poses come from.
+pub enum InitialPoses {
+    /// Drawn from `(seed, index)` by the counter-based RNG.
+    Seeded { seed: u64, indices: Vec<u64> },
+    /// Given explicitly (for example the published code's `init_state.npz`):
+    /// `tr (N, L, 3)`, `rot (N, L, 3, 3)`; sample indices are `0..N`.
+    Given { tr: Tensor, rot: Tensor },
+}
+
+impl InitialPoses {
+    pub fn len(&self) -> usize {
+        match self {
+            InitialPoses::Seeded { indices, .. } => indices.len(),
+            InitialPoses::Given { tr, .. } => tr.size()[0] as usize,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn indices(&self) -> Vec<i64> {
+        match self {
+            InitialPoses::Seeded { indices, .. } => indices.iter().map(|&i| i as i64).collect(),
+            InitialPoses::Given { tr, .. } => (0..tr.size()[0]).collect(),
+        }
+    }
+
+    /// The poses of positions `range` as `(tr (B,L,3), rot (B,L,3,3))` on `device`.
+    fn batch(&self, range: std::ops::Range<usize>, len: i64, tr_sigma_max: f64, device: Device) -> (Tensor, Tensor) {
+        match self {
+            InitialPoses::Seeded { seed, indices } => {
+                let b = range.len() as i64;
+                let (mut tr, mut rot) = (Vec::new(), Vec::new());
+                for &i in &indices[range] {
+                    let s = initial_state(*seed, i, len as usize, tr_sigma_max);
+                    tr.extend(s.tr);
+                    rot.extend(s.rot);
+                }
+                (
+                    Tensor::from_slice(&tr).view([b, len, 3]).to_device(device),
+                    Tensor::from_slice(&rot).view([b, len, 3, 3]).to_device(device),
+                )
+            }
+            InitialPoses::Given { tr, rot } => {
+                let (s, e) = (range.start as i64, range.end as i64);
+                (tr.narrow(0, s, e - s).to_device(device), rot.narrow(0, s, e - s).to_device(device))
+            }
+        }
+    }
+}
+
+/// Loads `tr` and `rot_mat` from an `.npz`, as `(N, L, ...)` (a single state
+/// `(L, 3)` counts as N = 1), checking them against the protein length.
+pub fn read_initial_state(path: &std::path::Path, len: i64) -> Result<InitialPoses> {
+    let named = Tensor::read_npz(path).map_err(|e| ModelError::format(path, format!("not a readable .npz ({e})")))?;
+    let get = |key: &str| {
+        named
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, t)| t.to_kind(Kind::Float))
+            .ok_or_else(|| ModelError::format(path, format!("no '{key}' array; expected tr (L,3) and rot_mat (L,3,3)")))
+    };
+    let (mut tr, mut rot) = (get("tr")?, get("rot_mat")?);
+    if tr.dim() == 2 {
+        tr = tr.unsqueeze(0);
+    }
+    if rot.dim() == 3 {
+        rot = rot.unsqueeze(0);
+    }
+    let (ts, rs) = (tr.size(), rot.size());
+    if ts.len() != 3 || ts[2] != 3 || rs.len() != 4 || rs[2..] != [3, 3] || rs[..2] != ts[..2] {
+        return Err(ModelError::format(path, format!("tr {ts:?} and rot_mat {rs:?} are not (N,L,3) and (N,L,3,3)")));
+    }
+    if ts[1] != len {
+        return Err(ModelError::Invalid(format!(
+            "initial state {} has {} residues but the features have L = {len}",
+            path.display(),
+            ts[1]
+        )));
+    }
+    Ok(InitialPoses::Given { tr, rot })
+}
+
+/// Samples every pose of `init` in batches of `batch_size`, calling
+/// `progress(samples_done, step_in_batch)` after each step.
+pub fn sample_ensemble(
+    sampler: &Sampler,
+    ctx: &ProteinContext,
+    init: &InitialPoses,
+    batch_size: usize,
+    tr_sigma_max: f64,
+    sequence: &str,
+    mut progress: impl FnMut(usize),
+) -> Ensemble {
+    let n = init.len();
+    let l = ctx.len();
+    let mut tr_out = Vec::with_capacity(n * l as usize * 3);
+    let mut rot_out = Vec::with_capacity(n * l as usize * 9);
+    let mut start = 0;
+    while start < n {
+        let end = (start + batch_size.max(1)).min(n);
+        let (tr, rot) = init.batch(start..end, l, tr_sigma_max, ctx.device());
+        let b = end - start;
+        let (tr, rot) = sampler.run(ctx, tr, rot, |_| progress(b));
+        tr_out.extend(Vec::<f32>::try_from(tr.to_device(Device::Cpu).flatten(0, -1)).expect("float32 output"));
+        rot_out.extend(Vec::<f32>::try_from(rot.to_device(Device::Cpu).flatten(0, -1)).expect("float32 output"));
+        start = end;
+    }
+    Ensemble { sequence: sequence.to_string(), sample_index: init.indices(), tr: tr_out, rot_mat: rot_out }
+}
