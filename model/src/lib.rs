@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod features;
+mod kernels;
 pub mod network;
 pub mod pipeline;
 pub mod rng;

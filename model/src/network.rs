@@ -12,6 +12,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{ModelConfig, QUERY_POINTS, VALUE_POINTS};
+use crate::kernels;
 
 /// Linear layer without bias, `y = x W^T`, as the published `bias=False` layers.
 fn linear_nobias(vs: nn::Path, din: i64, dout: i64) -> nn::Linear {
@@ -178,18 +179,6 @@ impl PointAttention {
         LayerPair { bias, value }
     }
 
-    /// `sum_p |q_g[i,h,p] - k_g[j,h,p]|`, (B, H, L, L). Euclidean, not squared.
-    fn point_distances(q: &Tensor, k: &Tensor) -> Tensor {
-        // q, k: (B, L, H, P, 3) -> (B, H, P, L, 3); cdist in its exact
-        // (difference-based) mode: the matmul expansion |q|^2+|k|^2-2qk loses
-        // too much in float32 for points tens of Å from the origin.
-        let (b, l, h, p, _) = q.size5().unwrap();
-        let q = q.permute([0, 2, 3, 1, 4]).contiguous().view([b * h * p, l, 3]);
-        let k = k.permute([0, 2, 3, 1, 4]).contiguous().view([b * h * p, l, 3]);
-        let d = Tensor::cdist(&q, &k, 2.0, Some(2)); // (B*H*P, L, L)
-        d.view([b, h, p, l, l]).sum_dim_intlist(2, false, Kind::Float)
-    }
-
     fn forward(&self, x: &Tensor, frames: &Frames, pair: &LayerPair, x2d: &Tensor, mask_bias: Option<&Tensor>) -> Tensor {
         let (b, l, d) = x.size3().unwrap();
         let (h, c) = (self.heads, self.head_dim);
@@ -204,10 +193,17 @@ impl PointAttention {
         let k_pts = pts(&self.point_key, QUERY_POINTS).view([b, l, h, QUERY_POINTS, 3]);
         let v_pts = pts(&self.point_value, VALUE_POINTS); // (B, L, H*8, 3)
         let w_p = 1.0 / (3.0 * QUERY_POINTS as f64 * 9.0 / 2.0).sqrt();
-        let head_w = (self.trained_point_weight.softplus() * (-0.5 * w_p)).view([1, h, 1, 1]);
-        let a_p = Self::point_distances(&q_pts, &k_pts) * head_w;
-
-        let mut logits = a_s + a_p + &pair.bias;
+        let head_w = self.trained_point_weight.softplus() * (-0.5 * w_p); // (H,)
+        let mut logits = if x.device() == Device::Cpu {
+            let coef = Vec::<f32>::try_from(&head_w).expect("float32 point weights");
+            let q_pts = q_pts.permute([0, 2, 1, 3, 4]).contiguous(); // (B, H, L, P, 3)
+            let k_t = k_pts.permute([0, 2, 3, 4, 1]).contiguous(); // (B, H, P, 3, L)
+            let mut logits = a_s.contiguous();
+            kernels::add_point_logits_cpu(&mut logits, &q_pts, &k_t, &pair.bias, &coef);
+            logits
+        } else {
+            a_s + kernels::point_distance_sum(&q_pts, &k_pts) * head_w.view([1, h, 1, 1]) + &pair.bias
+        };
         if let Some(mb) = mask_bias {
             logits += mb;
         }
