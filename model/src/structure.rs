@@ -87,19 +87,29 @@ impl Ensemble {
     pub fn write_npz(&self, path: &Path) -> Result<()> {
         self.check_shapes().map_err(ModelError::Invalid)?;
         let (n, l) = (self.num_samples() as i64, self.len_residues() as i64);
-        let tr = Tensor::from_slice(&self.tr).view([n, l, 3]);
-        let rot_mat = Tensor::from_slice(&self.rot_mat).view([n, l, 3, 3]);
-        let sample_index = Tensor::from_slice(&self.sample_index);
         write_atomically(path, |tmp| {
-            Tensor::write_npz(
-                &[
-                    ("tr", &tr),
-                    ("rot_mat", &rot_mat),
-                    ("sample_index", &sample_index),
-                ],
-                tmp,
-            )
-            .map_err(io::Error::other)
+            // Written by hand rather than with tch's writer so that the zip
+            // carries a fixed timestamp: the same samples give the same
+            // bytes, which is what lets a re-run shard overwrite itself
+            // harmlessly and lets users compare runs with a checksum.
+            let mut zip = zip::ZipWriter::new(File::create(tmp)?);
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored)
+                .last_modified_time(zip::DateTime::default())
+                .large_file(self.tr.len() as u64 * 12 > u32::MAX as u64);
+            let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            let members: [(&str, &str, Vec<i64>, Vec<u8>); 3] = [
+                ("tr", "<f4", vec![n, l, 3], f32s(&self.tr)),
+                ("rot_mat", "<f4", vec![n, l, 3, 3], f32s(&self.rot_mat)),
+                ("sample_index", "<i8", vec![n], self.sample_index.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            ];
+            for (name, descr, shape, data) in members {
+                zip.start_file(format!("{name}.npy"), opts).map_err(io::Error::other)?;
+                zip.write_all(&npy_header(descr, &shape))?;
+                zip.write_all(&data)?;
+            }
+            zip.finish().map_err(io::Error::other)?;
+            Ok(())
         })
     }
 
@@ -402,4 +412,18 @@ fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) ->
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// The header of a version-1.0 `.npy` array, padded to a multiple of 64 bytes.
+fn npy_header(descr: &str, shape: &[i64]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    let total = 10 + dict.len() + 1;
+    dict.push_str(&" ".repeat(total.div_ceil(64) * 64 - total));
+    dict.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((dict.len() as u16).to_le_bytes());
+    out.extend(dict.as_bytes());
+    out
 }
