@@ -35,7 +35,11 @@ pub struct BenchArgs {
 
 /// Dense matrix-multiply FLOPs of one step of one sample (2 per multiply-add).
 fn dense_flops(cfg: &ModelConfig, l: i64) -> f64 {
-    let (d, h, ff) = (cfg.d_model as f64, cfg.n_heads as f64, cfg.dim_feedforward as f64);
+    let (d, h, ff) = (
+        cfg.d_model as f64,
+        cfg.n_heads as f64,
+        cfg.dim_feedforward as f64,
+    );
     let l = l as f64;
     let pts = h * (2 * QUERY_POINTS + VALUE_POINTS) as f64 * 3.0;
     let per_layer = l * d * d * 3.0       // scalar q, k, v
@@ -69,7 +73,10 @@ fn poses(b: i64, l: i64) -> (Tensor, Tensor) {
         tr.extend(s.tr);
         rot.extend(s.rot);
     }
-    (Tensor::from_slice(&tr).view([b, l, 3]), Tensor::from_slice(&rot).view([b, l, 3, 3]))
+    (
+        Tensor::from_slice(&tr).view([b, l, 3]),
+        Tensor::from_slice(&rot).view([b, l, 3, 3]),
+    )
 }
 
 /// Seconds per step of `step` over `steps` timed steps after a warm-up.
@@ -94,13 +101,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let threads = tch::get_num_threads();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    println!("digctl bench: {} parameters, {threads} torch threads, {cpu}", model.num_parameters());
+    println!(
+        "digctl bench: {} parameters, {threads} torch threads, {cpu}",
+        model.num_parameters()
+    );
     let flops_per_s = matmul_throughput();
-    println!("matmul throughput: {:.1} GFLOP/s (float32, 2048x768 @ 768x768)", flops_per_s / 1e9);
+    println!(
+        "matmul throughput: {:.1} GFLOP/s (float32, 2048x768 @ 768x768)",
+        flops_per_s / 1e9
+    );
     println!();
-    println!("{:>5} {:>10} {:>14} {:>10} {:>10} {:>12}", "L", "path", "s/sample/step", "vs naive", "bound s", "x bound");
+    println!(
+        "{:>5} {:>10} {:>14} {:>10} {:>10} {:>12}",
+        "L", "path", "s/sample/step", "vs naive", "bound s", "x bound"
+    );
     for &l in &args.lengths {
         tch::manual_seed(l);
         let single = Tensor::randn([l, cfg.dim_single], (Kind::Float, Device::Cpu));
@@ -108,11 +128,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let bound = dense_flops(&cfg, l) / flops_per_s;
         // (a) naive: the published code's order of work.
         let (tr, rot) = poses(1, l);
-        let naive = time_steps(args.steps.min(2).max(1), || {
+        let naive = time_steps(args.steps.clamp(1, 2), || {
             let ctx = model.net.prepare(&single, &pair, u64::MAX);
             let _ = sampler.step(&ctx, &tr, &rot, &plan);
         });
-        println!("{l:>5} {:>10} {naive:>14.4} {:>10} {bound:>10.4} {:>12.2}", "naive", "1.00x", naive / bound);
+        println!(
+            "{l:>5} {:>10} {naive:>14.4} {:>10} {bound:>10.4} {:>12.2}",
+            "naive",
+            "1.00x",
+            naive / bound
+        );
         // (b) optimized: one context per protein, batched samples.
         let t0 = Instant::now();
         let ctx: ProteinContext = model.net.prepare(&single, &pair, u64::MAX);

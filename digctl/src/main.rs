@@ -20,7 +20,11 @@ use dig_model::{DigModel, ModelConfig};
 use tch::Device;
 
 #[derive(Parser)]
-#[command(name = "digctl", version, about = "DiG protein ensembles: sample locally, convert checkpoints, benchmark")]
+#[command(
+    name = "digctl",
+    version,
+    about = "DiG protein ensembles: sample locally, convert checkpoints, benchmark"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,7 +60,13 @@ enum Command {
 fn demo_config(size: &str) -> anyhow::Result<ModelConfig> {
     match size {
         "published" => Ok(ModelConfig::default()),
-        "small" => Ok(ModelConfig { d_model: 256, d_pair: 64, n_layer: 4, n_heads: 8, ..ModelConfig::default() }),
+        "small" => Ok(ModelConfig {
+            d_model: 256,
+            d_pair: 64,
+            n_layer: 4,
+            n_heads: 8,
+            ..ModelConfig::default()
+        }),
         other => anyhow::bail!("unknown --size {other:?}; use 'small' or 'published'"),
     }
 }
@@ -65,7 +75,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Sample(args) => sample::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::ConvertCheckpoint { checkpoint, out_dir, config } => {
+        Command::ConvertCheckpoint {
+            checkpoint,
+            out_dir,
+            config,
+        } => {
             let named = read_torch_checkpoint(&checkpoint)?;
             let cfg = match config {
                 Some(path) => ModelConfig::load(&path)?,
@@ -83,7 +97,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::DemoModel { out_dir, size, seed } => {
+        Command::DemoModel {
+            out_dir,
+            size,
+            seed,
+        } => {
             let cfg = demo_config(&size)?;
             let model = DigModel::random(&cfg, seed, Device::Cpu);
             model.save_dir(&out_dir)?;
@@ -95,7 +113,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                      Use `digctl convert-checkpoint` on a published DiG checkpoint for real work.\n"
                 ),
             )?;
-            println!("wrote UNTRAINED demo model ({size}, {} parameters) to {}", model.num_parameters(), out_dir.display());
+            println!(
+                "wrote UNTRAINED demo model ({size}, {} parameters) to {}",
+                model.num_parameters(),
+                out_dir.display()
+            );
             Ok(())
         }
     }

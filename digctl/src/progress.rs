@@ -7,8 +7,14 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DIG_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("DIG_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
 }
 
 /// Counts work units (sample-steps) and shows them.
@@ -26,14 +32,23 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
-                ProgressStyle::with_template("{msg} [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             bar.set_message(label.to_string());
             bar
         });
-        Progress { bar, total, done: 0, next_log: total / 10, started: Instant::now(), label: label.into() }
+        Progress {
+            bar,
+            total,
+            done: 0,
+            next_log: total / 10,
+            started: Instant::now(),
+            label: label.into(),
+        }
     }
 
     pub fn inc(&mut self, n: u64) {
@@ -42,7 +57,11 @@ impl Progress {
             Some(bar) => bar.inc(n),
             None if self.done >= self.next_log && self.done < self.total => {
                 let pct = 100 * self.done / self.total.max(1);
-                tracing::info!("{}: {pct}% ({:.0} s)", self.label, self.started.elapsed().as_secs_f64());
+                tracing::info!(
+                    "{}: {pct}% ({:.0} s)",
+                    self.label,
+                    self.started.elapsed().as_secs_f64()
+                );
                 self.next_log += (self.total / 10).max(1);
             }
             None => {}

@@ -83,7 +83,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
         (None, Some(f), _) => check_sequence(&read_fasta(f)?, len)?,
         (None, None, Some(s)) => check_sequence(s, len)?,
         (None, None, None) => {
-            tracing::warn!("no sequence given (--sequence or --fasta); residues are written as UNK");
+            tracing::warn!(
+                "no sequence given (--sequence or --fasta); residues are written as UNK"
+            );
             "X".repeat(len as usize)
         }
     };
@@ -92,14 +94,23 @@ pub fn run(args: SampleArgs) -> Result<()> {
             let init = read_initial_state(path, len)?;
             if let Some(n) = args.num_samples {
                 if n as usize != init.len() {
-                    bail!("--init-state {} holds {} states but --num-samples is {n}", path.display(), init.len());
+                    bail!(
+                        "--init-state {} holds {} states but --num-samples is {n}",
+                        path.display(),
+                        init.len()
+                    );
                 }
             }
             init
         }
         None => {
-            let n = args.num_samples.context("--num-samples is required (how many structures to sample)")?;
-            InitialPoses::Seeded { seed: args.seed, indices: (0..n).collect() }
+            let n = args
+                .num_samples
+                .context("--num-samples is required (how many structures to sample)")?;
+            InitialPoses::Seeded {
+                seed: args.seed,
+                indices: (0..n).collect(),
+            }
         }
     };
     if init.is_empty() {
@@ -108,7 +119,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let so3 = So3Tables::compute();
     let schedule = Schedule::new(&cfg, &so3, args.steps)?;
     let steps = schedule.len();
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
 
     let started = Instant::now();
     let ctx = model.net.prepare(
@@ -118,11 +130,21 @@ pub fn run(args: SampleArgs) -> Result<()> {
     );
     let sampler = Sampler::new(&model.net, schedule);
     let n = init.len();
-    tracing::info!("sampling {n} structures of L = {len} with {steps} steps, batch {} on {:?}", args.batch_size, device);
+    tracing::info!(
+        "sampling {n} structures of L = {len} with {steps} steps, batch {} on {:?}",
+        args.batch_size,
+        device
+    );
     let mut progress = Progress::new((n * steps) as u64, "sampling");
-    let ensemble = sample_ensemble(&sampler, &ctx, &init, args.batch_size, cfg.tr_sigma_max, &sequence, |b| {
-        progress.inc(b as u64)
-    });
+    let ensemble = sample_ensemble(
+        &sampler,
+        &ctx,
+        &init,
+        args.batch_size,
+        cfg.tr_sigma_max,
+        &sequence,
+        |b| progress.inc(b as u64),
+    );
     progress.finish();
     let seconds = started.elapsed().as_secs_f64();
 

@@ -28,9 +28,15 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 impl ModelError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io { path: path.into(), source }
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        ModelError::Format { path: path.into(), message: message.into() }
+        ModelError::Format {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }

@@ -38,36 +38,63 @@ fn parse_npy(bytes: &[u8], what: &str) -> std::result::Result<Npy, String> {
     }
     let (hlen, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        _ if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         _ => return Err(format!("{what}: truncated .npy header")),
     };
-    let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or(format!("{what}: truncated header"))?)
-        .map_err(|_| format!("{what}: header is not text"))?;
+    let header = std::str::from_utf8(
+        bytes
+            .get(start..start + hlen)
+            .ok_or(format!("{what}: truncated header"))?,
+    )
+    .map_err(|_| format!("{what}: header is not text"))?;
     let field = |key: &str| -> Option<&str> {
         let i = header.find(&format!("'{key}':"))? + key.len() + 3;
         Some(header[i..].trim_start())
     };
-    let descr = field("descr").and_then(|s| s.strip_prefix('\'')).and_then(|s| s.split('\'').next()).unwrap_or("");
+    let descr = field("descr")
+        .and_then(|s| s.strip_prefix('\''))
+        .and_then(|s| s.split('\'').next())
+        .unwrap_or("");
     if field("fortran_order").is_some_and(|s| s.starts_with("True")) {
-        return Err(format!("{what}: Fortran-ordered arrays are not supported; save with np.ascontiguousarray"));
+        return Err(format!(
+            "{what}: Fortran-ordered arrays are not supported; save with np.ascontiguousarray"
+        ));
     }
-    let shape_txt = field("shape").and_then(|s| s.strip_prefix('(')).and_then(|s| s.split(')').next()).unwrap_or("");
+    let shape_txt = field("shape")
+        .and_then(|s| s.strip_prefix('('))
+        .and_then(|s| s.split(')').next())
+        .unwrap_or("");
     let shape: Vec<i64> = shape_txt
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<i64>().map_err(|_| format!("{what}: bad shape ({shape_txt})")))
+        .map(|s| {
+            s.parse::<i64>()
+                .map_err(|_| format!("{what}: bad shape ({shape_txt})"))
+        })
         .collect::<std::result::Result<_, _>>()?;
     let data = &bytes[start + hlen..];
     let numel: i64 = shape.iter().product();
     let need = |size: usize| -> std::result::Result<&[u8], String> {
-        data.get(..numel as usize * size).ok_or(format!("{what}: data shorter than its shape {shape:?}"))
+        data.get(..numel as usize * size)
+            .ok_or(format!("{what}: data shorter than its shape {shape:?}"))
     };
     match descr {
-        "<f4" => Ok(Npy::Float(Tensor::from_data_size(need(4)?, &shape, Kind::Float))),
-        "<f8" => Ok(Npy::Float(Tensor::from_data_size(need(8)?, &shape, Kind::Double).to_kind(Kind::Float))),
+        "<f4" => Ok(Npy::Float(Tensor::from_data_size(
+            need(4)?,
+            &shape,
+            Kind::Float,
+        ))),
+        "<f8" => Ok(Npy::Float(
+            Tensor::from_data_size(need(8)?, &shape, Kind::Double).to_kind(Kind::Float),
+        )),
         d if d.starts_with("<U") => {
-            let width: usize = d[2..].parse().map_err(|_| format!("{what}: bad dtype {d}"))?;
+            let width: usize = d[2..]
+                .parse()
+                .map_err(|_| format!("{what}: bad dtype {d}"))?;
             let raw = need(4 * width)?;
             let text = raw
                 .chunks(4 * width)
@@ -98,33 +125,59 @@ impl Features {
             .map_err(|e| ModelError::format(path, format!("not an .npz archive ({e})")))?;
         let (mut single, mut pair, mut sequence) = (None, None, None);
         for i in 0..zip.len() {
-            let mut entry = zip.by_index(i).map_err(|e| ModelError::format(path, e.to_string()))?;
+            let mut entry = zip
+                .by_index(i)
+                .map_err(|e| ModelError::format(path, e.to_string()))?;
             let name = entry.name().trim_end_matches(".npy").to_string();
             if !matches!(name.as_str(), "single" | "pair" | "sequence") {
                 continue;
             }
             let mut bytes = Vec::new();
-            entry.read_to_end(&mut bytes).map_err(|e| ModelError::io(path, e))?;
-            let arr = parse_npy(&bytes, &format!("array '{name}'")).map_err(|m| ModelError::format(path, m))?;
+            entry
+                .read_to_end(&mut bytes)
+                .map_err(|e| ModelError::io(path, e))?;
+            let arr = parse_npy(&bytes, &format!("array '{name}'"))
+                .map_err(|m| ModelError::format(path, m))?;
             match (name.as_str(), arr) {
                 ("sequence", Npy::Text(t)) => sequence = Some(t.concat()),
                 ("single", Npy::Float(t)) => single = Some(t),
                 ("pair", Npy::Float(t)) => pair = Some(t),
-                (n, _) => return Err(ModelError::format(path, format!("array '{n}' has the wrong dtype"))),
+                (n, _) => {
+                    return Err(ModelError::format(
+                        path,
+                        format!("array '{n}' has the wrong dtype"),
+                    ))
+                }
             }
         }
-        let missing = |n: &str| ModelError::format(path, format!("no '{n}' array; expected single (L,384) and pair (L,L,128)"));
-        Ok(Features { single: single.ok_or_else(|| missing("single"))?, pair: pair.ok_or_else(|| missing("pair"))?, sequence })
+        let missing = |n: &str| {
+            ModelError::format(
+                path,
+                format!("no '{n}' array; expected single (L,384) and pair (L,L,128)"),
+            )
+        };
+        Ok(Features {
+            single: single.ok_or_else(|| missing("single"))?,
+            pair: pair.ok_or_else(|| missing("pair"))?,
+            sequence,
+        })
     }
 
     /// Reads a separate `single.npy` and `pair.npy`.
     pub fn from_npy(single: &Path, pair: &Path) -> Result<Self> {
         let load = |p: &Path| match parse_npy(&read_file(p)?, "the file") {
             Ok(Npy::Float(t)) => Ok(t),
-            Ok(Npy::Text(_)) => Err(ModelError::format(p, "holds text, expected a float32 array")),
+            Ok(Npy::Text(_)) => Err(ModelError::format(
+                p,
+                "holds text, expected a float32 array",
+            )),
             Err(m) => Err(ModelError::format(p, m)),
         };
-        Ok(Features { single: load(single)?, pair: load(pair)?, sequence: None })
+        Ok(Features {
+            single: load(single)?,
+            pair: load(pair)?,
+            sequence: None,
+        })
     }
 
     /// Number of residues.
@@ -153,7 +206,9 @@ impl Features {
             )));
         }
         if s[0] == 0 {
-            return Err(ModelError::Invalid("features describe a protein of length 0".into()));
+            return Err(ModelError::Invalid(
+                "features describe a protein of length 0".into(),
+            ));
         }
         if p[0] != s[0] || p[1] != s[0] {
             return Err(ModelError::Invalid(format!(
@@ -175,7 +230,11 @@ impl Features {
 
 /// Upper-cases and checks a sequence against the alphabet and the length.
 pub fn check_sequence(sequence: &str, len: i64) -> Result<String> {
-    let seq: String = sequence.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_ascii_uppercase();
+    let seq: String = sequence
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_uppercase();
     if let Some((pos, c)) = seq.char_indices().find(|(_, c)| !AMINO_ACIDS.contains(*c)) {
         return Err(ModelError::Invalid(format!(
             "sequence has '{c}' at position {} which is not an amino-acid code (allowed: {AMINO_ACIDS})",
@@ -197,11 +256,19 @@ pub fn read_fasta(path: &Path) -> Result<String> {
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     match lines.next() {
         Some(h) if h.starts_with('>') => {}
-        _ => return Err(ModelError::format(path, "not a FASTA file (expected a '>' header line)")),
+        _ => {
+            return Err(ModelError::format(
+                path,
+                "not a FASTA file (expected a '>' header line)",
+            ))
+        }
     }
     let seq: String = lines.take_while(|l| !l.starts_with('>')).collect();
     if seq.is_empty() {
-        return Err(ModelError::format(path, "the first FASTA record has no sequence"));
+        return Err(ModelError::format(
+            path,
+            "the first FASTA record has no sequence",
+        ));
     }
     Ok(seq)
 }

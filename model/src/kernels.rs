@@ -17,7 +17,13 @@ use tch::{Device, Kind, Tensor};
 ///
 /// `logits (B,H,L,L)`, `q (B,H,L,P,3)`, `k_t (B,H,P,3,L)`, `bias (H,L,L)`,
 /// all contiguous float32 on the CPU; `coef` has H entries.
-pub fn add_point_logits_cpu(logits: &mut Tensor, q: &Tensor, k_t: &Tensor, bias: &Tensor, coef: &[f32]) {
+pub fn add_point_logits_cpu(
+    logits: &mut Tensor,
+    q: &Tensor,
+    k_t: &Tensor,
+    bias: &Tensor,
+    coef: &[f32],
+) {
     let (b, h, l, _) = logits.size4().expect("logits (B,H,L,L)");
     let p = q.size()[3] as usize;
     for t in [&*logits, q, k_t, bias] {
@@ -103,10 +109,17 @@ fn point_distance_row(qi: &[f32], keys: &[f32], acc: &mut [f32]) {
 /// `|q|^2 + |k|^2 - 2 q.k` loses too much in float32 for points tens of Å out.
 pub fn point_distance_sum(q: &Tensor, k: &Tensor) -> Tensor {
     let (b, l, h, p, _) = q.size5().expect("points (B,L,H,P,3)");
-    let q = q.permute([0, 2, 3, 1, 4]).contiguous().view([b * h * p, l, 3]);
-    let k = k.permute([0, 2, 3, 1, 4]).contiguous().view([b * h * p, l, 3]);
+    let q = q
+        .permute([0, 2, 3, 1, 4])
+        .contiguous()
+        .view([b * h * p, l, 3]);
+    let k = k
+        .permute([0, 2, 3, 1, 4])
+        .contiguous()
+        .view([b * h * p, l, 3]);
     let d = Tensor::cdist(&q, &k, 2.0, Some(2)); // (B*H*P, L, L)
-    d.view([b, h, p, l, l]).sum_dim_intlist(2, false, Kind::Float)
+    d.view([b, h, p, l, l])
+        .sum_dim_intlist(2, false, Kind::Float)
 }
 
 #[cfg(test)]

@@ -16,7 +16,15 @@ use crate::kernels;
 
 /// Linear layer without bias, `y = x W^T`, as the published `bias=False` layers.
 fn linear_nobias(vs: nn::Path, din: i64, dout: i64) -> nn::Linear {
-    nn::linear(vs, din, dout, nn::LinearConfig { bias: false, ..Default::default() })
+    nn::linear(
+        vs,
+        din,
+        dout,
+        nn::LinearConfig {
+            bias: false,
+            ..Default::default()
+        },
+    )
 }
 
 fn linear(vs: nn::Path, din: i64, dout: i64) -> nn::Linear {
@@ -70,7 +78,8 @@ impl DiffHead {
         }
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.fc2.forward(&self.fc1.forward(&self.norm.forward(x)).relu())
+        self.fc2
+            .forward(&self.fc1.forward(&self.norm.forward(x)).relu())
     }
 }
 
@@ -152,7 +161,11 @@ impl PointAttention {
         PointAttention {
             heads: h,
             head_dim: cfg.head_dim(),
-            trained_point_weight: vs.var("trained_point_weight", &[h], nn::Init::Const(0.541324854612918)),
+            trained_point_weight: vs.var(
+                "trained_point_weight",
+                &[h],
+                nn::Init::Const(0.541324854612918),
+            ),
             scalar_query: linear_nobias(&vs / "scalar_query", d, d),
             scalar_key: linear_nobias(&vs / "scalar_key", d, d),
             scalar_value: linear_nobias(&vs / "scalar_value", d, d),
@@ -167,7 +180,9 @@ impl PointAttention {
 
     fn prepare(&self, x2d: &Tensor, cache_value: bool) -> LayerPair {
         let l = x2d.size()[0];
-        let bias = (self.pair_bias.forward(x2d) / 3f64.sqrt()).permute([2, 0, 1]).contiguous(); // (H, L, L)
+        let bias = (self.pair_bias.forward(x2d) / 3f64.sqrt())
+            .permute([2, 0, 1])
+            .contiguous(); // (H, L, L)
         let value = cache_value.then(|| {
             self.pair_value
                 .forward(x2d) // (L, L, d)
@@ -179,7 +194,14 @@ impl PointAttention {
         LayerPair { bias, value }
     }
 
-    fn forward(&self, x: &Tensor, frames: &Frames, pair: &LayerPair, x2d: &Tensor, mask_bias: Option<&Tensor>) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        frames: &Frames,
+        pair: &LayerPair,
+        x2d: &Tensor,
+        mask_bias: Option<&Tensor>,
+    ) -> Tensor {
         let (b, l, d) = x.size3().unwrap();
         let (h, c) = (self.heads, self.head_dim);
         let heads = |t: Tensor| t.view([b, l, h, c]).permute([0, 2, 1, 3]); // (B, H, L, c)
@@ -188,7 +210,8 @@ impl PointAttention {
         let v = heads(self.scalar_value.forward(x));
         let a_s = q.matmul(&k.transpose(-1, -2)) * (1.0 / ((3 * c) as f64).sqrt()); // (B, H, L, L)
 
-        let pts = |lin: &nn::Linear, n: i64| frames.to_global(&lin.forward(x).view([b, l, h * n, 3])); // (B, L, H*n, 3)
+        let pts =
+            |lin: &nn::Linear, n: i64| frames.to_global(&lin.forward(x).view([b, l, h * n, 3])); // (B, L, H*n, 3)
         let q_pts = pts(&self.point_query, QUERY_POINTS).view([b, l, h, QUERY_POINTS, 3]);
         let k_pts = pts(&self.point_key, QUERY_POINTS).view([b, l, h, QUERY_POINTS, 3]);
         let v_pts = pts(&self.point_value, VALUE_POINTS); // (B, L, H*8, 3)
@@ -202,7 +225,8 @@ impl PointAttention {
             kernels::add_point_logits_cpu(&mut logits, &q_pts, &k_t, &pair.bias, &coef);
             logits
         } else {
-            a_s + kernels::point_distance_sum(&q_pts, &k_pts) * head_w.view([1, h, 1, 1]) + &pair.bias
+            a_s + kernels::point_distance_sum(&q_pts, &k_pts) * head_w.view([1, h, 1, 1])
+                + &pair.bias
         };
         if let Some(mb) = mask_bias {
             logits += mb;
@@ -210,15 +234,23 @@ impl PointAttention {
         let attn = logits.softmax(-1, Kind::Float); // (B, H, L, L)
 
         let o_s = attn.matmul(&v).permute([0, 2, 1, 3]).reshape([b, l, d]);
-        let v_pts = v_pts.view([b, l, h, VALUE_POINTS * 3]).permute([0, 2, 1, 3]); // (B, H, L, 24)
-        let o_g = attn.matmul(&v_pts).permute([0, 2, 1, 3]).reshape([b, l, h * VALUE_POINTS, 3]);
+        let v_pts = v_pts
+            .view([b, l, h, VALUE_POINTS * 3])
+            .permute([0, 2, 1, 3]); // (B, H, L, 24)
+        let o_g = attn
+            .matmul(&v_pts)
+            .permute([0, 2, 1, 3])
+            .reshape([b, l, h * VALUE_POINTS, 3]);
         let o_l = frames.to_local(&o_g); // (B, L, H*8, 3)
         let o_n = o_l.square().sum_dim_intlist(-1, false, Kind::Float).sqrt(); // (B, L, H*8)
         let o_z = match &pair.value {
             Some(value) => {
                 // batch (i, h): (L*H, B, L_j) x (L*H, L_j, c)
                 let a = attn.permute([2, 1, 0, 3]).contiguous().view([l * h, b, l]);
-                a.bmm(value).view([l, h, b, c]).permute([2, 0, 1, 3]).reshape([b, l, d])
+                a.bmm(value)
+                    .view([l, h, b, c])
+                    .permute([2, 0, 1, 3])
+                    .reshape([b, l, d])
             }
             None => {
                 // Memory-light order: contract attention with x2d first
@@ -299,7 +331,9 @@ impl ScoreNetwork {
                 cfg.d_pair,
                 Default::default(),
             ),
-            layers: (0..cfg.n_layer).map(|i| EncoderLayer::new(&enc / i, cfg)).collect(),
+            layers: (0..cfg.n_layer)
+                .map(|i| EncoderLayer::new(&enc / i, cfg))
+                .collect(),
             fc_t: DiffHead::new(&head / "fc_t", cfg.d_model),
             fc_eps: DiffHead::new(&head / "fc_eps", cfg.d_model),
         }
@@ -323,9 +357,13 @@ impl ScoreNetwork {
         let x1d = self.x1d_proj.forward(&self.x1d_norm.forward(single)); // (L, d)
         let idx: Vec<i64> = (0..l)
             .flat_map(|i| (0..l).map(move |j| (i, j)))
-            .map(|(i, j)| relative_position_bucket(i - j, self.cfg.rp_num_buckets, self.cfg.rp_max_distance))
+            .map(|(i, j)| {
+                relative_position_bucket(i - j, self.cfg.rp_num_buckets, self.cfg.rp_max_distance)
+            })
             .collect();
-        let idx = Tensor::from_slice(&idx).view([l, l]).to_device(single.device());
+        let idx = Tensor::from_slice(&idx)
+            .view([l, l])
+            .to_device(single.device());
         let x2d = self.x2d_proj.forward(&self.x2d_norm.forward(pair)) + self.rel_pos.forward(&idx); // (L, L, dp)
         let per_layer = (l * l * self.cfg.d_model) as u64 * 4;
         let cached = (budget_bytes / per_layer.max(1)) as usize;
@@ -335,7 +373,12 @@ impl ScoreNetwork {
             .enumerate()
             .map(|(i, layer)| layer.attn.prepare(&x2d, i < cached))
             .collect();
-        ProteinContext { len: l, x1d, x2d, layers }
+        ProteinContext {
+            len: l,
+            x1d,
+            x2d,
+            layers,
+        }
     }
 
     /// One evaluation of the score network for a batch of poses of one protein.
@@ -364,9 +407,18 @@ impl ScoreNetwork {
         let frames = Frames { rot, tr };
         let mut x = ctx.x1d.unsqueeze(0) + step_embedding(step, self.cfg.d_model).unsqueeze(1); // (B, L, d)
         for (layer, pair) in self.layers.iter().zip(&ctx.layers) {
-            let a = layer.attn.forward(&layer.norm1.forward(&x), &frames, pair, &ctx.x2d, mask_bias.as_ref());
+            let a = layer.attn.forward(
+                &layer.norm1.forward(&x),
+                &frames,
+                pair,
+                &ctx.x2d,
+                mask_bias.as_ref(),
+            );
             x += a;
-            let f = layer.ffn.fc2.forward(&layer.ffn.fc1.forward(&layer.norm2.forward(&x)).gelu("none"));
+            let f = layer
+                .ffn
+                .fc2
+                .forward(&layer.ffn.fc1.forward(&layer.norm2.forward(&x)).gelu("none"));
             x += f;
         }
         let t_eps = self.fc_t.forward(&x); // (B, L, 3), residue frame

@@ -40,7 +40,13 @@ impl InitialPoses {
     }
 
     /// The poses of positions `range` as `(tr (B,L,3), rot (B,L,3,3))` on `device`.
-    fn batch(&self, range: std::ops::Range<usize>, len: i64, tr_sigma_max: f64, device: Device) -> (Tensor, Tensor) {
+    fn batch(
+        &self,
+        range: std::ops::Range<usize>,
+        len: i64,
+        tr_sigma_max: f64,
+        device: Device,
+    ) -> (Tensor, Tensor) {
         match self {
             InitialPoses::Seeded { seed, indices } => {
                 let b = range.len() as i64;
@@ -52,12 +58,17 @@ impl InitialPoses {
                 }
                 (
                     Tensor::from_slice(&tr).view([b, len, 3]).to_device(device),
-                    Tensor::from_slice(&rot).view([b, len, 3, 3]).to_device(device),
+                    Tensor::from_slice(&rot)
+                        .view([b, len, 3, 3])
+                        .to_device(device),
                 )
             }
             InitialPoses::Given { tr, rot } => {
                 let (s, e) = (range.start as i64, range.end as i64);
-                (tr.narrow(0, s, e - s).to_device(device), rot.narrow(0, s, e - s).to_device(device))
+                (
+                    tr.narrow(0, s, e - s).to_device(device),
+                    rot.narrow(0, s, e - s).to_device(device),
+                )
             }
         }
     }
@@ -66,13 +77,19 @@ impl InitialPoses {
 /// Loads `tr` and `rot_mat` from an `.npz`, as `(N, L, ...)` (a single state
 /// `(L, 3)` counts as N = 1), checking them against the protein length.
 pub fn read_initial_state(path: &std::path::Path, len: i64) -> Result<InitialPoses> {
-    let named = Tensor::read_npz(path).map_err(|e| ModelError::format(path, format!("not a readable .npz ({e})")))?;
+    let named = Tensor::read_npz(path)
+        .map_err(|e| ModelError::format(path, format!("not a readable .npz ({e})")))?;
     let get = |key: &str| {
         named
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, t)| t.to_kind(Kind::Float))
-            .ok_or_else(|| ModelError::format(path, format!("no '{key}' array; expected tr (L,3) and rot_mat (L,3,3)")))
+            .ok_or_else(|| {
+                ModelError::format(
+                    path,
+                    format!("no '{key}' array; expected tr (L,3) and rot_mat (L,3,3)"),
+                )
+            })
     };
     let (mut tr, mut rot) = (get("tr")?, get("rot_mat")?);
     if tr.dim() == 2 {
@@ -83,7 +100,10 @@ pub fn read_initial_state(path: &std::path::Path, len: i64) -> Result<InitialPos
     }
     let (ts, rs) = (tr.size(), rot.size());
     if ts.len() != 3 || ts[2] != 3 || rs.len() != 4 || rs[2..] != [3, 3] || rs[..2] != ts[..2] {
-        return Err(ModelError::format(path, format!("tr {ts:?} and rot_mat {rs:?} are not (N,L,3) and (N,L,3,3)")));
+        return Err(ModelError::format(
+            path,
+            format!("tr {ts:?} and rot_mat {rs:?} are not (N,L,3) and (N,L,3,3)"),
+        ));
     }
     if ts[1] != len {
         return Err(ModelError::Invalid(format!(
@@ -116,9 +136,19 @@ pub fn sample_ensemble(
         let (tr, rot) = init.batch(start..end, l, tr_sigma_max, ctx.device());
         let b = end - start;
         let (tr, rot) = sampler.run(ctx, tr, rot, |_| progress(b));
-        tr_out.extend(Vec::<f32>::try_from(tr.to_device(Device::Cpu).flatten(0, -1)).expect("float32 output"));
-        rot_out.extend(Vec::<f32>::try_from(rot.to_device(Device::Cpu).flatten(0, -1)).expect("float32 output"));
+        tr_out.extend(
+            Vec::<f32>::try_from(tr.to_device(Device::Cpu).flatten(0, -1)).expect("float32 output"),
+        );
+        rot_out.extend(
+            Vec::<f32>::try_from(rot.to_device(Device::Cpu).flatten(0, -1))
+                .expect("float32 output"),
+        );
         start = end;
     }
-    Ensemble { sequence: sequence.to_string(), sample_index: init.indices(), tr: tr_out, rot_mat: rot_out }
+    Ensemble {
+        sequence: sequence.to_string(),
+        sample_index: init.indices(),
+        tr: tr_out,
+        rot_mat: rot_out,
+    }
 }

@@ -67,7 +67,12 @@ pub fn initial_state(seed: u64, index: u64, len: usize, tr_sigma_max: f64) -> In
     for _ in 0..len {
         let (u1, u2, u3) = (uniform(&mut rng), uniform(&mut rng), uniform(&mut rng));
         let (a, b) = ((1.0 - u1).sqrt(), u1.sqrt());
-        let q = [a * (two_pi * u2).sin(), a * (two_pi * u2).cos(), b * (two_pi * u3).sin(), b * (two_pi * u3).cos()];
+        let q = [
+            a * (two_pi * u2).sin(),
+            a * (two_pi * u2).cos(),
+            b * (two_pi * u3).sin(),
+            b * (two_pi * u3).cos(),
+        ];
         rot.extend(quaternion_to_matrix(q).iter().map(|&v| v as f32));
     }
     InitialState { tr, rot }

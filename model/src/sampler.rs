@@ -56,7 +56,11 @@ impl Schedule {
         let plans = (0..steps)
             .map(|k| {
                 let t = 1.0 - k as f64 / steps as f64;
-                let net_step = if steps == n { k } else { ((k * n) as f64 / steps as f64).round() as i64 };
+                let net_step = if steps == n {
+                    k
+                } else {
+                    ((k * n) as f64 / steps as f64).round() as i64
+                };
                 let sigma_tr = tr_min.powf(1.0 - t) * tr_max.powf(t);
                 let sigma_rot = rot_min.powf(1.0 - t) * rot_max.powf(t);
                 let g_tr = sigma_tr * (2.0 * (tr_max / tr_min).ln()).sqrt();
@@ -98,7 +102,11 @@ pub fn expmap(v: &Tensor) -> Tensor {
     let q = Tensor::cat(&[half.cos(), v * sin_half_over], -1); // (..., 4) = (r, i, j, k)
     let parts = q.unbind(-1);
     let (r, i, j, k) = (&parts[0], &parts[1], &parts[2], &parts[3]);
-    let two_s = q.square().sum_dim_intlist(-1, false, Kind::Float).reciprocal() * 2.0;
+    let two_s = q
+        .square()
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .reciprocal()
+        * 2.0;
     let one = |a: &Tensor, b: &Tensor| -(&two_s * (a * a + b * b)) + 1.0;
     let m = Tensor::stack(
         &[
@@ -136,7 +144,13 @@ impl<'a> Sampler<'a> {
     }
 
     /// One step on a batch `tr (B, L, 3)`, `rot (B, L, 3, 3)`.
-    pub fn step(&self, ctx: &ProteinContext, tr: &Tensor, rot: &Tensor, plan: &StepPlan) -> (Tensor, Tensor) {
+    pub fn step(
+        &self,
+        ctx: &ProteinContext,
+        tr: &Tensor,
+        rot: &Tensor,
+        plan: &StepPlan,
+    ) -> (Tensor, Tensor) {
         let _guard = tch::no_grad_guard();
         let b = tr.size()[0];
         let step = Tensor::full([b], plan.net_step, (Kind::Int64, tr.device()));

@@ -101,10 +101,19 @@ impl Ensemble {
             let members: [(&str, &str, Vec<i64>, Vec<u8>); 3] = [
                 ("tr", "<f4", vec![n, l, 3], f32s(&self.tr)),
                 ("rot_mat", "<f4", vec![n, l, 3, 3], f32s(&self.rot_mat)),
-                ("sample_index", "<i8", vec![n], self.sample_index.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                (
+                    "sample_index",
+                    "<i8",
+                    vec![n],
+                    self.sample_index
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect(),
+                ),
             ];
             for (name, descr, shape, data) in members {
-                zip.start_file(format!("{name}.npy"), opts).map_err(io::Error::other)?;
+                zip.start_file(format!("{name}.npy"), opts)
+                    .map_err(io::Error::other)?;
                 zip.write_all(&npy_header(descr, &shape))?;
                 zip.write_all(&data)?;
             }
@@ -417,7 +426,11 @@ fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) ->
 /// The header of a version-1.0 `.npy` array, padded to a multiple of 64 bytes.
 fn npy_header(descr: &str, shape: &[i64]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     let total = 10 + dict.len() + 1;
     dict.push_str(&" ".repeat(total.div_ceil(64) * 64 - total));

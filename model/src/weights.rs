@@ -45,7 +45,11 @@ impl DigModel {
 
     /// Builds the architecture `cfg` and fills it from `named`, which must hold
     /// exactly the architecture's keys with the same shapes.
-    pub fn from_tensors(cfg: &ModelConfig, named: Vec<(String, Tensor)>, device: Device) -> Result<Self> {
+    pub fn from_tensors(
+        cfg: &ModelConfig,
+        named: Vec<(String, Tensor)>,
+        device: Device,
+    ) -> Result<Self> {
         let model = Self::build(cfg, device);
         let mut given: BTreeMap<String, Tensor> = named.into_iter().collect();
         let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
@@ -78,23 +82,34 @@ impl DigModel {
     /// Loads a model directory.
     pub fn load_dir(dir: &Path, device: Device) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(ModelError::format(dir, "not a model directory (expected config.json and model.safetensors)"));
+            return Err(ModelError::format(
+                dir,
+                "not a model directory (expected config.json and model.safetensors)",
+            ));
         }
         let cfg = ModelConfig::load(&dir.join(CONFIG_FILE))?;
         let weights = dir.join(WEIGHTS_FILE);
         if !weights.is_file() {
-            return Err(ModelError::format(&weights, "missing: a model directory needs model.safetensors"));
+            return Err(ModelError::format(
+                &weights,
+                "missing: a model directory needs model.safetensors",
+            ));
         }
-        let named = Tensor::read_safetensors(&weights)
-            .map_err(|e| ModelError::format(&weights, format!("not a readable safetensors file: {e}")))?;
+        let named = Tensor::read_safetensors(&weights).map_err(|e| {
+            ModelError::format(&weights, format!("not a readable safetensors file: {e}"))
+        })?;
         Self::from_tensors(&cfg, named, device)
     }
 
     /// Writes `config.json` and `model.safetensors` into `dir` (created if needed).
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let mut named: Vec<(String, Tensor)> =
-            self.vs.variables().into_iter().map(|(k, v)| (k, v.to_device(Device::Cpu))).collect();
+        let mut named: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_device(Device::Cpu)))
+            .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         // Write weights first and the config last: a directory with a config
         // is a finished one.
@@ -106,7 +121,12 @@ impl DigModel {
 
     /// Every parameter name and shape, sorted by name.
     pub fn state_dict_shapes(&self) -> Vec<(String, Vec<i64>)> {
-        let mut v: Vec<_> = self.vs.variables().into_iter().map(|(k, t)| (k, t.size())).collect();
+        let mut v: Vec<_> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.size()))
+            .collect();
         v.sort();
         v
     }
@@ -128,7 +148,11 @@ pub fn infer_config(named: &[(String, Tensor)]) -> Result<ModelConfig> {
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, t)| t.size())
-            .ok_or_else(|| ModelError::Checkpoint(format!("key {key} is missing; is this a DiG protein checkpoint?")))
+            .ok_or_else(|| {
+                ModelError::Checkpoint(format!(
+                    "key {key} is missing; is this a DiG protein checkpoint?"
+                ))
+            })
     };
     let x1d = shape("x1d_proj.1.weight")?;
     let x2d = shape("x2d_proj.1.weight")?;
@@ -136,7 +160,11 @@ pub fn infer_config(named: &[(String, Tensor)]) -> Result<ModelConfig> {
     let heads = shape("st_module.encoder.layers.0.attn.trained_point_weight")?;
     let ff = shape("st_module.encoder.layers.0.ffn.ff.0.weight")?;
     let n_layer = (0..)
-        .take_while(|i| named.iter().any(|(k, _)| k.starts_with(&format!("st_module.encoder.layers.{i}."))))
+        .take_while(|i| {
+            named
+                .iter()
+                .any(|(k, _)| k.starts_with(&format!("st_module.encoder.layers.{i}.")))
+        })
         .count() as i64;
     Ok(ModelConfig {
         d_model: x1d[0],

@@ -10,7 +10,10 @@ use std::process::{Command, Output};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// The published code's outputs (`model/tests/data`, copied from `shared/fixtures/dig-small`).
@@ -26,20 +29,36 @@ pub fn digctl_path() -> PathBuf {
     }
     // target/<profile>/deps/<test-binary> -> target/<profile>/digctl
     let exe = std::env::current_exe().expect("test binary path");
-    let path = exe.parent().and_then(Path::parent).expect("target dir").join("digctl");
-    assert!(path.is_file(), "{} is missing: run `cargo build -p digctl` (make test does)", path.display());
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("digctl");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build -p digctl` (make test does)",
+        path.display()
+    );
     path
 }
 
 /// Runs `digctl` with `args`.
 pub fn digctl(args: &[&str]) -> Output {
-    Command::new(digctl_path()).args(args).env("DIG_LOG", "warn").output().expect("run digctl")
+    Command::new(digctl_path())
+        .args(args)
+        .env("DIG_LOG", "warn")
+        .output()
+        .expect("run digctl")
 }
 
 /// Runs `digctl` and panics with its output unless it succeeds.
 pub fn digctl_ok(args: &[&str]) -> String {
     let out = digctl(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "digctl {args:?} failed:\n{text}");
     text
 }
@@ -48,16 +67,27 @@ pub fn digctl_ok(args: &[&str]) -> String {
 pub fn digctl_err(args: &[&str]) -> String {
     let out = digctl(args);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "digctl {args:?} should have failed; stdout:\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "digctl {args:?} should have failed; stdout:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     err
 }
 
 /// Runs a Python snippet with the project venv (numpy, mdtraj), returns stdout.
 pub fn python(script: &str, args: &[&Path]) -> String {
     let py = repo_root().join(".venv/bin/python");
-    let out = Command::new(&py).arg("-c").arg(script).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {}: {e}; run `make setup`", py.display())
-    });
-    assert!(out.status.success(), "python failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&py)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}; run `make setup`", py.display()));
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).to_string()
 }

@@ -32,7 +32,13 @@ fn convert_checkpoint_gives_a_model_whose_forward_matches_published() {
     let f = npz(&fixture("features.npz"));
     let fw = npz(&fixture("forward.npz"));
     let ctx = model.net.prepare(&f["single"], &f["pair"], u64::MAX);
-    let (t, r) = model.net.forward_step(&ctx, &fw["tr"], &fw["rot_mat"], Some(&fw["mask"]), &fw["step"]);
+    let (t, r) = model.net.forward_step(
+        &ctx,
+        &fw["tr"],
+        &fw["rot_mat"],
+        Some(&fw["mask"]),
+        &fw["step"],
+    );
     assert!(max_abs_diff(&t, &fw["tr_eps"]) < 1e-4);
     assert!(max_abs_diff(&r, &fw["rot_eps"]) < 1e-4);
 }
@@ -64,7 +70,8 @@ fn sample_from_published_init_state_reproduces_final_state() {
     let dr = max_abs_diff(&got["rot_mat"].get(0), &fin["rot_mat"]);
     assert!(dt < 1e-3, "translations differ by {dt} A");
     assert!(dr < 1e-4, "rotations differ by {dr}");
-    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(run["steps"], 500);
     assert_eq!(run["num_samples"], 1);
 }
@@ -98,11 +105,20 @@ fn seeded_runs_are_reproducible_and_pdb_matches_npz_in_mdtraj() {
     let c = run("c", "8", "2");
     let d = run("d", "7", "5");
     let bytes = |p: &Path| std::fs::read(p.join("samples.npz")).unwrap();
-    assert!(bytes(&a) == bytes(&b), "same seed, same batch: bit-identical output files");
+    assert!(
+        bytes(&a) == bytes(&b),
+        "same seed, same batch: bit-identical output files"
+    );
     assert!(bytes(&a) != bytes(&c), "another seed gives other samples");
     let (ta, td) = (npz(&a.join("samples.npz")), npz(&d.join("samples.npz")));
-    assert!(max_abs_diff(&ta["tr"], &td["tr"]) < 1e-4, "batch size must not change samples");
-    assert_eq!(Vec::<i64>::try_from(&ta["sample_index"]).unwrap(), vec![0, 1, 2, 3, 4]);
+    assert!(
+        max_abs_diff(&ta["tr"], &td["tr"]) < 1e-4,
+        "batch size must not change samples"
+    );
+    assert_eq!(
+        Vec::<i64>::try_from(&ta["sample_index"]).unwrap(),
+        vec![0, 1, 2, 3, 4]
+    );
 
     // MDTraj reads the PDB; its CA-CA distances equal those of the sampler's frames.
     let out = python(
@@ -120,5 +136,8 @@ print(t.n_frames, t.n_atoms, float(np.abs(pdb - ref).max()))
     assert_eq!(v[0], "5", "frames");
     assert_eq!(v[1], "72", "atoms = 3 per residue");
     let err: f64 = v[2].parse().unwrap();
-    assert!(err < 2e-3, "CA-CA distances in the PDB differ from the sampler's by {err} A");
+    assert!(
+        err < 2e-3,
+        "CA-CA distances in the PDB differ from the sampler's by {err} A"
+    );
 }
