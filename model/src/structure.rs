@@ -86,40 +86,51 @@ impl Ensemble {
     /// (N,) i64 as an npz that `numpy.load` reads. Atomic: see the module doc.
     pub fn write_npz(&self, path: &Path) -> Result<()> {
         self.check_shapes().map_err(ModelError::Invalid)?;
+        write_atomically(path, |tmp| self.write_npz_to(File::create(tmp)?))
+    }
+
+    /// The same `.npz` as [`Ensemble::write_npz`], in memory (for object stores).
+    pub fn npz_bytes(&self) -> Result<Vec<u8>> {
+        self.check_shapes().map_err(ModelError::Invalid)?;
+        let mut buf = io::Cursor::new(Vec::new());
+        self.write_npz_to(&mut buf)
+            .map_err(|e| ModelError::Invalid(e.to_string()))?;
+        Ok(buf.into_inner())
+    }
+
+    /// Writes the `.npz` to any seekable writer. Written by hand rather than
+    /// with tch's writer so that the zip carries a fixed timestamp: the same
+    /// samples give the same bytes, which is what lets a re-run shard
+    /// overwrite itself harmlessly and lets users compare runs by checksum.
+    fn write_npz_to<W: Write + io::Seek>(&self, w: W) -> io::Result<()> {
         let (n, l) = (self.num_samples() as i64, self.len_residues() as i64);
-        write_atomically(path, |tmp| {
-            // Written by hand rather than with tch's writer so that the zip
-            // carries a fixed timestamp: the same samples give the same
-            // bytes, which is what lets a re-run shard overwrite itself
-            // harmlessly and lets users compare runs with a checksum.
-            let mut zip = zip::ZipWriter::new(File::create(tmp)?);
-            let opts = zip::write::SimpleFileOptions::default()
-                .compression_method(zip::CompressionMethod::Stored)
-                .last_modified_time(zip::DateTime::default())
-                .large_file(self.tr.len() as u64 * 12 > u32::MAX as u64);
-            let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-            let members: [(&str, &str, Vec<i64>, Vec<u8>); 3] = [
-                ("tr", "<f4", vec![n, l, 3], f32s(&self.tr)),
-                ("rot_mat", "<f4", vec![n, l, 3, 3], f32s(&self.rot_mat)),
-                (
-                    "sample_index",
-                    "<i8",
-                    vec![n],
-                    self.sample_index
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect(),
-                ),
-            ];
-            for (name, descr, shape, data) in members {
-                zip.start_file(format!("{name}.npy"), opts)
-                    .map_err(io::Error::other)?;
-                zip.write_all(&npy_header(descr, &shape))?;
-                zip.write_all(&data)?;
-            }
-            zip.finish().map_err(io::Error::other)?;
-            Ok(())
-        })
+        let mut zip = zip::ZipWriter::new(w);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .last_modified_time(zip::DateTime::default())
+            .large_file(self.tr.len() as u64 * 12 > u32::MAX as u64);
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let members: [(&str, &str, Vec<i64>, Vec<u8>); 3] = [
+            ("tr", "<f4", vec![n, l, 3], f32s(&self.tr)),
+            ("rot_mat", "<f4", vec![n, l, 3, 3], f32s(&self.rot_mat)),
+            (
+                "sample_index",
+                "<i8",
+                vec![n],
+                self.sample_index
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+        ];
+        for (name, descr, shape, data) in members {
+            zip.start_file(format!("{name}.npy"), opts)
+                .map_err(io::Error::other)?;
+            zip.write_all(&npy_header(descr, &shape))?;
+            zip.write_all(&data)?;
+        }
+        zip.finish().map_err(io::Error::other)?;
+        Ok(())
     }
 
     /// Reads an npz written by [`Ensemble::write_npz`]. The file does not

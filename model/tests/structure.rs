@@ -493,3 +493,17 @@ print(json.dumps({"n_frames": t.n_frames, "n_atoms": t.n_atoms, "n_residues": t.
         }
     }
 }
+
+#[test]
+fn npz_bytes_equal_the_written_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Ensemble {
+        sequence: "AG".into(),
+        sample_index: vec![4, 5],
+        tr: (0..12).map(|x| x as f32).collect(),
+        rot_mat: (0..36).map(|x| x as f32 * 0.5).collect(),
+    };
+    let path = dir.path().join("x.npz");
+    e.write_npz(&path).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), e.npz_bytes().unwrap());
+}
