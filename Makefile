@@ -10,7 +10,7 @@ DIGCTL := target/release/digctl
 # an unchanged set-up costs nothing.
 STAMP  := $(VENV)/.dig-setup-$(shell sha256sum requirements-dev.txt | cut -c1-12)
 
-.PHONY: help setup build run test lint bench
+.PHONY: help setup build run test lint bench services
 
 help:
 	@echo "make run    sample the demo protein (HP35) with an untrained demo model"
@@ -39,9 +39,15 @@ lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test: lint
+# Tests talk to real RabbitMQ, Redis and SeaweedFS (S3): scripts/services.sh
+# installs and starts them when absent and writes their endpoints to
+# .services/env, which the tests read from the environment.
+services: setup
+	scripts/services.sh >/dev/null
+
+test: lint services
 	cargo build -p digctl
-	cargo test --workspace
+	set -a && . .services/env && set +a && cargo test --workspace
 
 bench: build
 	$(DIGCTL) bench

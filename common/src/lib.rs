@@ -1,5 +1,21 @@
-//! The vocabulary shared by dig-cluster's services: job and shard types,
-//! configuration, queue topology, Redis keys and the object-store layout.
+//! The vocabulary shared by dig-cluster's services: job and shard types, the
+//! object-store layout, the Redis key layout, and the clients of the three
+//! backing services behind traits with an embedded (single-process)
+//! implementation each:
 //!
-//! Empty for now: it is filled in with the sampling cluster (the REST API,
-//! coordinator and workers). Nothing here is used yet.
+//! - [`job`]: `JobSpec`, `ShardTask`, states and shard planning;
+//! - [`layout`]: the one place that knows object-store keys;
+//! - [`keys`]: the one place that knows Redis keys;
+//! - [`store`]: object store (S3 or local files) and content-addressed features;
+//! - [`queue`]: shard queue (RabbitMQ or in-process);
+//! - [`progress`]: job state and counters (Redis or in-memory).
+
+pub mod error;
+pub mod job;
+pub mod keys;
+pub mod layout;
+pub mod progress;
+pub mod queue;
+pub mod store;
+
+pub use error::{CommonError, Result};

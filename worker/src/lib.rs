@@ -1,6 +1,12 @@
-//! The GPU worker: consumes shard tasks, runs the DiG sampler
-//! (`dig-model`) and writes shard outputs to the object store.
+//! The worker: turns shard tasks into sampled structures.
 //!
-//! Not implemented yet: a placeholder in the workspace layout until the
-//! sampling cluster is built. The sampling itself lives in
-//! `dig_model::pipeline`, which `digctl sample` already uses.
+//! [`shard::ShardSampler`] is the compute core: it keeps the loaded model
+//! (per model id) and the protein's pair-derived tensors (per features
+//! SHA-256) between shards, so consecutive shards of one protein pay the
+//! per-protein cost once, and samples a shard's indices with the
+//! `(seed, index)` rule, so a shard re-run after a crash gives the same bytes.
+//!
+//! The queue consumer around it (RabbitMQ deliveries, object-store writes,
+//! Redis progress, acks) is not built yet.
+
+pub mod shard;

@@ -1,0 +1,83 @@
+//! The object-store layout: the one place that knows object keys. Every
+//! key lives under an optional prefix (one per deployment, or per test).
+//!
+//! ```text
+//! {prefix}features/{sha256}.npz          content-addressed protein features
+//! {prefix}models/{model}/config.json     model directories
+//! {prefix}models/{model}/model.safetensors
+//! {prefix}jobs/{job}/spec.json           immutable job spec
+//! {prefix}jobs/{job}/shards/{index:06}.npz   shard outputs (source of truth)
+//! {prefix}jobs/{job}/manifest.json       written when the job succeeds
+//! ```
+
+use object_store::path::Path;
+
+use crate::job::JobId;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectLayout {
+    prefix: String,
+}
+
+impl ObjectLayout {
+    /// `prefix` is empty or ends without a slash (one is added).
+    pub fn new(prefix: &str) -> Self {
+        let prefix = prefix.trim_matches('/');
+        ObjectLayout {
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+        }
+    }
+
+    fn path(&self, rest: String) -> Path {
+        Path::from(format!("{}{rest}", self.prefix))
+    }
+
+    pub fn features(&self, sha256: &str) -> Path {
+        self.path(format!("features/{sha256}.npz"))
+    }
+    pub fn model_dir(&self, model: &str) -> Path {
+        self.path(format!("models/{model}"))
+    }
+    pub fn model_file(&self, model: &str, file: &str) -> Path {
+        self.path(format!("models/{model}/{file}"))
+    }
+    pub fn job_spec(&self, job: JobId) -> Path {
+        self.path(format!("jobs/{job}/spec.json"))
+    }
+    pub fn shard(&self, job: JobId, index: u64) -> Path {
+        self.path(format!("jobs/{job}/shards/{index:06}.npz"))
+    }
+    pub fn shards_dir(&self, job: JobId) -> Path {
+        self.path(format!("jobs/{job}/shards"))
+    }
+    pub fn manifest(&self, job: JobId) -> Path {
+        self.path(format!("jobs/{job}/manifest.json"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_documented_layout() {
+        let job: JobId = "01938a2e-0000-7000-8000-000000000001".parse().unwrap();
+        let l = ObjectLayout::new("test-1/");
+        assert_eq!(
+            l.shard(job, 7).as_ref(),
+            "test-1/jobs/01938a2e-0000-7000-8000-000000000001/shards/000007.npz"
+        );
+        assert_eq!(
+            ObjectLayout::new("").features("ab").as_ref(),
+            "features/ab.npz"
+        );
+        assert_eq!(
+            l.model_file("dig", "config.json").as_ref(),
+            "test-1/models/dig/config.json"
+        );
+    }
+}

@@ -1,0 +1,962 @@
+//! Job progress: state, counters and worker heartbeats, behind
+//! [`ProgressStore`] with two implementations of the same semantics:
+//!
+//! - [`RedisProgress`]: the cluster's store, laid out as in [`crate::keys`];
+//!   every read-modify-write is one Lua script or one `MULTI` block, so any
+//!   number of coordinators, workers and API servers can share it;
+//! - [`MemoryProgress`]: the embedded single-process mode (and tests).
+//!
+//! The semantics both implement:
+//!
+//! - Shards are delivered at least once, so [`ProgressStore::record_shard_done`]
+//!   counts a shard only the first time it is reported (the done set decides),
+//!   and [`ProgressStore::record_shard_failed`] likewise once per shard.
+//! - A final state (succeeded, failed, cancelled) is terminal: later
+//!   [`ProgressStore::set_state`] calls are ignored, so a slow worker that says
+//!   "running" cannot resurrect a cancelled job.
+//! - `shards_done` is not a stored counter but the size of the done set, so it
+//!   can never disagree with [`ProgressStore::done_shards`].
+//! - All times are Unix **seconds** (like `JobSpec::created_at`): they are for
+//!   people and for listings; throughput comes from the workers' own
+//!   `samples_per_sec` in their heartbeats, not from these timestamps.
+//! - The object store is the source of truth for finished shards; after Redis
+//!   loses its data, [`ProgressStore::rebuild_from_done`] recreates a job's
+//!   entry from the list of shards found there.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CommonError, Result};
+use crate::job::{JobId, JobSpec, JobState};
+use crate::keys::RedisKeys;
+
+/// What a client sees of a job while and after it runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct JobProgress {
+    pub state: JobState,
+    pub tenant: String,
+    pub num_shards: u64,
+    pub num_samples: u64,
+    pub shards_done: u64,
+    pub samples_done: u64,
+    pub shards_failed: u64,
+    /// The first failure, as `"shard 3: reason"` (or what `set_state` was given).
+    pub error: Option<String>,
+    /// Unix seconds (the spec's `created_at`).
+    pub created_at: u64,
+    /// Unix seconds of the first switch to running.
+    pub started_at: Option<u64>,
+    /// Unix seconds of the switch to a final state.
+    pub finished_at: Option<u64>,
+}
+
+/// A worker's periodic "I am alive", kept for `ttl_secs` after each beat.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct WorkerHeartbeat {
+    pub id: String,
+    /// e.g. `"cuda:0"` or `"cpu"`.
+    pub device: String,
+    /// The shard being sampled, e.g. `"{job}/3"`; `None` when idle.
+    pub shard: Option<String>,
+    pub samples_per_sec: f64,
+    /// Unix seconds of the beat.
+    pub at: u64,
+}
+
+#[async_trait]
+pub trait ProgressStore: Send + Sync {
+    /// Registers a queued job and lists it under its tenant. Creating a job
+    /// that already exists changes nothing (a retried submission must not
+    /// reset the counters of a running job).
+    async fn create_job(&self, spec: &JobSpec) -> Result<()>;
+
+    /// The job's progress, `None` if unknown.
+    async fn get(&self, job: JobId) -> Result<Option<JobProgress>>;
+
+    /// Moves the job to `state` (recording `error` when given): the first
+    /// switch to running sets `started_at`, a final state sets `finished_at`.
+    /// Once final, a job keeps its state; the call is then a no-op.
+    /// `NotFound` if the job is unknown.
+    async fn set_state(&self, job: JobId, state: JobState, error: Option<&str>) -> Result<()>;
+
+    /// Counts shard `shard` (with `samples` samples) as done unless it already
+    /// was; returns whether this call counted it. `NotFound` for an unknown
+    /// job, `Invalid` for a shard index out of range.
+    async fn record_shard_done(&self, job: JobId, shard: u64, samples: u64) -> Result<bool>;
+
+    /// Indices of the finished shards, ascending.
+    async fn done_shards(&self, job: JobId) -> Result<Vec<u64>>;
+
+    /// Counts one more attempt at `shard`; returns the attempts so far,
+    /// this one included (1 on the first delivery).
+    async fn start_attempt(&self, job: JobId, shard: u64) -> Result<u32>;
+
+    /// Counts shard `shard` as failed for good (once per shard) and keeps the
+    /// job's first error as `"shard {shard}: {reason}"`. Does not change the
+    /// job's state: the coordinator decides whether the job fails.
+    async fn record_shard_failed(&self, job: JobId, shard: u64, reason: &str) -> Result<()>;
+
+    /// The tenant's jobs, newest first (by `created_at`, then by id), at most
+    /// `limit`; `cursor` is the last id of the previous page, excluded.
+    /// `Invalid` when the cursor is not one of this tenant's jobs.
+    async fn list_jobs(
+        &self,
+        tenant: &str,
+        limit: usize,
+        cursor: Option<JobId>,
+    ) -> Result<Vec<JobId>>;
+
+    /// Binds the tenant's Idempotency-Key `key` to `job` unless it is bound
+    /// already; returns the job the key is bound to (the earlier one if any,
+    /// else `job`). Keys do not expire.
+    async fn idempotent_job(&self, tenant: &str, key: &str, job: JobId) -> Result<JobId>;
+
+    /// Publishes the worker's heartbeat, forgotten `ttl_secs` (≥ 1) later
+    /// unless renewed.
+    async fn heartbeat(&self, worker_id: &str, info: &WorkerHeartbeat, ttl_secs: u64)
+        -> Result<()>;
+
+    /// The live workers' latest heartbeats, by id.
+    async fn workers(&self) -> Result<Vec<WorkerHeartbeat>>;
+
+    /// Recreates the job's entry (counters and done set) from the shards the
+    /// object store holds, e.g. after Redis lost its data: `samples_done`
+    /// from the shards' ranges, state succeeded when every shard is done,
+    /// else running. Replaces whatever entry the job had; failure counts and
+    /// the error start afresh (those shards will be retried).
+    async fn rebuild_from_done(&self, spec: &JobSpec, done_shards: &[u64]) -> Result<()>;
+
+    /// Deletes everything of this store (every key of the prefix): for tests.
+    async fn delete_all(&self) -> Result<()>;
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The wire name of a state (`"running"`), the one serde gives it, so Redis
+/// and the API spell states alike.
+fn state_name(state: JobState) -> String {
+    match serde_json::to_value(state) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => unreachable!("JobState serializes as a string"),
+    }
+}
+
+fn parse_state(name: &str) -> Result<JobState> {
+    serde_json::from_value(serde_json::Value::String(name.to_string()))
+        .map_err(|_| CommonError::Other(format!("unknown job state {name:?} in progress store")))
+}
+
+const ALL_STATES: [JobState; 5] = [
+    JobState::Queued,
+    JobState::Running,
+    JobState::Succeeded,
+    JobState::Failed,
+    JobState::Cancelled,
+];
+
+fn shard_error(shard: u64, reason: &str) -> String {
+    format!("shard {shard}: {reason}")
+}
+
+fn check_shard(job: JobId, shard: u64, num_shards: u64) -> Result<()> {
+    if shard >= num_shards {
+        return Err(CommonError::Invalid(format!(
+            "job {job} has {num_shards} shards, no shard {shard}"
+        )));
+    }
+    Ok(())
+}
+
+/// Samples of the given shards (deduplicated, checked against the spec).
+fn done_samples(spec: &JobSpec, done: &BTreeSet<u64>) -> Result<u64> {
+    let n = spec.num_shards();
+    done.iter().try_fold(0, |acc, &i| {
+        check_shard(spec.id, i, n)?;
+        Ok(acc + spec.shard(i).len())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------
+
+/// Create unless present: `HSET` + `ZADD` in one step.
+/// KEYS: job, tenant_jobs. ARGV: job id, tenant, num_shards, num_samples, created_at.
+const CREATE_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'tenant', ARGV[2], 'num_shards', ARGV[3],
+  'num_samples', ARGV[4], 'samples_done', 0, 'shards_failed', 0, 'created_at', ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+return 1
+"#;
+
+/// The state transition, atomic so that a final state cannot be overwritten
+/// between our read and our write. The final state names come from Rust
+/// (`JobState::is_final`) so the rule lives in one place.
+/// KEYS: job. ARGV: state, is_final (0/1), now, has_error (0/1), error, final names...
+/// Returns -1 unknown job, 0 ignored (already final), 1 done.
+const SET_STATE_LUA: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return -1 end
+for i = 6, #ARGV do
+  if cur == ARGV[i] then return 0 end
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+if ARGV[1] == 'running' then redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3]) end
+if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 'finished_at', ARGV[3]) end
+if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
+return 1
+"#;
+
+/// SADD decides whether the shard is new; only then the samples count.
+/// KEYS: job, done. ARGV: shard, samples.
+/// Returns -1 unknown job, -2 shard out of range (num_shards second), 0 old, 1 new.
+const SHARD_DONE_LUA: &str = r#"
+local n = redis.call('HGET', KEYS[1], 'num_shards')
+if not n then return {-1, 0} end
+if tonumber(ARGV[1]) >= tonumber(n) then return {-2, tonumber(n)} end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {0, 0} end
+redis.call('HINCRBY', KEYS[1], 'samples_done', ARGV[2])
+return {1, 0}
+"#;
+
+/// Like SHARD_DONE_LUA for failures; the first error is kept (it is usually
+/// the cause, later ones its consequences).
+/// KEYS: job, failed. ARGV: shard, error text.
+const SHARD_FAILED_LUA: &str = r#"
+local n = redis.call('HGET', KEYS[1], 'num_shards')
+if not n then return {-1, 0} end
+if tonumber(ARGV[1]) >= tonumber(n) then return {-2, tonumber(n)} end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {0, 0} end
+redis.call('HINCRBY', KEYS[1], 'shards_failed', 1)
+redis.call('HSETNX', KEYS[1], 'error', ARGV[2])
+return {1, 0}
+"#;
+
+/// One page, atomic so that a job created between finding the cursor's rank
+/// and reading the range cannot shift the page. Equal scores come in reverse
+/// order of member, i.e. of UUIDv7 text: newest first as well.
+/// KEYS: tenant_jobs. ARGV: limit (≥ 1), cursor or ''. Nil = unknown cursor.
+const LIST_LUA: &str = r#"
+local start = 0
+if ARGV[2] ~= '' then
+  local r = redis.call('ZREVRANK', KEYS[1], ARGV[2])
+  if not r then return false end
+  start = r + 1
+end
+return redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[1]) - 1)
+"#;
+
+/// The Redis implementation. Cheap to clone; clones share one multiplexed
+/// connection.
+#[derive(Clone)]
+pub struct RedisProgress {
+    conn: ConnectionManager,
+    keys: RedisKeys,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+struct Scripts {
+    create: Script,
+    set_state: Script,
+    shard_done: Script,
+    shard_failed: Script,
+    list: Script,
+}
+
+impl RedisProgress {
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379/`); every key starts
+    /// with `prefix`. The `ConnectionManager` reconnects by itself after the
+    /// server restarts; calls made while it is away fail with
+    /// `CommonError::Progress` instead of waiting or panicking.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        // The library's 500 ms response timeout is tight for a Lua script on
+        // a loaded machine; a few seconds still surfaces an outage promptly.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(4)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        Ok(RedisProgress {
+            conn,
+            keys: RedisKeys::new(prefix),
+            scripts: std::sync::Arc::new(Scripts {
+                create: Script::new(CREATE_LUA),
+                set_state: Script::new(SET_STATE_LUA),
+                shard_done: Script::new(SHARD_DONE_LUA),
+                shard_failed: Script::new(SHARD_FAILED_LUA),
+                list: Script::new(LIST_LUA),
+            }),
+        })
+    }
+
+    /// The key layout this store uses.
+    pub fn keys(&self) -> &RedisKeys {
+        &self.keys
+    }
+
+    fn job_failed(&self, job: JobId) -> String {
+        self.keys.job_failed(job)
+    }
+
+    /// Every key matching `pattern` (SCAN, so Redis is never blocked).
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut found = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            found.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        // SCAN may return a key more than once.
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+
+    /// `RedisKeys::all()` with the prefix's glob characters escaped, so that
+    /// SCAN cannot match (and `delete_all` delete) another prefix's keys.
+    fn pattern(&self, all_like: &str) -> String {
+        let literal = all_like.strip_suffix('*').unwrap_or(all_like);
+        let mut escaped = String::with_capacity(literal.len() + 1);
+        for c in literal.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        escaped.push('*');
+        escaped
+    }
+}
+
+fn field<T: std::str::FromStr>(
+    map: &HashMap<String, String>,
+    job: JobId,
+    name: &str,
+) -> Result<Option<T>> {
+    match map.get(name) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            CommonError::Other(format!(
+                "job {job}: bad field {name}={v:?} in progress store"
+            ))
+        }),
+    }
+}
+
+fn required<T: std::str::FromStr>(
+    map: &HashMap<String, String>,
+    job: JobId,
+    name: &str,
+) -> Result<T> {
+    field(map, job, name)?.ok_or_else(|| {
+        CommonError::Other(format!("job {job}: field {name} missing in progress store"))
+    })
+}
+
+fn parse_job(
+    job: JobId,
+    map: HashMap<String, String>,
+    shards_done: u64,
+) -> Result<Option<JobProgress>> {
+    if map.is_empty() {
+        return Ok(None);
+    }
+    let state: String = required(&map, job, "state")?;
+    Ok(Some(JobProgress {
+        state: parse_state(&state)?,
+        tenant: required(&map, job, "tenant")?,
+        num_shards: required(&map, job, "num_shards")?,
+        num_samples: required(&map, job, "num_samples")?,
+        shards_done,
+        samples_done: field(&map, job, "samples_done")?.unwrap_or(0),
+        shards_failed: field(&map, job, "shards_failed")?.unwrap_or(0),
+        error: map.get("error").cloned(),
+        created_at: required(&map, job, "created_at")?,
+        started_at: field(&map, job, "started_at")?,
+        finished_at: field(&map, job, "finished_at")?,
+    }))
+}
+
+fn parse_heartbeat(map: HashMap<String, String>) -> Option<WorkerHeartbeat> {
+    Some(WorkerHeartbeat {
+        id: map.get("id")?.clone(),
+        device: map.get("device")?.clone(),
+        shard: map.get("shard").cloned(),
+        samples_per_sec: map.get("samples_per_sec")?.parse().ok()?,
+        at: map.get("at")?.parse().ok()?,
+    })
+}
+
+/// Maps the `{status, num_shards}` reply of the shard scripts.
+fn shard_reply(job: JobId, shard: u64, reply: (i64, u64)) -> Result<bool> {
+    match reply.0 {
+        -1 => Err(CommonError::NotFound(format!("job {job}"))),
+        -2 => check_shard(job, shard, reply.1).map(|_| false),
+        status => Ok(status == 1),
+    }
+}
+
+#[async_trait]
+impl ProgressStore for RedisProgress {
+    async fn create_job(&self, spec: &JobSpec) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _created: i64 = self
+            .scripts
+            .create
+            .key(self.keys.job(spec.id))
+            .key(self.keys.tenant_jobs(&spec.tenant))
+            .arg(spec.id.to_string())
+            .arg(&spec.tenant)
+            .arg(spec.num_shards())
+            .arg(spec.num_samples)
+            .arg(spec.created_at)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn get(&self, job: JobId) -> Result<Option<JobProgress>> {
+        let mut conn = self.conn.clone();
+        // One MULTI: the hash and the done set as of the same moment.
+        let (map, shards_done): (HashMap<String, String>, u64) = redis::pipe()
+            .atomic()
+            .hgetall(self.keys.job(job))
+            .scard(self.keys.job_done(job))
+            .query_async(&mut conn)
+            .await?;
+        parse_job(job, map, shards_done)
+    }
+
+    async fn set_state(&self, job: JobId, state: JobState, error: Option<&str>) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.scripts.set_state.key(self.keys.job(job));
+        invocation
+            .arg(state_name(state))
+            .arg(if state.is_final() { 1 } else { 0 })
+            .arg(now_secs())
+            .arg(if error.is_some() { 1 } else { 0 })
+            .arg(error.unwrap_or(""));
+        for s in ALL_STATES.into_iter().filter(|s| s.is_final()) {
+            invocation.arg(state_name(s));
+        }
+        let status: i64 = invocation.invoke_async(&mut conn).await?;
+        match status {
+            -1 => Err(CommonError::NotFound(format!("job {job}"))),
+            0 => {
+                tracing::debug!(%job, ?state, "job already final; state change ignored");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn record_shard_done(&self, job: JobId, shard: u64, samples: u64) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let reply: (i64, u64) = self
+            .scripts
+            .shard_done
+            .key(self.keys.job(job))
+            .key(self.keys.job_done(job))
+            .arg(shard)
+            .arg(samples)
+            .invoke_async(&mut conn)
+            .await?;
+        shard_reply(job, shard, reply)
+    }
+
+    async fn done_shards(&self, job: JobId) -> Result<Vec<u64>> {
+        let mut conn = self.conn.clone();
+        let mut done: Vec<u64> = redis::cmd("SMEMBERS")
+            .arg(self.keys.job_done(job))
+            .query_async(&mut conn)
+            .await?;
+        done.sort_unstable();
+        Ok(done)
+    }
+
+    async fn start_attempt(&self, job: JobId, shard: u64) -> Result<u32> {
+        let mut conn = self.conn.clone();
+        let attempts: u32 = redis::cmd("HINCRBY")
+            .arg(self.keys.job_attempts(job))
+            .arg(shard)
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        Ok(attempts)
+    }
+
+    async fn record_shard_failed(&self, job: JobId, shard: u64, reason: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let reply: (i64, u64) = self
+            .scripts
+            .shard_failed
+            .key(self.keys.job(job))
+            .key(self.job_failed(job))
+            .arg(shard)
+            .arg(shard_error(shard, reason))
+            .invoke_async(&mut conn)
+            .await?;
+        shard_reply(job, shard, reply).map(|_| ())
+    }
+
+    async fn list_jobs(
+        &self,
+        tenant: &str,
+        limit: usize,
+        cursor: Option<JobId>,
+    ) -> Result<Vec<JobId>> {
+        if limit == 0 {
+            // ZREVRANGE 0 -1 would mean "everything".
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let page: Option<Vec<String>> = self
+            .scripts
+            .list
+            .key(self.keys.tenant_jobs(tenant))
+            .arg(limit)
+            .arg(cursor.map(|c| c.to_string()).unwrap_or_default())
+            .invoke_async(&mut conn)
+            .await?;
+        let page = page.ok_or_else(|| {
+            CommonError::Invalid(format!(
+                "cursor {} is not a job of tenant {tenant}",
+                cursor.unwrap_or_default()
+            ))
+        })?;
+        page.iter()
+            .map(|id| {
+                id.parse()
+                    .map_err(|_| CommonError::Other(format!("bad job id {id:?} in progress store")))
+            })
+            .collect()
+    }
+
+    async fn idempotent_job(&self, tenant: &str, key: &str, job: JobId) -> Result<JobId> {
+        let mut conn = self.conn.clone();
+        // SET NX GET (Redis ≥ 7): bind and learn the earlier binding at once.
+        let earlier: Option<String> = redis::cmd("SET")
+            .arg(self.keys.idempotency(tenant, key))
+            .arg(job.to_string())
+            .arg("NX")
+            .arg("GET")
+            .query_async(&mut conn)
+            .await?;
+        match earlier {
+            None => Ok(job),
+            Some(id) => id
+                .parse()
+                .map_err(|_| CommonError::Other(format!("bad job id {id:?} in progress store"))),
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        info: &WorkerHeartbeat,
+        ttl_secs: u64,
+    ) -> Result<()> {
+        if ttl_secs == 0 {
+            return Err(CommonError::Invalid(
+                "heartbeat ttl must be at least 1 s".into(),
+            ));
+        }
+        let key = self.keys.worker(worker_id);
+        let mut fields = vec![
+            ("id", info.id.clone()),
+            ("device", info.device.clone()),
+            ("samples_per_sec", info.samples_per_sec.to_string()),
+            ("at", info.at.to_string()),
+        ];
+        if let Some(shard) = &info.shard {
+            fields.push(("shard", shard.clone()));
+        }
+        let mut conn = self.conn.clone();
+        // DEL first so that a shard from the previous beat does not linger.
+        let () = redis::pipe()
+            .atomic()
+            .del(&key)
+            .ignore()
+            .hset_multiple(&key, &fields)
+            .ignore()
+            .expire(&key, ttl_secs as i64)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerHeartbeat>> {
+        let keys = self.scan(&self.pattern(&self.keys.worker("*"))).await?;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.hgetall(key);
+        }
+        let mut conn = self.conn.clone();
+        let maps: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        let mut workers: Vec<WorkerHeartbeat> = maps
+            .into_iter()
+            .zip(&keys)
+            .filter(|(map, _)| !map.is_empty()) // expired since the SCAN
+            .filter_map(|(map, key)| {
+                let beat = parse_heartbeat(map);
+                if beat.is_none() {
+                    // One bad entry must not hide every other worker.
+                    tracing::warn!(%key, "unreadable worker heartbeat skipped");
+                }
+                beat
+            })
+            .collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(workers)
+    }
+
+    async fn rebuild_from_done(&self, spec: &JobSpec, done_shards: &[u64]) -> Result<()> {
+        let done: BTreeSet<u64> = done_shards.iter().copied().collect();
+        let samples_done = done_samples(spec, &done)?;
+        let num_shards = spec.num_shards();
+        let now = now_secs();
+        let all_done = done.len() as u64 == num_shards;
+        let mut fields = vec![
+            (
+                "state",
+                state_name(if all_done {
+                    JobState::Succeeded
+                } else {
+                    JobState::Running
+                }),
+            ),
+            ("tenant", spec.tenant.clone()),
+            ("num_shards", num_shards.to_string()),
+            ("num_samples", spec.num_samples.to_string()),
+            ("samples_done", samples_done.to_string()),
+            ("shards_failed", "0".to_string()),
+            ("created_at", spec.created_at.to_string()),
+            ("started_at", now.to_string()),
+        ];
+        if all_done {
+            fields.push(("finished_at", now.to_string()));
+        }
+        let (job_key, done_key) = (self.keys.job(spec.id), self.keys.job_done(spec.id));
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(&[&job_key, &done_key, &self.job_failed(spec.id)])
+            .ignore()
+            .hset_multiple(&job_key, &fields)
+            .ignore();
+        if !done.is_empty() {
+            pipe.sadd(&done_key, done.iter().collect::<Vec<_>>())
+                .ignore();
+        }
+        pipe.zadd(
+            self.keys.tenant_jobs(&spec.tenant),
+            spec.id.to_string(),
+            spec.created_at,
+        )
+        .ignore();
+        let mut conn = self.conn.clone();
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn delete_all(&self) -> Result<()> {
+        let keys = self.scan(&self.pattern(&self.keys.all())).await?;
+        let mut conn = self.conn.clone();
+        for batch in keys.chunks(500) {
+            let _deleted: u64 = redis::cmd("UNLINK")
+                .arg(batch)
+                .query_async(&mut conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Memory
+// ---------------------------------------------------------------------------
+
+#[derive(Default)]
+struct JobEntry {
+    progress: Option<JobProgress>,
+    done: BTreeSet<u64>,
+    failed: BTreeSet<u64>,
+    attempts: HashMap<u64, u32>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Like Redis, attempts may exist for a job without progress.
+    jobs: HashMap<JobId, JobEntry>,
+    /// tenant -> (created_at, id): iterating backwards is newest first, with
+    /// ties broken by id exactly as Redis breaks them by member.
+    tenants: HashMap<String, BTreeSet<(u64, JobId)>>,
+    idempotency: HashMap<(String, String), JobId>,
+    workers: HashMap<String, (WorkerHeartbeat, Instant)>,
+}
+
+/// The in-process implementation, for the embedded single-process mode. One
+/// std mutex: no operation awaits while holding it, and each is as atomic as
+/// its Redis script.
+#[derive(Default)]
+pub struct MemoryProgress {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryProgress {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic elsewhere cannot leave an entry half-updated (every update
+        // is a few infallible assignments), so a poisoned lock is still good.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl ProgressStore for MemoryProgress {
+    async fn create_job(&self, spec: &JobSpec) -> Result<()> {
+        let mut inner = self.lock();
+        let entry = inner.jobs.entry(spec.id).or_default();
+        if entry.progress.is_some() {
+            return Ok(());
+        }
+        entry.progress = Some(JobProgress {
+            state: JobState::Queued,
+            tenant: spec.tenant.clone(),
+            num_shards: spec.num_shards(),
+            num_samples: spec.num_samples,
+            shards_done: entry.done.len() as u64,
+            samples_done: 0,
+            shards_failed: 0,
+            error: None,
+            created_at: spec.created_at,
+            started_at: None,
+            finished_at: None,
+        });
+        inner
+            .tenants
+            .entry(spec.tenant.clone())
+            .or_default()
+            .insert((spec.created_at, spec.id));
+        Ok(())
+    }
+
+    async fn get(&self, job: JobId) -> Result<Option<JobProgress>> {
+        Ok(self.lock().jobs.get(&job).and_then(|e| e.progress.clone()))
+    }
+
+    async fn set_state(&self, job: JobId, state: JobState, error: Option<&str>) -> Result<()> {
+        let mut inner = self.lock();
+        let p = inner
+            .jobs
+            .get_mut(&job)
+            .and_then(|e| e.progress.as_mut())
+            .ok_or_else(|| CommonError::NotFound(format!("job {job}")))?;
+        if p.state.is_final() {
+            tracing::debug!(%job, ?state, "job already final; state change ignored");
+            return Ok(());
+        }
+        let now = now_secs();
+        p.state = state;
+        if state == JobState::Running && p.started_at.is_none() {
+            p.started_at = Some(now);
+        }
+        if state.is_final() {
+            p.finished_at = Some(now);
+        }
+        if let Some(error) = error {
+            p.error = Some(error.to_string());
+        }
+        Ok(())
+    }
+
+    async fn record_shard_done(&self, job: JobId, shard: u64, samples: u64) -> Result<bool> {
+        let mut inner = self.lock();
+        let entry = inner
+            .jobs
+            .get_mut(&job)
+            .filter(|e| e.progress.is_some())
+            .ok_or_else(|| CommonError::NotFound(format!("job {job}")))?;
+        let p = entry.progress.as_mut().expect("filtered above");
+        check_shard(job, shard, p.num_shards)?;
+        if !entry.done.insert(shard) {
+            return Ok(false);
+        }
+        p.shards_done = entry.done.len() as u64;
+        p.samples_done += samples;
+        Ok(true)
+    }
+
+    async fn done_shards(&self, job: JobId) -> Result<Vec<u64>> {
+        Ok(self
+            .lock()
+            .jobs
+            .get(&job)
+            .map(|e| e.done.iter().copied().collect())
+            .unwrap_or_default())
+    }
+
+    async fn start_attempt(&self, job: JobId, shard: u64) -> Result<u32> {
+        let mut inner = self.lock();
+        let attempts = inner
+            .jobs
+            .entry(job)
+            .or_default()
+            .attempts
+            .entry(shard)
+            .or_insert(0);
+        *attempts += 1;
+        Ok(*attempts)
+    }
+
+    async fn record_shard_failed(&self, job: JobId, shard: u64, reason: &str) -> Result<()> {
+        let mut inner = self.lock();
+        let entry = inner
+            .jobs
+            .get_mut(&job)
+            .filter(|e| e.progress.is_some())
+            .ok_or_else(|| CommonError::NotFound(format!("job {job}")))?;
+        let p = entry.progress.as_mut().expect("filtered above");
+        check_shard(job, shard, p.num_shards)?;
+        if entry.failed.insert(shard) {
+            p.shards_failed += 1;
+            p.error.get_or_insert_with(|| shard_error(shard, reason));
+        }
+        Ok(())
+    }
+
+    async fn list_jobs(
+        &self,
+        tenant: &str,
+        limit: usize,
+        cursor: Option<JobId>,
+    ) -> Result<Vec<JobId>> {
+        let inner = self.lock();
+        let Some(jobs) = inner.tenants.get(tenant) else {
+            return match cursor {
+                None => Ok(Vec::new()),
+                Some(c) => Err(CommonError::Invalid(format!(
+                    "cursor {c} is not a job of tenant {tenant}"
+                ))),
+            };
+        };
+        let mut newest_first = jobs.iter().rev().map(|&(_, id)| id).peekable();
+        if let Some(c) = cursor {
+            // Skip through the cursor itself.
+            if !newest_first.by_ref().any(|id| id == c) {
+                return Err(CommonError::Invalid(format!(
+                    "cursor {c} is not a job of tenant {tenant}"
+                )));
+            }
+        }
+        Ok(newest_first.take(limit).collect())
+    }
+
+    async fn idempotent_job(&self, tenant: &str, key: &str, job: JobId) -> Result<JobId> {
+        Ok(*self
+            .lock()
+            .idempotency
+            .entry((tenant.to_string(), key.to_string()))
+            .or_insert(job))
+    }
+
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        info: &WorkerHeartbeat,
+        ttl_secs: u64,
+    ) -> Result<()> {
+        if ttl_secs == 0 {
+            return Err(CommonError::Invalid(
+                "heartbeat ttl must be at least 1 s".into(),
+            ));
+        }
+        let expires = Instant::now() + Duration::from_secs(ttl_secs);
+        self.lock()
+            .workers
+            .insert(worker_id.to_string(), (info.clone(), expires));
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerHeartbeat>> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.workers.retain(|_, (_, expires)| *expires > now);
+        let mut workers: Vec<WorkerHeartbeat> =
+            inner.workers.values().map(|(w, _)| w.clone()).collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(workers)
+    }
+
+    async fn rebuild_from_done(&self, spec: &JobSpec, done_shards: &[u64]) -> Result<()> {
+        let done: BTreeSet<u64> = done_shards.iter().copied().collect();
+        let samples_done = done_samples(spec, &done)?;
+        let num_shards = spec.num_shards();
+        let now = now_secs();
+        let all_done = done.len() as u64 == num_shards;
+        let mut inner = self.lock();
+        let entry = inner.jobs.entry(spec.id).or_default();
+        entry.progress = Some(JobProgress {
+            state: if all_done {
+                JobState::Succeeded
+            } else {
+                JobState::Running
+            },
+            tenant: spec.tenant.clone(),
+            num_shards,
+            num_samples: spec.num_samples,
+            shards_done: done.len() as u64,
+            samples_done,
+            shards_failed: 0,
+            error: None,
+            created_at: spec.created_at,
+            started_at: Some(now),
+            finished_at: all_done.then_some(now),
+        });
+        entry.done = done;
+        entry.failed.clear();
+        inner
+            .tenants
+            .entry(spec.tenant.clone())
+            .or_default()
+            .insert((spec.created_at, spec.id));
+        Ok(())
+    }
+
+    async fn delete_all(&self) -> Result<()> {
+        *self.lock() = Inner::default();
+        Ok(())
+    }
+}

@@ -1,0 +1,521 @@
+//! Behaviour of `ProgressStore`: every case runs against both
+//! `MemoryProgress` and `RedisProgress` (the Redis of `DIG_TEST_REDIS`, under
+//! a fresh `test-{uuid}` prefix that is deleted afterwards), so the embedded
+//! mode and the cluster cannot drift apart.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dig_common::job::{JobId, JobSpec, JobState, Priority};
+use dig_common::progress::{MemoryProgress, ProgressStore, RedisProgress, WorkerHeartbeat};
+use dig_common::CommonError;
+use futures::FutureExt;
+
+type Store = Arc<dyn ProgressStore>;
+
+fn spec(tenant: &str, num_samples: u64, shard_size: u64, created_at: u64) -> JobSpec {
+    JobSpec {
+        id: JobId::new(),
+        tenant: tenant.into(),
+        name: None,
+        sequence: "MKV".into(),
+        features_sha256: "0".repeat(64),
+        num_samples,
+        seed: 7,
+        steps: None,
+        model: "m".into(),
+        priority: Priority::Interactive,
+        shard_size,
+        created_at,
+    }
+}
+
+async fn with_memory<F, Fut>(case: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    case(Arc::new(MemoryProgress::new())).await;
+}
+
+async fn with_redis<F, Fut>(case: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let url = std::env::var("DIG_TEST_REDIS")
+        .expect("DIG_TEST_REDIS unset: run scripts/services.sh (make test does)");
+    let prefix = format!("test-{}", uuid::Uuid::now_v7());
+    let store: Store = Arc::new(
+        RedisProgress::connect(&url, &prefix)
+            .await
+            .expect("connect to DIG_TEST_REDIS"),
+    );
+    // Clean up even when the case fails, then fail with its panic.
+    let outcome = AssertUnwindSafe(case(store.clone())).catch_unwind().await;
+    store.delete_all().await.expect("delete_all");
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// One `#[tokio::test]` per implementation for each behaviour.
+macro_rules! behaviours {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::with_memory(super::$name).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::with_redis(super::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+behaviours!(
+    created_job_is_queued_with_its_spec_counters,
+    unknown_job_is_none_and_updates_are_not_found,
+    creating_an_existing_job_again_keeps_its_progress,
+    shard_done_twice_counts_once,
+    shard_index_out_of_range_is_invalid,
+    concurrent_shard_reports_give_exact_totals,
+    running_sets_started_at_and_final_sets_finished_at,
+    final_state_is_not_overwritten,
+    attempts_count_up_per_shard,
+    shard_failure_counts_once_and_keeps_first_error,
+    list_jobs_pages_newest_first_within_tenant,
+    list_jobs_rejects_unknown_cursor,
+    idempotency_key_returns_first_job,
+    heartbeats_are_listed_and_expire,
+    rebuild_from_done_restores_counters_after_flush,
+    rebuild_with_every_shard_done_is_succeeded,
+    delete_all_forgets_everything,
+);
+
+async fn created_job_is_queued_with_its_spec_counters(store: Store) {
+    let s = spec("acme", 1003, 100, 1_700_000_000);
+    store.create_job(&s).await.unwrap();
+    let p = store.get(s.id).await.unwrap().expect("job exists");
+    assert_eq!(p.state, JobState::Queued);
+    assert_eq!(p.tenant, "acme");
+    assert_eq!(p.num_shards, 11);
+    assert_eq!(p.num_samples, 1003);
+    assert_eq!((p.shards_done, p.samples_done, p.shards_failed), (0, 0, 0));
+    assert_eq!(p.error, None);
+    assert_eq!(p.created_at, 1_700_000_000);
+    assert_eq!((p.started_at, p.finished_at), (None, None));
+    assert_eq!(store.done_shards(s.id).await.unwrap(), Vec::<u64>::new());
+    assert_eq!(store.list_jobs("acme", 10, None).await.unwrap(), vec![s.id]);
+}
+
+async fn unknown_job_is_none_and_updates_are_not_found(store: Store) {
+    let job = JobId::new();
+    assert_eq!(store.get(job).await.unwrap(), None);
+    assert!(matches!(
+        store.set_state(job, JobState::Running, None).await,
+        Err(CommonError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.record_shard_done(job, 0, 1).await,
+        Err(CommonError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.record_shard_failed(job, 0, "x").await,
+        Err(CommonError::NotFound(_))
+    ));
+    // Nothing was created as a side effect.
+    assert_eq!(store.get(job).await.unwrap(), None);
+    assert_eq!(store.done_shards(job).await.unwrap(), Vec::<u64>::new());
+}
+
+async fn creating_an_existing_job_again_keeps_its_progress(store: Store) {
+    let s = spec("acme", 40, 10, 100);
+    store.create_job(&s).await.unwrap();
+    store
+        .set_state(s.id, JobState::Running, None)
+        .await
+        .unwrap();
+    store.record_shard_done(s.id, 1, 10).await.unwrap();
+    store.create_job(&s).await.unwrap();
+    let p = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(p.state, JobState::Running);
+    assert_eq!((p.shards_done, p.samples_done), (1, 10));
+}
+
+async fn shard_done_twice_counts_once(store: Store) {
+    let s = spec("acme", 1003, 100, 100);
+    store.create_job(&s).await.unwrap();
+    assert!(store.record_shard_done(s.id, 10, 3).await.unwrap());
+    assert!(!store.record_shard_done(s.id, 10, 3).await.unwrap());
+    assert!(store.record_shard_done(s.id, 2, 100).await.unwrap());
+    let p = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(p.shards_done, 2);
+    assert_eq!(p.samples_done, 103);
+    assert_eq!(store.done_shards(s.id).await.unwrap(), vec![2, 10]);
+}
+
+async fn shard_index_out_of_range_is_invalid(store: Store) {
+    let s = spec("acme", 30, 10, 100);
+    store.create_job(&s).await.unwrap();
+    assert!(matches!(
+        store.record_shard_done(s.id, 3, 10).await,
+        Err(CommonError::Invalid(_))
+    ));
+    assert!(matches!(
+        store.record_shard_failed(s.id, 3, "x").await,
+        Err(CommonError::Invalid(_))
+    ));
+    let p = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!((p.shards_done, p.samples_done, p.shards_failed), (0, 0, 0));
+}
+
+async fn concurrent_shard_reports_give_exact_totals(store: Store) {
+    // 100 shards of 7 samples; 10 tasks each report every shard (in a
+    // different order), as if each shard were redelivered 10 times.
+    let s = spec("acme", 700, 7, 100);
+    store.create_job(&s).await.unwrap();
+    let tasks: Vec<_> = (0..10u64)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut counted = 0u64;
+                for i in 0..100u64 {
+                    let shard = (i * 37 + t * 11) % 100;
+                    if store.record_shard_done(s.id, shard, 7).await.unwrap() {
+                        counted += 1;
+                    }
+                }
+                counted
+            })
+        })
+        .collect();
+    let mut counted = 0;
+    for task in tasks {
+        counted += task.await.unwrap();
+    }
+    assert_eq!(counted, 100, "each shard counted by exactly one report");
+    let p = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(p.shards_done, 100);
+    assert_eq!(p.samples_done, 700);
+    assert_eq!(
+        store.done_shards(s.id).await.unwrap(),
+        (0..100).collect::<Vec<u64>>()
+    );
+}
+
+async fn running_sets_started_at_and_final_sets_finished_at(store: Store) {
+    let s = spec("acme", 10, 10, 100);
+    store.create_job(&s).await.unwrap();
+    store
+        .set_state(s.id, JobState::Running, None)
+        .await
+        .unwrap();
+    let running = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(running.state, JobState::Running);
+    let started = running.started_at.expect("started_at set");
+    assert!(started >= 1_700_000_000, "unix seconds, got {started}");
+    assert_eq!(running.finished_at, None);
+    store
+        .set_state(s.id, JobState::Failed, Some("shard 0: out of memory"))
+        .await
+        .unwrap();
+    let failed = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(failed.state, JobState::Failed);
+    assert_eq!(failed.started_at, Some(started));
+    assert!(failed.finished_at.unwrap() >= started);
+    assert_eq!(failed.error.as_deref(), Some("shard 0: out of memory"));
+}
+
+async fn final_state_is_not_overwritten(store: Store) {
+    let s = spec("acme", 10, 10, 100);
+    store.create_job(&s).await.unwrap();
+    store
+        .set_state(s.id, JobState::Running, None)
+        .await
+        .unwrap();
+    store
+        .set_state(s.id, JobState::Cancelled, None)
+        .await
+        .unwrap();
+    let cancelled = store.get(s.id).await.unwrap().unwrap();
+    store
+        .set_state(s.id, JobState::Running, None)
+        .await
+        .unwrap();
+    store
+        .set_state(s.id, JobState::Queued, Some("late"))
+        .await
+        .unwrap();
+    store
+        .set_state(s.id, JobState::Succeeded, None)
+        .await
+        .unwrap();
+    let after = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(after.state, JobState::Cancelled);
+    assert_eq!(after, cancelled);
+}
+
+async fn attempts_count_up_per_shard(store: Store) {
+    let s = spec("acme", 30, 10, 100);
+    store.create_job(&s).await.unwrap();
+    assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), 1);
+    assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), 2);
+    assert_eq!(store.start_attempt(s.id, 2).await.unwrap(), 1);
+    assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), 3);
+}
+
+async fn shard_failure_counts_once_and_keeps_first_error(store: Store) {
+    let s = spec("acme", 50, 10, 100);
+    store.create_job(&s).await.unwrap();
+    store
+        .record_shard_failed(s.id, 3, "CUDA out of memory")
+        .await
+        .unwrap();
+    store
+        .record_shard_failed(s.id, 3, "CUDA out of memory")
+        .await
+        .unwrap();
+    store
+        .record_shard_failed(s.id, 4, "NaN in coordinates")
+        .await
+        .unwrap();
+    let p = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(p.shards_failed, 2);
+    assert_eq!(p.error.as_deref(), Some("shard 3: CUDA out of memory"));
+    assert_eq!(
+        p.state,
+        JobState::Queued,
+        "the coordinator decides the job's fate"
+    );
+}
+
+async fn list_jobs_pages_newest_first_within_tenant(store: Store) {
+    // Pairs share a creation second, so ties must be broken by id too.
+    let mut specs: Vec<JobSpec> = (0..5).map(|i| spec("acme", 10, 10, 1000 + i / 2)).collect();
+    for s in &specs {
+        store.create_job(s).await.unwrap();
+    }
+    for i in 0..2 {
+        store
+            .create_job(&spec("globex", 10, 10, 2000 + i))
+            .await
+            .unwrap();
+    }
+    specs.sort_by_key(|s| std::cmp::Reverse((s.created_at, s.id)));
+    let newest_first: Vec<JobId> = specs.iter().map(|s| s.id).collect();
+
+    let page1 = store.list_jobs("acme", 3, None).await.unwrap();
+    assert_eq!(page1, newest_first[..3]);
+    let page2 = store.list_jobs("acme", 3, Some(page1[2])).await.unwrap();
+    assert_eq!(page2, newest_first[3..]);
+    assert_eq!(
+        store.list_jobs("acme", 3, Some(page2[1])).await.unwrap(),
+        Vec::<JobId>::new()
+    );
+    assert_eq!(
+        store.list_jobs("acme", 0, None).await.unwrap(),
+        Vec::<JobId>::new()
+    );
+
+    let globex = store.list_jobs("globex", 10, None).await.unwrap();
+    assert_eq!(globex.len(), 2);
+    assert!(
+        globex.iter().all(|id| !newest_first.contains(id)),
+        "no other tenant's jobs"
+    );
+    assert_eq!(
+        store.list_jobs("initech", 10, None).await.unwrap(),
+        Vec::<JobId>::new()
+    );
+}
+
+async fn list_jobs_rejects_unknown_cursor(store: Store) {
+    let a = spec("acme", 10, 10, 100);
+    let b = spec("globex", 10, 10, 100);
+    store.create_job(&a).await.unwrap();
+    store.create_job(&b).await.unwrap();
+    assert!(matches!(
+        store.list_jobs("acme", 10, Some(b.id)).await,
+        Err(CommonError::Invalid(_))
+    ));
+    assert!(matches!(
+        store.list_jobs("initech", 10, Some(a.id)).await,
+        Err(CommonError::Invalid(_))
+    ));
+}
+
+async fn idempotency_key_returns_first_job(store: Store) {
+    let (first, second) = (JobId::new(), JobId::new());
+    assert_eq!(
+        store.idempotent_job("acme", "key-1", first).await.unwrap(),
+        first
+    );
+    assert_eq!(
+        store.idempotent_job("acme", "key-1", second).await.unwrap(),
+        first
+    );
+    // Keys are per tenant, and other keys are free.
+    assert_eq!(
+        store
+            .idempotent_job("globex", "key-1", second)
+            .await
+            .unwrap(),
+        second
+    );
+    assert_eq!(
+        store.idempotent_job("acme", "key-2", second).await.unwrap(),
+        second
+    );
+}
+
+async fn heartbeats_are_listed_and_expire(store: Store) {
+    let gpu = WorkerHeartbeat {
+        id: "w-gpu".into(),
+        device: "cuda:0".into(),
+        shard: Some(format!("{}/3", JobId::new())),
+        samples_per_sec: 12.5,
+        at: 1_700_000_000,
+    };
+    let cpu = WorkerHeartbeat {
+        id: "w-cpu".into(),
+        device: "cpu".into(),
+        shard: None,
+        samples_per_sec: 0.25,
+        at: 1_700_000_001,
+    };
+    store.heartbeat(&gpu.id, &gpu, 1).await.unwrap();
+    store.heartbeat(&cpu.id, &cpu, 30).await.unwrap();
+    assert_eq!(
+        store.workers().await.unwrap(),
+        vec![cpu.clone(), gpu.clone()]
+    );
+
+    // A new beat replaces the old one entirely (the shard is gone).
+    let idle = WorkerHeartbeat {
+        shard: None,
+        at: gpu.at + 1,
+        ..gpu.clone()
+    };
+    store.heartbeat(&idle.id, &idle, 1).await.unwrap();
+    assert_eq!(store.workers().await.unwrap(), vec![cpu.clone(), idle]);
+
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(store.workers().await.unwrap(), vec![cpu]);
+    assert!(matches!(
+        store.heartbeat("w", &gpu, 0).await,
+        Err(CommonError::Invalid(_))
+    ));
+}
+
+async fn rebuild_from_done_restores_counters_after_flush(store: Store) {
+    let s = spec("acme", 1003, 100, 100);
+    store.create_job(&s).await.unwrap();
+    store
+        .set_state(s.id, JobState::Running, None)
+        .await
+        .unwrap();
+    for shard in [0, 3, 10] {
+        store
+            .record_shard_done(s.id, shard, s.shard(shard).len())
+            .await
+            .unwrap();
+    }
+    let before = store.get(s.id).await.unwrap().unwrap();
+    let done = store.done_shards(s.id).await.unwrap();
+
+    store.delete_all().await.unwrap(); // Redis lost everything
+    assert_eq!(store.get(s.id).await.unwrap(), None);
+
+    // The object store lists the finished shards, in any order, maybe twice.
+    store.rebuild_from_done(&s, &[10, 0, 3, 0]).await.unwrap();
+    let after = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(after.state, JobState::Running);
+    assert_eq!((after.shards_done, after.samples_done), (3, 203));
+    assert_eq!(
+        (after.shards_done, after.samples_done),
+        (before.shards_done, before.samples_done)
+    );
+    assert_eq!(
+        (after.num_shards, after.num_samples),
+        (before.num_shards, before.num_samples)
+    );
+    assert_eq!(
+        (&after.tenant, after.created_at),
+        (&before.tenant, before.created_at)
+    );
+    assert_eq!(after.finished_at, None);
+    assert_eq!(store.done_shards(s.id).await.unwrap(), done);
+    assert_eq!(store.list_jobs("acme", 10, None).await.unwrap(), vec![s.id]);
+
+    // And redelivered shards still count once.
+    assert!(!store.record_shard_done(s.id, 3, 100).await.unwrap());
+    assert!(store.record_shard_done(s.id, 4, 100).await.unwrap());
+    assert_eq!(store.get(s.id).await.unwrap().unwrap().samples_done, 303);
+}
+
+async fn rebuild_with_every_shard_done_is_succeeded(store: Store) {
+    let s = spec("acme", 1003, 100, 100);
+    store
+        .rebuild_from_done(&s, &(0..11).collect::<Vec<u64>>())
+        .await
+        .unwrap();
+    let p = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(p.state, JobState::Succeeded);
+    assert_eq!((p.shards_done, p.samples_done), (11, 1003));
+    assert!(p.finished_at.is_some());
+    assert!(matches!(
+        store.rebuild_from_done(&s, &[11]).await,
+        Err(CommonError::Invalid(_))
+    ));
+}
+
+async fn delete_all_forgets_everything(store: Store) {
+    let s = spec("acme", 10, 10, 100);
+    store.create_job(&s).await.unwrap();
+    store.start_attempt(s.id, 0).await.unwrap();
+    store.idempotent_job("acme", "k", s.id).await.unwrap();
+    let beat = WorkerHeartbeat {
+        id: "w".into(),
+        device: "cpu".into(),
+        shard: None,
+        samples_per_sec: 1.0,
+        at: 1,
+    };
+    store.heartbeat("w", &beat, 60).await.unwrap();
+    store.delete_all().await.unwrap();
+    assert_eq!(store.get(s.id).await.unwrap(), None);
+    assert_eq!(
+        store.list_jobs("acme", 10, None).await.unwrap(),
+        Vec::<JobId>::new()
+    );
+    assert_eq!(store.workers().await.unwrap(), Vec::new());
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 1);
+    let other = JobId::new();
+    assert_eq!(
+        store.idempotent_job("acme", "k", other).await.unwrap(),
+        other
+    );
+}
+
+#[tokio::test]
+async fn redis_unreachable_is_an_error_not_a_panic() {
+    // Port 1 is never Redis; connect must give up with an error.
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        RedisProgress::connect("redis://127.0.0.1:1/", "test-unreachable"),
+    )
+    .await
+    .expect("connect gives up in time");
+    assert!(matches!(result, Err(CommonError::Progress(_))));
+}

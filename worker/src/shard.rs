@@ -1,0 +1,137 @@
+//! Sampling one shard, with the model and the protein context cached
+//! across shards.
+
+use std::path::Path;
+
+use dig_common::job::{JobSpec, ShardTask};
+use dig_model::features::{check_sequence, Features};
+use dig_model::pipeline::{sample_ensemble, InitialPoses};
+use dig_model::so3::So3Tables;
+use dig_model::structure::Ensemble;
+use dig_model::{DigModel, ProteinContext, Sampler, Schedule};
+use tch::Device;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error(transparent)]
+    Model(#[from] dig_model::ModelError),
+    #[error("shard {index} of job {job}: {message}")]
+    Invalid {
+        job: String,
+        index: u64,
+        message: String,
+    },
+}
+
+/// Cache hits and misses, for metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub model_hits: u64,
+    pub model_misses: u64,
+    pub protein_hits: u64,
+    pub protein_misses: u64,
+}
+
+struct LoadedProtein {
+    sha256: String,
+    ctx: ProteinContext,
+}
+
+/// Samples shards on one device, caching the last model and protein.
+pub struct ShardSampler {
+    device: Device,
+    batch_size: usize,
+    pair_cache_bytes: u64,
+    so3: So3Tables,
+    // The protein context borrows nothing from the model, but it is only
+    // valid for the model that made it: dropping the model drops it too.
+    model: Option<(String, DigModel)>,
+    protein: Option<LoadedProtein>,
+    pub stats: CacheStats,
+}
+
+impl ShardSampler {
+    pub fn new(device: Device, batch_size: usize, pair_cache_bytes: u64) -> Self {
+        ShardSampler {
+            device,
+            batch_size: batch_size.max(1),
+            pair_cache_bytes,
+            so3: So3Tables::compute(),
+            model: None,
+            protein: None,
+            stats: CacheStats::default(),
+        }
+    }
+
+    fn model(&mut self, model_id: &str, model_dir: &Path) -> Result<&DigModel, ShardError> {
+        if self.model.as_ref().is_some_and(|(id, _)| id == model_id) {
+            self.stats.model_hits += 1;
+        } else {
+            self.stats.model_misses += 1;
+            self.protein = None;
+            self.model = Some((
+                model_id.to_string(),
+                DigModel::load_dir(model_dir, self.device)?,
+            ));
+        }
+        Ok(&self.model.as_ref().expect("just loaded").1)
+    }
+
+    /// Samples the indices of `task` for `spec`. `model_dir` and
+    /// `features_path` are local copies of the job's model and features.
+    pub fn sample(
+        &mut self,
+        spec: &JobSpec,
+        task: &ShardTask,
+        model_dir: &Path,
+        features_path: &Path,
+    ) -> Result<Ensemble, ShardError> {
+        let invalid = |message: String| ShardError::Invalid {
+            job: spec.id.to_string(),
+            index: task.index,
+            message,
+        };
+        self.model(&spec.model, model_dir)?;
+        let (_, model) = self.model.as_ref().expect("model loaded");
+        let cfg = model.net.config().clone();
+        if self
+            .protein
+            .as_ref()
+            .is_some_and(|p| p.sha256 == spec.features_sha256)
+        {
+            self.stats.protein_hits += 1;
+        } else {
+            self.stats.protein_misses += 1;
+            self.protein = None; // free the old context before building the new one
+            let features = Features::from_npz(features_path)?;
+            features.validate(&cfg)?;
+            let ctx = model.net.prepare(
+                &features.single.to_device(self.device),
+                &features.pair.to_device(self.device),
+                self.pair_cache_bytes,
+            );
+            self.protein = Some(LoadedProtein {
+                sha256: spec.features_sha256.clone(),
+                ctx,
+            });
+        }
+        let ctx = &self.protein.as_ref().expect("protein loaded").ctx;
+        let sequence =
+            check_sequence(&spec.sequence, ctx.len()).map_err(|e| invalid(e.to_string()))?;
+        let schedule = Schedule::new(&cfg, &self.so3, spec.steps)?;
+        let sampler = Sampler::new(&model.net, schedule);
+        let init = InitialPoses::Seeded {
+            seed: spec.seed,
+            indices: (task.start..task.end).collect(),
+        };
+        Ok(sample_ensemble(
+            &sampler,
+            ctx,
+            &init,
+            self.batch_size,
+            cfg.tr_sigma_max,
+            &sequence,
+            |_| {},
+        ))
+    }
+}
