@@ -6,7 +6,9 @@
 //! per-protein cost once, and samples a shard's indices with the
 //! `(seed, index)` rule, so a shard re-run after a crash gives the same bytes.
 //!
-//! The queue consumer around it (RabbitMQ deliveries, object-store writes,
-//! Redis progress, acks) is not built yet.
+//! [`consumer::Worker`] is the queue consumer around it: take a shard, fetch
+//! the model and features once into a local cache, sample, write the shard's
+//! output at its deterministic key, record completion, then ack.
 
+pub mod consumer;
 pub mod shard;
