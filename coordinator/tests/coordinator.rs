@@ -1,0 +1,392 @@
+//! The coordinator against real RabbitMQ, Redis and SeaweedFS (S3), with
+//! simulated workers (a small dummy object per shard instead of the sampler,
+//! which would make these tests slow): the window bounds outstanding shards,
+//! a finished job gets a manifest whose digests match the objects, a failed
+//! shard fails the job, and a restarted coordinator finishes a job without
+//! losing or double-counting shards. Servers come from `scripts/services.sh`
+//! (`make test` runs it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dig_common::job::{JobId, JobSpec, JobState, Priority, ShardTask};
+use dig_common::layout::ObjectLayout;
+use dig_common::progress::{JobProgress, ProgressStore, RedisProgress};
+use dig_common::queue::{JobStream, RabbitQueue, ShardQueue, ShardStream};
+use dig_common::store::{open_store, StoreConfig, StoreKind};
+use dig_coordinator::{Coordinator, CoordinatorSettings, Manifest};
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectStore, PutPayload};
+use sha2::{Digest, Sha256};
+
+fn env(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run scripts/services.sh (make test does)"))
+}
+
+/// The real queue, remembering every shard published through it, so that
+/// tests can count outstanding shards exactly (queue depth alone misses the
+/// deliveries a consumer holds).
+struct CountingQueue {
+    inner: Arc<RabbitQueue>,
+    published: Mutex<Vec<u64>>,
+}
+
+impl CountingQueue {
+    fn published(&self) -> Vec<u64> {
+        self.published.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl ShardQueue for CountingQueue {
+    async fn publish_shard(&self, task: &ShardTask, priority: Priority) -> dig_common::Result<()> {
+        self.inner.publish_shard(task, priority).await?;
+        self.published.lock().unwrap().push(task.index);
+        Ok(())
+    }
+    async fn publish_job(&self, job: JobId) -> dig_common::Result<()> {
+        self.inner.publish_job(job).await
+    }
+    async fn park_shard(&self, task: &ShardTask, reason: &str) -> dig_common::Result<()> {
+        self.inner.park_shard(task, reason).await
+    }
+    async fn consume_shards(&self, prefetch: u16) -> dig_common::Result<ShardStream> {
+        self.inner.consume_shards(prefetch).await
+    }
+    async fn consume_jobs(&self) -> dig_common::Result<JobStream> {
+        self.inner.consume_jobs().await
+    }
+    async fn shard_queue_depth(&self) -> dig_common::Result<u64> {
+        self.inner.shard_queue_depth().await
+    }
+    async fn parked_depth(&self) -> dig_common::Result<u64> {
+        self.inner.parked_depth().await
+    }
+    async fn purge_and_delete(&self) -> dig_common::Result<()> {
+        self.inner.purge_and_delete().await
+    }
+}
+
+struct Cluster {
+    queue: Arc<CountingQueue>,
+    redis: Arc<RedisProgress>,
+    store: Arc<dyn ObjectStore>,
+    layout: ObjectLayout,
+    prefix: String,
+}
+
+async fn cluster() -> Cluster {
+    let prefix = format!("test-{}", JobId::new());
+    let store = open_store(&StoreConfig {
+        kind: StoreKind::S3,
+        s3_endpoint: Some(env("DIG_TEST_S3_ENDPOINT")),
+        s3_bucket: Some(env("DIG_TEST_S3_BUCKET")),
+        prefix: prefix.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let rabbit = RabbitQueue::connect(&env("DIG_TEST_AMQP"), &prefix)
+        .await
+        .unwrap();
+    let redis = RedisProgress::connect(&env("DIG_TEST_REDIS"), &prefix)
+        .await
+        .unwrap();
+    Cluster {
+        queue: Arc::new(CountingQueue {
+            inner: Arc::new(rabbit),
+            published: Mutex::new(Vec::new()),
+        }),
+        redis: Arc::new(redis),
+        store,
+        layout: ObjectLayout::new(&prefix),
+        prefix,
+    }
+}
+
+impl Cluster {
+    fn coordinator(&self, window: u64) -> Coordinator {
+        Coordinator::new(
+            self.queue.clone(),
+            self.store.clone(),
+            self.layout.clone(),
+            self.redis.clone(),
+            CoordinatorSettings {
+                window_per_job: window,
+                poll_interval: Duration::from_millis(50),
+            },
+        )
+    }
+
+    /// Stores a job's spec and its queued progress entry, as the api does.
+    async fn submit(&self, num_samples: u64, shard_size: u64) -> JobSpec {
+        let spec = JobSpec {
+            id: JobId::new(),
+            tenant: "lab".into(),
+            name: None,
+            sequence: "MKTAYIAKQRQISFVKSHFSRQLE".into(),
+            features_sha256: "0".repeat(64),
+            num_samples,
+            seed: 5,
+            steps: Some(10),
+            model: "dig-small".into(),
+            priority: Priority::Interactive,
+            shard_size,
+            created_at: 0,
+        };
+        let json = serde_json::to_vec(&spec).unwrap();
+        self.store
+            .put(&self.layout.job_spec(spec.id), PutPayload::from(json))
+            .await
+            .unwrap();
+        self.redis.create_job(&spec).await.unwrap();
+        spec
+    }
+
+    async fn progress(&self, job: JobId) -> JobProgress {
+        self.redis.get(job).await.unwrap().unwrap()
+    }
+
+    /// A simulated worker doing one shard: takes a delivery, writes a dummy
+    /// object, records the shard done and acks. Returns the task and whether
+    /// the done record was new.
+    async fn work_one(&self, shards: &mut ShardStream) -> (ShardTask, bool) {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), shards.next())
+            .await
+            .expect("a shard within 10 s")
+            .unwrap()
+            .unwrap();
+        let task = delivery.task;
+        self.store
+            .put(
+                &self.layout.shard(task.job, task.index),
+                PutPayload::from(dummy_shard(&task)),
+            )
+            .await
+            .unwrap();
+        let new = self
+            .redis
+            .record_shard_done(task.job, task.index, task.len())
+            .await
+            .unwrap();
+        delivery.ack().await.unwrap();
+        (task, new)
+    }
+
+    async fn manifest(&self, job: JobId) -> Option<Manifest> {
+        match self.store.get(&self.layout.manifest(job)).await {
+            Ok(o) => Some(serde_json::from_slice(&o.bytes().await.unwrap()).unwrap()),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Checks the manifest of a succeeded job against the objects.
+    async fn check_manifest(&self, spec: &JobSpec) {
+        let m = self.manifest(spec.id).await.expect("a manifest");
+        assert_eq!((m.job, m.num_samples), (spec.id, spec.num_samples));
+        assert_eq!(m.shards.len() as u64, spec.num_shards());
+        for (i, s) in m.shards.iter().enumerate() {
+            let task = spec.shard(i as u64);
+            assert_eq!(
+                (s.index, s.start, s.end),
+                (task.index, task.start, task.end)
+            );
+            let key = self.layout.shard(spec.id, s.index);
+            assert_eq!(s.key, key.as_ref());
+            let bytes = self.store.get(&key).await.unwrap().bytes().await.unwrap();
+            assert_eq!(bytes.as_ref(), dummy_shard(&task).as_slice());
+            assert_eq!(s.bytes, bytes.len() as u64);
+            assert_eq!(s.sha256, hex::encode(Sha256::digest(&bytes)));
+        }
+    }
+
+    async fn cleanup(self) {
+        self.queue.purge_and_delete().await.unwrap();
+        self.redis.delete_all().await.unwrap();
+        let prefix = object_store::path::Path::from(self.prefix.as_str());
+        let keys: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .unwrap();
+        for k in keys {
+            self.store.delete(&k).await.unwrap();
+        }
+    }
+}
+
+/// Distinct bytes per shard, so that a manifest mixing shards up shows.
+fn dummy_shard(task: &ShardTask) -> Vec<u8> {
+    format!(
+        "shard {} of {} [{}, {})\n",
+        task.index, task.job, task.start, task.end
+    )
+    .repeat(100)
+    .into_bytes()
+}
+
+fn outstanding(published: &[u64], done: &BTreeSet<u64>) -> usize {
+    published
+        .iter()
+        .collect::<BTreeSet<_>>()
+        .iter()
+        .filter(|i| !done.contains(i))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_of_three_bounds_outstanding_shards_and_the_job_gets_a_manifest() {
+    let c = cluster().await;
+    let spec = c.submit(28, 3).await; // 10 shards, the last of 1 sample
+    assert_eq!(spec.num_shards(), 10);
+    let coord = c.coordinator(3);
+    coord.resume(&[spec.id]).await.unwrap();
+    assert_eq!(c.progress(spec.id).await.state, JobState::Running);
+
+    let mut shards = c.queue.consume_shards(1).await.unwrap();
+    let mut done = BTreeSet::new();
+    for _ in 0..10 {
+        coord.tick().await;
+        // Exactly the window (or what is left) is outstanding after a tick.
+        assert_eq!(
+            outstanding(&c.queue.published(), &done),
+            3.min(10 - done.len())
+        );
+        assert!(c.queue.shard_queue_depth().await.unwrap() <= 3);
+        let (task, new) = c.work_one(&mut shards).await;
+        assert!(new, "shard {} counted twice", task.index);
+        done.insert(task.index);
+    }
+    coord.tick().await;
+
+    let published: BTreeSet<u64> = c.queue.published().into_iter().collect();
+    assert_eq!(published, (0..10).collect());
+    assert_eq!(c.queue.published().len(), 10, "no shard published twice");
+    let p = c.progress(spec.id).await;
+    assert_eq!(p.state, JobState::Succeeded);
+    assert_eq!((p.shards_done, p.samples_done), (10, 28));
+    c.check_manifest(&spec).await;
+    assert!(coord.active_jobs().await.is_empty());
+    drop(shards);
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_failed_for_good_fails_the_job_without_a_manifest() {
+    let c = cluster().await;
+    let spec = c.submit(8, 2).await; // 4 shards
+    let coord = c.coordinator(2);
+    coord.resume(&[spec.id]).await.unwrap();
+    coord.tick().await;
+    assert_eq!(c.queue.published(), vec![0, 1]);
+
+    let mut shards = c.queue.consume_shards(1).await.unwrap();
+    c.work_one(&mut shards).await; // shard 0 done
+    let delivery = tokio::time::timeout(Duration::from_secs(10), shards.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.task.index, 1);
+    // As a worker does after its last attempt.
+    c.queue.park_shard(&delivery.task, "boom").await.unwrap();
+    c.redis
+        .record_shard_failed(spec.id, 1, "boom")
+        .await
+        .unwrap();
+    delivery.ack().await.unwrap();
+
+    coord.tick().await;
+    let p = c.progress(spec.id).await;
+    assert_eq!(p.state, JobState::Failed);
+    assert_eq!(p.error.as_deref(), Some("shard 1: boom"));
+    assert!(c.manifest(spec.id).await.is_none());
+    assert!(coord.active_jobs().await.is_empty());
+    // Nothing more is published for the failed job.
+    coord.tick().await;
+    assert_eq!(c.queue.published(), vec![0, 1]);
+    assert_eq!(c.queue.shard_queue_depth().await.unwrap(), 0);
+    drop(shards);
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_finishes_the_job_with_every_shard_done_once() {
+    let c = cluster().await;
+    let spec = c.submit(12, 2).await; // 6 shards
+    let mut shards = c.queue.consume_shards(1).await.unwrap();
+    let mut counted: BTreeMap<u64, u32> = BTreeMap::new();
+
+    let first = c.coordinator(2);
+    first.resume(&[spec.id]).await.unwrap();
+    for _ in 0..2 {
+        first.tick().await;
+        let (task, new) = c.work_one(&mut shards).await;
+        *counted.entry(task.index).or_default() += u32::from(new);
+    }
+    first.tick().await;
+    // Crash mid-job with shards published and not done.
+    drop(first);
+
+    let second = c.coordinator(2);
+    second.resume(&[spec.id]).await.unwrap();
+    for _ in 0..50 {
+        second.tick().await;
+        if c.progress(spec.id).await.state.is_final() {
+            break;
+        }
+        let (task, new) = c.work_one(&mut shards).await;
+        *counted.entry(task.index).or_default() += u32::from(new);
+    }
+
+    let p = c.progress(spec.id).await;
+    assert_eq!(p.state, JobState::Succeeded);
+    assert_eq!((p.shards_done, p.samples_done), (6, 12));
+    assert_eq!(
+        c.redis.done_shards(spec.id).await.unwrap(),
+        (0..6).collect::<Vec<_>>()
+    );
+    // Republished shards ran again, but each was counted done exactly once.
+    assert_eq!(counted, (0..6).map(|i| (i, 1)).collect());
+    c.check_manifest(&spec).await;
+    drop(shards);
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_takes_jobs_off_the_jobs_queue_and_stops_on_shutdown() {
+    let c = cluster().await;
+    let spec = c.submit(5, 1).await; // 5 shards
+    let coord = Arc::new(c.coordinator(2));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn({
+        let coord = coord.clone();
+        async move { coord.run(shutdown).await }
+    });
+    c.queue.publish_job(spec.id).await.unwrap();
+
+    let mut shards = c.queue.consume_shards(1).await.unwrap();
+    for _ in 0..5 {
+        c.work_one(&mut shards).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !c.progress(spec.id).await.state.is_final() {
+        assert!(tokio::time::Instant::now() < deadline, "job did not end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.progress(spec.id).await.state, JobState::Succeeded);
+    c.check_manifest(&spec).await;
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("run stops on shutdown")
+        .unwrap();
+    drop((shards, coord));
+    c.cleanup().await;
+}
