@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! {prefix}features/{sha256}.npz          content-addressed protein features
+//! {prefix}tenants/{tenant}/features/{sha256}.json   a tenant's reference to features: {"length": L}
 //! {prefix}models/{model}/config.json     model directories
 //! {prefix}models/{model}/model.safetensors
 //! {prefix}jobs/{job}/spec.json           immutable job spec
@@ -38,6 +39,10 @@ impl ObjectLayout {
 
     pub fn features(&self, sha256: &str) -> Path {
         self.path(format!("features/{sha256}.npz"))
+    }
+    /// The marker saying that `tenant` uploaded features `sha256`.
+    pub fn tenant_features(&self, tenant: &str, sha256: &str) -> Path {
+        self.path(format!("tenants/{tenant}/features/{sha256}.json"))
     }
     pub fn model_dir(&self, model: &str) -> Path {
         self.path(format!("models/{model}"))
