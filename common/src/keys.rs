@@ -9,6 +9,8 @@
 //! {p}:job:{job}:attempts      hash: shard index -> attempts started
 //! {p}:job:{job}:failed        set of permanently failed shard indices
 //! {p}:jobs:{tenant}           sorted set of job ids by creation time
+//! {p}:unfinished              set of job ids not in a final state (all
+//!                             tenants): what a restarted coordinator resumes
 //! {p}:idem:{tenant}:{key}     Idempotency-Key -> job id
 //! {p}:worker:{id}             hash: heartbeat (device, shard, samples/s), with TTL
 //! ```
@@ -40,6 +42,9 @@ impl RedisKeys {
     }
     pub fn tenant_jobs(&self, tenant: &str) -> String {
         format!("{}:jobs:{tenant}", self.prefix)
+    }
+    pub fn unfinished(&self) -> String {
+        format!("{}:unfinished", self.prefix)
     }
     pub fn idempotency(&self, tenant: &str, key: &str) -> String {
         format!("{}:idem:{tenant}:{key}", self.prefix)

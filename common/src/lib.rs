@@ -3,6 +3,7 @@
 //! backing services behind traits with an embedded (single-process)
 //! implementation each:
 //!
+//! - [`config`]: the services' configuration (file + `DIG_*` variables);
 //! - [`job`]: `JobSpec`, `ShardTask`, states and shard planning;
 //! - [`layout`]: the one place that knows object-store keys;
 //! - [`keys`]: the one place that knows Redis keys;
@@ -10,6 +11,7 @@
 //! - [`queue`]: shard queue (RabbitMQ or in-process);
 //! - [`progress`]: job state and counters (Redis or in-memory).
 
+pub mod config;
 pub mod error;
 pub mod job;
 pub mod keys;

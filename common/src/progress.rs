@@ -132,6 +132,11 @@ pub trait ProgressStore: Send + Sync {
     /// the error start afresh (those shards will be retried).
     async fn rebuild_from_done(&self, spec: &JobSpec, done_shards: &[u64]) -> Result<()>;
 
+    /// Every job not in a final state, of all tenants, ascending: what a
+    /// (re)started coordinator must drive. A job enters the set when created
+    /// and leaves it when it reaches a final state.
+    async fn unfinished_jobs(&self) -> Result<Vec<JobId>>;
+
     /// Deletes everything of this store (every key of the prefix): for tests.
     async fn delete_all(&self) -> Result<()>;
 }
@@ -192,29 +197,34 @@ fn done_samples(spec: &JobSpec, done: &BTreeSet<u64>) -> Result<u64> {
 // ---------------------------------------------------------------------------
 
 /// Create unless present: `HSET` + `ZADD` in one step.
-/// KEYS: job, tenant_jobs. ARGV: job id, tenant, num_shards, num_samples, created_at.
+/// KEYS: job, tenant_jobs, unfinished. ARGV: job id, tenant, num_shards, num_samples, created_at.
 const CREATE_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'tenant', ARGV[2], 'num_shards', ARGV[3],
   'num_samples', ARGV[4], 'samples_done', 0, 'shards_failed', 0, 'created_at', ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
 return 1
 "#;
 
 /// The state transition, atomic so that a final state cannot be overwritten
 /// between our read and our write. The final state names come from Rust
 /// (`JobState::is_final`) so the rule lives in one place.
-/// KEYS: job. ARGV: state, is_final (0/1), now, has_error (0/1), error, final names...
+/// KEYS: job, unfinished. ARGV: state, is_final (0/1), now, has_error (0/1), error,
+/// job id, final names...
 /// Returns -1 unknown job, 0 ignored (already final), 1 done.
 const SET_STATE_LUA: &str = r#"
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return -1 end
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   if cur == ARGV[i] then return 0 end
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
 if ARGV[1] == 'running' then redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3]) end
-if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 'finished_at', ARGV[3]) end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
+  redis.call('SREM', KEYS[2], ARGV[6])
+end
 if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
 return 1
 "#;
@@ -431,6 +441,7 @@ impl ProgressStore for RedisProgress {
             .create
             .key(self.keys.job(spec.id))
             .key(self.keys.tenant_jobs(&spec.tenant))
+            .key(self.keys.unfinished())
             .arg(spec.id.to_string())
             .arg(&spec.tenant)
             .arg(spec.num_shards())
@@ -457,11 +468,13 @@ impl ProgressStore for RedisProgress {
         let mut conn = self.conn.clone();
         let mut invocation = self.scripts.set_state.key(self.keys.job(job));
         invocation
+            .key(self.keys.unfinished())
             .arg(state_name(state))
             .arg(if state.is_final() { 1 } else { 0 })
             .arg(now_secs())
             .arg(if error.is_some() { 1 } else { 0 })
-            .arg(error.unwrap_or(""));
+            .arg(error.unwrap_or(""))
+            .arg(job.to_string());
         for s in ALL_STATES.into_iter().filter(|s| s.is_final()) {
             invocation.arg(state_name(s));
         }
@@ -683,9 +696,34 @@ impl ProgressStore for RedisProgress {
             spec.created_at,
         )
         .ignore();
+        if all_done {
+            pipe.srem(self.keys.unfinished(), spec.id.to_string())
+                .ignore();
+        } else {
+            pipe.sadd(self.keys.unfinished(), spec.id.to_string())
+                .ignore();
+        }
         let mut conn = self.conn.clone();
         let () = pipe.query_async(&mut conn).await?;
         Ok(())
+    }
+
+    async fn unfinished_jobs(&self) -> Result<Vec<JobId>> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.unfinished())
+            .query_async(&mut conn)
+            .await?;
+        let mut jobs = ids
+            .iter()
+            .map(|id| {
+                id.parse().map_err(|_| {
+                    CommonError::Other(format!("bad job id {id:?} in the unfinished set"))
+                })
+            })
+            .collect::<Result<Vec<JobId>>>()?;
+        jobs.sort();
+        Ok(jobs)
     }
 
     async fn delete_all(&self) -> Result<()> {
@@ -953,6 +991,18 @@ impl ProgressStore for MemoryProgress {
             .or_default()
             .insert((spec.created_at, spec.id));
         Ok(())
+    }
+
+    async fn unfinished_jobs(&self) -> Result<Vec<JobId>> {
+        let mut jobs: Vec<JobId> = self
+            .lock()
+            .jobs
+            .iter()
+            .filter(|(_, e)| e.progress.as_ref().is_some_and(|p| !p.state.is_final()))
+            .map(|(&id, _)| id)
+            .collect();
+        jobs.sort();
+        Ok(jobs)
     }
 
     async fn delete_all(&self) -> Result<()> {

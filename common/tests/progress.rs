@@ -101,7 +101,36 @@ behaviours!(
     rebuild_from_done_restores_counters_after_flush,
     rebuild_with_every_shard_done_is_succeeded,
     delete_all_forgets_everything,
+    unfinished_jobs_are_every_tenants_jobs_not_final,
 );
+
+async fn unfinished_jobs_are_every_tenants_jobs_not_final(store: Store) {
+    let a = spec("acme", 10, 10, 100);
+    let b = spec("other", 10, 10, 101);
+    let c = spec("acme", 10, 10, 102);
+    for s in [&a, &b, &c] {
+        store.create_job(s).await.unwrap();
+    }
+    let mut all = vec![a.id, b.id, c.id];
+    all.sort();
+    assert_eq!(store.unfinished_jobs().await.unwrap(), all);
+    store.set_state(a.id, JobState::Running, None).await.unwrap();
+    store.set_state(b.id, JobState::Cancelled, None).await.unwrap();
+    store
+        .set_state(c.id, JobState::Failed, Some("x"))
+        .await
+        .unwrap();
+    assert_eq!(store.unfinished_jobs().await.unwrap(), vec![a.id]);
+    // A final job stays out even if someone tries to revive it.
+    store.set_state(b.id, JobState::Running, None).await.unwrap();
+    assert_eq!(store.unfinished_jobs().await.unwrap(), vec![a.id]);
+    // Rebuilt after a flush: in while shards are missing, out when all done.
+    store.delete_all().await.unwrap();
+    assert_eq!(store.unfinished_jobs().await.unwrap(), Vec::<JobId>::new());
+    store.rebuild_from_done(&a, &[]).await.unwrap();
+    store.rebuild_from_done(&b, &[0]).await.unwrap();
+    assert_eq!(store.unfinished_jobs().await.unwrap(), vec![a.id]);
+}
 
 async fn created_job_is_queued_with_its_spec_counters(store: Store) {
     let s = spec("acme", 1003, 100, 1_700_000_000);

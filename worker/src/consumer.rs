@@ -6,10 +6,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use dig_common::job::{JobId, JobSpec, ShardTask};
 use dig_common::layout::ObjectLayout;
-use dig_common::progress::ProgressStore;
+use dig_common::progress::{ProgressStore, WorkerHeartbeat};
 use dig_common::queue::{ShardDelivery, ShardQueue};
 use dig_common::store::FeatureStore;
 use dig_common::CommonError;
@@ -31,6 +32,8 @@ pub struct WorkerSettings {
     pub cache_dir: PathBuf,
     /// Attempts per shard before it is parked and its job fails.
     pub max_attempts: u32,
+    /// Seconds between heartbeats; a worker is listed for three of them.
+    pub heartbeat_secs: u64,
 }
 
 /// The backing services a worker talks to.
@@ -59,6 +62,16 @@ pub struct Worker {
     ctx: WorkerContext,
     settings: WorkerSettings,
     sampler: Arc<Mutex<ShardSampler>>,
+    status: Arc<Mutex<Status>>,
+}
+
+/// What the heartbeat reports.
+#[derive(Default)]
+struct Status {
+    /// `"{job}/{index}"` of the shard being sampled.
+    shard: Option<String>,
+    /// Samples per second of sampling, smoothed over recent shards.
+    samples_per_sec: f64,
 }
 
 impl Worker {
@@ -72,15 +85,70 @@ impl Worker {
             ctx,
             settings,
             sampler: Arc::new(Mutex::new(sampler)),
+            status: Arc::default(),
         }
     }
 
-    /// Consumes shards until `shutdown` turns true (checked between shards).
-    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+    /// Publishes one heartbeat now.
+    pub async fn beat(&self) -> Result<(), WorkerError> {
+        let (shard, samples_per_sec) = {
+            let st = self.status.lock().expect("status lock");
+            (st.shard.clone(), st.samples_per_sec)
+        };
+        let info = WorkerHeartbeat {
+            id: self.settings.id.clone(),
+            device: device_name(self.settings.device),
+            shard,
+            samples_per_sec,
+            at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let ttl = 3 * self.settings.heartbeat_secs.max(1);
+        self.ctx
+            .progress
+            .heartbeat(&self.settings.id, &info, ttl)
+            .await?;
+        Ok(())
+    }
+
+    /// Beats every `heartbeat_secs` until `shutdown`; errors are logged,
+    /// not fatal (Redis may be briefly away).
+    async fn heartbeats(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut every =
+            tokio::time::interval(Duration::from_secs(self.settings.heartbeat_secs.max(1)));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = every.tick() => {
+                    if let Err(e) = self.beat().await {
+                        tracing::warn!(worker = %self.settings.id, "heartbeat: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Consumes shards until `shutdown` turns true (checked between shards),
+    /// publishing heartbeats meanwhile.
+    pub async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+        let beats = self.heartbeats(shutdown.clone());
+        let consume = self.consume(shutdown);
+        tokio::pin!(beats);
+        tokio::select! {
+            // Heartbeats end only with shutdown, and so does consuming.
+            r = consume => r,
+            _ = &mut beats => Ok(()),
+        }
+    }
+
+    async fn consume(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
         let mut shards = self.ctx.queue.consume_shards(1).await?;
         loop {
             let delivery = tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                _ = stopped(&mut shutdown) => return Ok(()),
                 next = shards.next() => match next {
                     Some(Ok(d)) => d,
                     Some(Err(e)) => {
@@ -126,6 +194,9 @@ impl Worker {
         let spec = self.spec(task.job).await?;
         let model_dir = self.local_model(&spec.model).await?;
         let features = self.local_features(&spec.features_sha256).await?;
+        self.status.lock().expect("status lock").shard =
+            Some(format!("{}/{}", task.job, task.index));
+        let started = Instant::now();
         let sampler = self.sampler.clone();
         let (spec2, task2) = (spec.clone(), *task);
         let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, WorkerError> {
@@ -136,7 +207,20 @@ impl Worker {
                 .map_err(|e| WorkerError::Other(e.to_string()))
         })
         .await
-        .map_err(|e| WorkerError::Other(format!("sampling task panicked: {e}")))??;
+        .map_err(|e| WorkerError::Other(format!("sampling task panicked: {e}")));
+        {
+            let mut st = self.status.lock().expect("status lock");
+            st.shard = None;
+            if bytes.as_ref().is_ok_and(|b| b.is_ok()) {
+                let rate = task.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                st.samples_per_sec = if st.samples_per_sec == 0.0 {
+                    rate
+                } else {
+                    0.7 * st.samples_per_sec + 0.3 * rate
+                };
+            }
+        }
+        let bytes = bytes??;
         // Identical bytes on a re-run: overwriting is harmless.
         self.ctx
             .store
@@ -202,6 +286,21 @@ impl Worker {
             self.ctx.features.fetch_to(sha256, &path).await?;
         }
         Ok(path)
+    }
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone). The guard
+/// `wait_for` returns is not `Send`; it is dropped here, not held by callers.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+/// `cpu`, `cuda:0`, ...: how heartbeats name a device.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
     }
 }
 

@@ -132,6 +132,7 @@ impl Cluster {
             pair_cache_bytes: u64::MAX,
             cache_dir: self.cache.path().join(id),
             max_attempts: 3,
+            heartbeat_secs: 1,
         }
     }
 
@@ -191,6 +192,25 @@ async fn two_workers_drain_a_job_and_every_shard_lands_once_with_local_bytes() {
         assert!(
             std::time::Instant::now() < deadline,
             "job did not finish: {p:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Both workers beat (every second) and report a sampling rate once they
+    // have finished a shard; idle now, so no current shard.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let beats = c.redis.workers().await.unwrap();
+        let ids: Vec<&str> = beats.iter().map(|b| b.id.as_str()).collect();
+        let ready = ids == ["w1", "w2"]
+            && beats
+                .iter()
+                .all(|b| b.device == "cpu" && b.shard.is_none() && b.samples_per_sec > 0.0);
+        if ready {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "heartbeats incomplete: {beats:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
