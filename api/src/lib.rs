@@ -1,8 +1,26 @@
 //! The axum REST API of dig-cluster: feature uploads, job submission,
 //! progress and results.
 //!
-//! Every `/v1` route needs `Authorization: Bearer KEY` of a tenant
-//! ([`Tenants`]). Errors are JSON: `{"error": {"code", "message"}}`.
+//! Routes (`/v1` ones need `Authorization: Bearer KEY` of a tenant,
+//! [`Tenants`]; a tenant sees only its own features and jobs):
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /healthz` | liveness: `ok` |
+//! | `GET /readyz` | readiness: broker, progress store and object store each answer within [`Limits::ready_timeout`]; 503 naming the failing check otherwise |
+//! | `GET /openapi.json` | the OpenAPI 3 document of these routes (generated with utoipa, [`openapi`]) |
+//! | `POST /v1/features` | upload a features npz (streamed, validated, content-addressed) |
+//! | `GET /v1/models` | the models in the object store, with their config and weight size |
+//! | `POST /v1/jobs` | submit a job (`Idempotency-Key` honoured) |
+//! | `GET /v1/jobs` | the tenant's jobs, newest first, paged by `cursor` |
+//! | `GET /v1/jobs/{id}` | one job: state, counters, `samples_per_sec`, `eta_seconds` |
+//! | `POST /v1/jobs/{id}/cancel` | cancel a job that is not final (409 if it is) |
+//! | `GET /v1/jobs/{id}/results` | the manifest of a succeeded job |
+//! | `GET /v1/jobs/{id}/results.pdb` | the whole ensemble of a succeeded job as one multi-model PDB, streamed shard by shard |
+//! | `GET /v1/jobs/{id}/results/{shard}` | one finished shard: npz (default), or `?format=pdb` / `{shard}.pdb` as PDB |
+//!
+//! Errors are JSON: `{"error": {"code": "...", "message": "..."}}`, the
+//! message written for a person.
 //!
 //! Feature ownership: the feature file itself is content-addressed and
 //! shared (`features/{sha}.npz`); a tenant owns features it uploaded, which
@@ -14,11 +32,21 @@
 //! later step fails the spec object is deleted again; the progress store has
 //! no delete, so a failed publish leaves a queued progress entry behind
 //! (logged).
+//!
+//! PDB output (see [`pdb`]): a sample is `MODEL` (global sample index + 1),
+//! so at most 9999 samples and 9999 residues fit; beyond that the PDB routes
+//! answer 422 and the npz is the way.
 
 mod error;
+mod models;
+mod openapi;
+pub mod pdb;
+mod ready;
+mod results;
 mod tenants;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -33,13 +61,15 @@ use dig_common::layout::ObjectLayout;
 use dig_common::progress::{JobProgress, ProgressStore};
 use dig_common::queue::ShardQueue;
 use dig_common::store::{check_sha256, FeatureStore, AMINO_ACIDS};
-use futures::TryStreamExt;
 use object_store::{ObjectStore, PutMode, PutPayload};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 
 pub use error::ApiError;
+pub use openapi::openapi;
 pub use tenants::{is_valid_tenant, new_api_key, Tenants, TenantsError};
+
+use openapi::{BinarySchema, ErrorBody, FeatureRefSchema, JobStateSchema, PrioritySchema};
 
 /// Request limits and defaults.
 #[derive(Debug, Clone)]
@@ -53,6 +83,8 @@ pub struct Limits {
     pub default_steps: u64,
     pub default_page: usize,
     pub max_page: usize,
+    /// How long each `/readyz` check may take before it counts as failed.
+    pub ready_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -65,6 +97,7 @@ impl Default for Limits {
             default_steps: 500,
             default_page: 50,
             max_page: 500,
+            ready_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -83,19 +116,36 @@ pub struct ApiState {
 type Shared = Arc<ApiState>;
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The service's routes.
+/// The service's routes. Every route here is in the OpenAPI document
+/// ([`openapi`]); add new ones to both.
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(ready::readyz))
+        .route("/openapi.json", get(openapi::openapi_json))
         .route(
             "/v1/features",
             post(upload_features).layer(DefaultBodyLimit::disable()),
         )
+        .route("/v1/models", get(models::list_models))
         .route("/v1/jobs", post(submit_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
-        .route("/v1/jobs/{id}/results", get(get_results))
-        .route("/v1/jobs/{id}/results/{shard}", get(get_shard))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/results", get(results::get_results))
+        .route("/v1/jobs/{id}/results.pdb", get(results::get_results_pdb))
+        .route("/v1/jobs/{id}/results/{shard}", get(results::get_shard))
         .with_state(Arc::new(state))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "service",
+    responses((status = 200, description = "The process is alive", body = String, content_type = "text/plain", example = "ok"))
+)]
+async fn healthz() -> &'static str {
+    "ok"
 }
 
 #[derive(Serialize, Deserialize)]
@@ -129,6 +179,21 @@ impl FromRequestParts<Shared> for Tenant {
 
 // ---------------------------------------------------------------- features
 
+/// Uploads protein features (an npz with `single`, `pair` and `sequence`).
+#[utoipa::path(
+    post,
+    path = "/v1/features",
+    tag = "features",
+    request_body(content = inline(BinarySchema), content_type = "application/octet-stream", description = "The features npz"),
+    responses(
+        (status = 201, description = "Stored (new for this tenant)", body = FeatureRefSchema),
+        (status = 200, description = "This tenant had uploaded the same bytes before", body = FeatureRefSchema),
+        (status = 400, description = "Not valid features; the message says why", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 413, description = "Larger than the upload limit", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn upload_features(
     State(st): State<Shared>,
     Tenant(tenant): Tenant,
@@ -196,17 +261,30 @@ async fn owned_features(st: &ApiState, tenant: &str, sha: &str) -> ApiResult<u64
 
 // ---------------------------------------------------------------- jobs
 
-#[derive(Deserialize)]
+/// A job request.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SubmitJob {
+    /// A name for people, at most 200 characters.
     name: Option<String>,
+    /// One-letter amino-acid codes (`ACDEFGHIKLMNPQRSTVWYX`), as long as the features.
     sequence: String,
+    /// The features, uploaded by this tenant with `POST /v1/features`.
     features_sha256: String,
+    /// How many samples to draw.
+    #[schema(minimum = 1)]
     num_samples: u64,
+    /// The RNG seed; random when absent.
     seed: Option<u64>,
+    /// Sampler steps; the model's own number when absent.
+    #[schema(minimum = 1)]
     steps: Option<i64>,
+    /// A model listed by `GET /v1/models`; the service's default when absent.
     model: Option<String>,
+    #[schema(value_type = Option<PrioritySchema>)]
     priority: Option<Priority>,
+    /// Samples per shard; sized from the protein and the steps when absent.
+    #[schema(minimum = 1)]
     shard_size: Option<u64>,
 }
 
@@ -218,23 +296,127 @@ fn is_valid_model_name(m: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn links(id: JobId) -> serde_json::Value {
-    json!({"self": format!("/v1/jobs/{id}"), "results": format!("/v1/jobs/{id}/results")})
+/// Where to find a job and its results.
+#[derive(Serialize, ToSchema)]
+struct JobLinks {
+    #[serde(rename = "self")]
+    #[schema(rename = "self")]
+    this: String,
+    results: String,
 }
 
-fn job_view(id: JobId, p: &JobProgress) -> serde_json::Value {
-    json!({
-        "id": id,
-        "state": p.state,
-        "num_samples": p.num_samples,
-        "samples_done": p.samples_done,
-        "shards": {"done": p.shards_done, "failed": p.shards_failed, "total": p.num_shards},
-        "error": p.error,
-        "created_at": p.created_at,
-        "started_at": p.started_at,
-        "finished_at": p.finished_at,
-        "links": links(id),
-    })
+fn links(id: JobId) -> JobLinks {
+    JobLinks {
+        this: format!("/v1/jobs/{id}"),
+        results: format!("/v1/jobs/{id}/results"),
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+struct ShardCounts {
+    done: u64,
+    failed: u64,
+    total: u64,
+}
+
+/// A job as clients see it.
+#[derive(Serialize, ToSchema)]
+struct JobView {
+    #[schema(value_type = String, format = Uuid)]
+    id: JobId,
+    #[schema(value_type = JobStateSchema)]
+    state: JobState,
+    num_samples: u64,
+    samples_done: u64,
+    shards: ShardCounts,
+    /// The first failure, e.g. `"shard 3: reason"`.
+    error: Option<String>,
+    /// Unix seconds.
+    created_at: u64,
+    /// Unix seconds of the switch to running.
+    started_at: Option<u64>,
+    /// Unix seconds of the switch to a final state.
+    finished_at: Option<u64>,
+    /// `samples_done` over the seconds since `started_at` (until
+    /// `finished_at` once final); null before the start or when no whole
+    /// second has passed.
+    samples_per_sec: Option<f64>,
+    /// Remaining samples over `samples_per_sec`, rounded up; 0 once final,
+    /// null while the rate is unknown or zero.
+    eta_seconds: Option<u64>,
+    links: JobLinks,
+}
+
+/// The answer to an accepted submission.
+#[derive(Serialize, ToSchema)]
+struct SubmittedJob {
+    #[schema(value_type = String, format = Uuid)]
+    id: JobId,
+    #[schema(value_type = JobStateSchema)]
+    state: JobState,
+    links: JobLinks,
+}
+
+/// A page of jobs.
+#[derive(Serialize, ToSchema)]
+struct JobList {
+    jobs: Vec<JobView>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    #[schema(value_type = Option<String>, format = Uuid)]
+    next_cursor: Option<JobId>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `(samples_per_sec, eta_seconds)` of a job at Unix second `now`.
+fn throughput(p: &JobProgress, now: u64) -> (Option<f64>, Option<u64>) {
+    let end = if p.state.is_final() {
+        p.finished_at
+    } else {
+        Some(now)
+    };
+    let rate = match (p.started_at, end) {
+        (Some(start), Some(end)) if end > start => {
+            Some(p.samples_done as f64 / (end - start) as f64)
+        }
+        _ => None,
+    };
+    let eta = if p.state.is_final() {
+        Some(0)
+    } else {
+        rate.filter(|r| *r > 0.0).map(|r| {
+            let remaining = p.num_samples.saturating_sub(p.samples_done);
+            (remaining as f64 / r).ceil() as u64
+        })
+    };
+    (rate, eta)
+}
+
+fn job_view(id: JobId, p: &JobProgress) -> JobView {
+    let (samples_per_sec, eta_seconds) = throughput(p, now_secs());
+    JobView {
+        id,
+        state: p.state,
+        num_samples: p.num_samples,
+        samples_done: p.samples_done,
+        shards: ShardCounts {
+            done: p.shards_done,
+            failed: p.shards_failed,
+            total: p.num_shards,
+        },
+        error: p.error.clone(),
+        created_at: p.created_at,
+        started_at: p.started_at,
+        finished_at: p.finished_at,
+        samples_per_sec,
+        eta_seconds,
+        links: links(id),
+    }
 }
 
 /// Checks a submission against the limits and the store; the spec to run.
@@ -322,13 +504,28 @@ async fn validate(st: &ApiState, tenant: &str, req: SubmitJob) -> ApiResult<JobS
         shard_size: req
             .shard_size
             .unwrap_or_else(|| default_shard_size(length, steps_for_size)),
-        created_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_at: now_secs(),
     })
 }
 
+/// Submits a job. With `Idempotency-Key`, a repeated request answers the
+/// job of the first one (200) instead of creating another.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    request_body = SubmitJob,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; repeats of a request answer the first one's job")),
+    responses(
+        (status = 202, description = "Accepted and queued", body = SubmittedJob),
+        (status = 200, description = "The job of an earlier request with the same Idempotency-Key", body = JobView),
+        (status = 400, description = "Invalid request; the message names the field", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "Features not uploaded by this tenant", body = ErrorBody),
+        (status = 409, description = "The Idempotency-Key belongs to an unfinished or failed submission", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn submit_job(
     State(st): State<Shared>,
     Tenant(tenant): Tenant,
@@ -372,7 +569,11 @@ async fn submit_job(
         }
     }
     create_job(&st, &spec).await?;
-    let body = json!({"id": id, "state": JobState::Queued, "links": links(id)});
+    let body = SubmittedJob {
+        id,
+        state: JobState::Queued,
+        links: links(id),
+    };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
@@ -414,26 +615,112 @@ async fn owned_job(st: &ApiState, tenant: &str, id: &str) -> ApiResult<(JobId, J
     }
 }
 
+/// One of the tenant's jobs.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, format = Uuid, description = "The job id")),
+    responses(
+        (status = 200, description = "The job", body = JobView),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn get_job(
     State(st): State<Shared>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<JobView>> {
     let (job, p) = owned_job(&st, &tenant, &id).await?;
     Ok(Json(job_view(job, &p)))
 }
 
-#[derive(Deserialize)]
+fn already_final(job: JobId, state: JobState) -> ApiError {
+    let what = match state {
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "been cancelled",
+        // Not final: not reached; worded anyway.
+        JobState::Queued => "been queued",
+        JobState::Running => "started",
+    };
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "already_final",
+        format!("job {job} has already {what}; only a queued or running job can be cancelled"),
+    )
+}
+
+/// Cancels a job that is queued or running: its state becomes `cancelled`
+/// and no further shards are published; shards already running finish.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    tag = "jobs",
+    params(("id" = String, Path, format = Uuid, description = "The job id")),
+    responses(
+        (status = 200, description = "Cancelled; the job as it is now", body = JobView),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant", body = ErrorBody),
+        (status = 409, description = "The job is already final (code `already_final`)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn cancel_job(
+    State(st): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
+    let (job, p) = owned_job(&st, &tenant, &id).await?;
+    if p.state.is_final() {
+        return Err(already_final(job, p.state));
+    }
+    st.progress
+        .set_state(job, JobState::Cancelled, None)
+        .await?;
+    // A final state is terminal: if the job finished in the meantime, the
+    // call above changed nothing, and the answer says what did happen.
+    let p = st
+        .progress
+        .get(job)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+    if p.state != JobState::Cancelled {
+        return Err(already_final(job, p.state));
+    }
+    tracing::info!(%job, %tenant, "job cancelled");
+    Ok(Json(job_view(job, &p)))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Page size (default 50, at most 500 unless configured otherwise).
     limit: Option<usize>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// The tenant's jobs, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of jobs", body = JobList),
+        (status = 400, description = "Invalid limit or cursor", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn list_jobs(
     State(st): State<Shared>,
     Tenant(tenant): Tenant,
     Query(q): Query<ListQuery>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<JobList>> {
     let limit = q.limit.unwrap_or(st.limits.default_page);
     if !(1..=st.limits.max_page).contains(&limit) {
         return Err(ApiError::invalid(format!(
@@ -460,58 +747,55 @@ async fn list_jobs(
     } else {
         None
     };
-    Ok(Json(json!({"jobs": jobs, "next_cursor": next})))
+    Ok(Json(JobList {
+        jobs,
+        next_cursor: next,
+    }))
 }
 
-async fn get_results(
-    State(st): State<Shared>,
-    Tenant(tenant): Tenant,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
-    let (job, p) = owned_job(&st, &tenant, &id).await?;
-    if p.state != JobState::Succeeded {
-        return Err(ApiError::not_found("job has not succeeded yet"));
-    }
-    let bytes = st
-        .store
-        .get(&st.layout.manifest(job))
-        .await
-        .map_err(ApiError::internal)?
-        .bytes()
-        .await
-        .map_err(ApiError::internal)?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-async fn get_shard(
-    State(st): State<Shared>,
-    Tenant(tenant): Tenant,
-    Path((id, shard)): Path<(String, String)>,
-) -> ApiResult<Response> {
-    let (job, p) = owned_job(&st, &tenant, &id).await?;
-    let index: u64 = shard
-        .trim_end_matches(".npz")
-        .parse()
-        .ok()
-        .filter(|i| *i < p.num_shards)
-        .ok_or_else(|| ApiError::not_found(format!("job {job} has no shard {shard}")))?;
-    let result = match st.store.get(&st.layout.shard(job, index)).await {
-        Ok(r) => r,
-        Err(object_store::Error::NotFound { .. }) => {
-            return Err(ApiError::not_found(format!(
-                "shard {index} of job {job} is not done yet"
-            )))
+    fn progress(
+        state: JobState,
+        done: u64,
+        started: Option<u64>,
+        finished: Option<u64>,
+    ) -> JobProgress {
+        JobProgress {
+            state,
+            tenant: "t".into(),
+            num_shards: 10,
+            num_samples: 100,
+            shards_done: done / 10,
+            samples_done: done,
+            shards_failed: 0,
+            error: None,
+            created_at: 900,
+            started_at: started,
+            finished_at: finished,
         }
-        Err(e) => return Err(ApiError::internal(e)),
-    };
-    let size = result.meta.size;
-    let stream = result.into_stream().map_err(std::io::Error::other);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, size.to_string()),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    }
+
+    #[test]
+    fn throughput_and_eta() {
+        // Not started: nothing known.
+        let p = progress(JobState::Queued, 0, None, None);
+        assert_eq!(throughput(&p, 1000), (None, None));
+        // Started this second: no rate yet.
+        let p = progress(JobState::Running, 0, Some(1000), None);
+        assert_eq!(throughput(&p, 1000), (None, None));
+        // Running, nothing done: rate 0, eta unknown.
+        assert_eq!(throughput(&p, 1010), (Some(0.0), None));
+        // 30 in 20 s: 1.5/s, 70 left: 46.67 s, rounded up.
+        let p = progress(JobState::Running, 30, Some(1000), None);
+        assert_eq!(throughput(&p, 1020), (Some(1.5), Some(47)));
+        // Final: measured to finished_at, whatever now is.
+        let p = progress(JobState::Succeeded, 100, Some(1000), Some(1040));
+        assert_eq!(throughput(&p, 5000), (Some(2.5), Some(0)));
+        // Cancelled before it started.
+        let p = progress(JobState::Cancelled, 0, None, Some(1040));
+        assert_eq!(throughput(&p, 5000), (None, Some(0)));
+    }
 }

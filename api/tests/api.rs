@@ -2,8 +2,9 @@
 //! its own `test-{uuid}` prefix, cleaned up at the end. Servers come from
 //! `scripts/services.sh` (`make test` runs it).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -14,6 +15,11 @@ use dig_common::layout::ObjectLayout;
 use dig_common::progress::{ProgressStore, RedisProgress};
 use dig_common::queue::{JobStream, RabbitQueue, ShardQueue};
 use dig_common::store::{open_store, FeatureStore, StoreConfig, StoreKind};
+use dig_model::features::Features;
+use dig_model::pipeline::{sample_ensemble, InitialPoses};
+use dig_model::so3::So3Tables;
+use dig_model::structure::Ensemble;
+use dig_model::{DigModel, Sampler, Schedule};
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStore, PutPayload};
 use serde_json::{json, Value};
@@ -41,10 +47,15 @@ struct Ctx {
 }
 
 async fn ctx() -> Ctx {
-    ctx_with_limit(64 << 20).await
+    ctx_with(64 << 20, |_| {}).await
 }
 
 async fn ctx_with_limit(max_bytes: u64) -> Ctx {
+    ctx_with(max_bytes, |_| {}).await
+}
+
+/// A test context whose state `tweak` may change before the router is built.
+async fn ctx_with(max_bytes: u64, tweak: impl FnOnce(&mut ApiState)) -> Ctx {
     let prefix = format!("test-{}", JobId::new());
     let store = open_store(&StoreConfig {
         kind: StoreKind::S3,
@@ -93,7 +104,7 @@ async fn ctx_with_limit(max_bytes: u64) -> Ctx {
         format!("# test tenants\nlab-a {sha_a}\n\nlab-b {sha_b}\n"),
     )
     .unwrap();
-    let state = ApiState {
+    let mut state = ApiState {
         queue: queue.clone(),
         store: store.clone(),
         layout: layout.clone(),
@@ -105,6 +116,7 @@ async fn ctx_with_limit(max_bytes: u64) -> Ctx {
             ..Limits::default()
         },
     };
+    tweak(&mut state);
     Ctx {
         app: router(state),
         queue,
@@ -180,6 +192,59 @@ impl Ctx {
             Body::from(body.to_string()),
         )
         .await
+    }
+
+    /// Status, content type and the body, which may end in an error (a
+    /// streamed response aborted mid-way).
+    async fn fetch(
+        &self,
+        uri: &str,
+        key: Option<&str>,
+    ) -> (StatusCode, String, Result<Vec<u8>, String>) {
+        let mut req = Request::builder().method("GET").uri(uri);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let resp = self
+            .app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| e.to_string());
+        (status, ctype, body)
+    }
+
+    /// Submits a job of tenant A through the API; its stored spec.
+    async fn submitted(&self, num_samples: u64, shard_size: u64) -> JobSpec {
+        let (_, f) = self.upload(&self.key_a).await;
+        let mut body = valid_job();
+        body["features_sha256"] = f["sha256"].clone();
+        body["num_samples"] = json!(num_samples);
+        body["shard_size"] = json!(shard_size);
+        let (s, v) = self.submit(&self.key_a, &body, None).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        let id: JobId = v["id"].as_str().unwrap().parse().unwrap();
+        serde_json::from_slice(
+            &self
+                .store
+                .get(&self.layout.job_spec(id))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap(),
+        )
+        .unwrap()
     }
 
     async fn keys_under(&self, dir: &str) -> Vec<String> {
@@ -497,5 +562,617 @@ async fn results_of_a_succeeded_job() {
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------- readiness
+
+#[tokio::test]
+async fn readyz_is_ready_when_every_dependency_answers() {
+    let c = ctx().await;
+    let (s, v) = c.json("GET", "/readyz", None, &[], Body::empty()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v,
+        json!({"status": "ready", "checks": {"queue": "ok", "progress": "ok", "store": "ok"}})
+    );
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn readyz_names_a_failing_dependency() {
+    // A local store whose directory is replaced by a file: every request fails at once.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let broken = open_store(&StoreConfig {
+        kind: StoreKind::Local,
+        local_dir: Some(root.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::remove_dir(&root).unwrap();
+    std::fs::write(&root, b"not a directory").unwrap();
+    let c = ctx_with(64 << 20, |st| st.store = broken).await;
+    let (s, v) = c.json("GET", "/readyz", None, &[], Body::empty()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["status"], "unavailable");
+    assert_eq!(
+        (&v["checks"]["queue"], &v["checks"]["progress"]),
+        (&json!("ok"), &json!("ok"))
+    );
+    let store = v["checks"]["store"].as_str().unwrap();
+    assert!(store.contains("Not a directory"), "{v}");
+    assert_eq!(v["error"]["code"], "not_ready");
+    assert_eq!(message(&v), format!("not ready: store: {store}"));
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn readyz_does_not_hang_on_a_hung_dependency() {
+    // An "S3 server" that accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    let hung = open_store(&StoreConfig {
+        kind: StoreKind::S3,
+        s3_endpoint: Some(format!("http://{addr}")),
+        s3_bucket: Some("hung".into()),
+        prefix: "p".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let c = ctx_with(64 << 20, |st| {
+        st.store = hung;
+        st.limits.ready_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let t0 = Instant::now();
+    let (s, v) = c.json("GET", "/readyz", None, &[], Body::empty()).await;
+    let took = t0.elapsed();
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert_eq!(
+        v["checks"],
+        json!({"queue": "ok", "progress": "ok", "store": "no answer within 500 ms"})
+    );
+    assert_eq!(message(&v), "not ready: store: no answer within 500 ms");
+    server.abort();
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------- OpenAPI
+
+/// Every route the router serves, with its methods.
+const ROUTES: &[(&str, &[&str])] = &[
+    ("/healthz", &["get"]),
+    ("/readyz", &["get"]),
+    ("/openapi.json", &["get"]),
+    ("/v1/features", &["post"]),
+    ("/v1/models", &["get"]),
+    ("/v1/jobs", &["get", "post"]),
+    ("/v1/jobs/{id}", &["get"]),
+    ("/v1/jobs/{id}/cancel", &["post"]),
+    ("/v1/jobs/{id}/results", &["get"]),
+    ("/v1/jobs/{id}/results.pdb", &["get"]),
+    ("/v1/jobs/{id}/results/{shard}", &["get"]),
+];
+
+#[tokio::test]
+async fn openapi_document_lists_every_route() {
+    let c = ctx().await;
+    let (s, doc) = c
+        .json("GET", "/openapi.json", None, &[], Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3."),
+        "{}",
+        doc["openapi"]
+    );
+    let paths = doc["paths"].as_object().unwrap();
+    let documented: BTreeSet<&str> = paths.keys().map(String::as_str).collect();
+    let served: BTreeSet<&str> = ROUTES.iter().map(|(p, _)| *p).collect();
+    assert_eq!(documented, served);
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"],
+        json!({"type": "http", "scheme": "bearer", "description": "A tenant's API key"})
+    );
+    for (path, methods) in ROUTES {
+        let item = paths[*path].as_object().unwrap();
+        let listed: BTreeSet<&str> = item.keys().map(String::as_str).collect();
+        assert_eq!(listed, methods.iter().copied().collect(), "{path}");
+        for m in *methods {
+            let security = &item[*m]["security"];
+            if path.starts_with("/v1/") {
+                assert_eq!(security, &json!([{"bearer": []}]), "{m} {path}");
+            } else {
+                assert!(security.is_null(), "{m} {path}: {security}");
+            }
+            // The router serves it: a handler's answer, not the router's
+            // empty 404 or 405.
+            let uri = path
+                .replace("{id}", &JobId::new().to_string())
+                .replace("{shard}", "0");
+            let (status, body) = c
+                .call(&m.to_uppercase(), &uri, Some(&c.key_a), &[], Body::empty())
+                .await;
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{m} {uri}");
+            assert!(
+                status != StatusCode::NOT_FOUND || !body.is_empty(),
+                "{m} {uri} is not routed"
+            );
+        }
+    }
+    let job = &doc["components"]["schemas"]["JobView"]["properties"];
+    for field in ["state", "samples_per_sec", "eta_seconds", "links"] {
+        assert!(job[field].is_object(), "JobView.{field}: {job}");
+    }
+    let states = &doc["components"]["schemas"]["JobState"]["enum"];
+    assert_eq!(
+        states,
+        &json!(["queued", "running", "succeeded", "failed", "cancelled"])
+    );
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------- models
+
+#[tokio::test]
+async fn models_are_listed_with_config_and_weight_size() {
+    let c = ctx().await;
+    let cfg = json!({"d_model": 8, "note": "config only"});
+    c.store
+        .put(
+            &c.layout.model_file("alpha", "config.json"),
+            PutPayload::from(cfg.to_string().into_bytes()),
+        )
+        .await
+        .unwrap();
+    // Weights without a config: not a model.
+    c.store
+        .put(
+            &c.layout.model_file("zeta", "model.safetensors"),
+            PutPayload::from(vec![0u8; 10]),
+        )
+        .await
+        .unwrap();
+    let (s, v) = c.json("GET", "/v1/models", None, &[], Body::empty()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    let (s, v) = c
+        .json("GET", "/v1/models", Some(&c.key_b), &[], Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let fixture: Value =
+        serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/config.json")).unwrap()).unwrap();
+    let weights = std::fs::metadata(format!("{FIXTURES}/model.safetensors"))
+        .unwrap()
+        .len();
+    assert_eq!(
+        v,
+        json!({"models": [
+            {"id": "alpha", "config": cfg, "bytes": null},
+            {"id": "dig-small", "config": fixture, "bytes": weights},
+        ]})
+    );
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------- job view
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn job_view_reports_throughput_and_eta() {
+    let c = ctx().await;
+    let spec = c.submitted(10, 4).await;
+    let id = spec.id;
+    let uri = format!("/v1/jobs/{id}");
+    let (_, v) = c
+        .json("GET", &uri, Some(&c.key_a), &[], Body::empty())
+        .await;
+    assert_eq!(
+        (&v["samples_per_sec"], &v["eta_seconds"]),
+        (&Value::Null, &Value::Null)
+    );
+
+    c.redis
+        .set_state(id, JobState::Running, None)
+        .await
+        .unwrap();
+    assert!(c.redis.record_shard_done(id, 0, 4).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = now_secs();
+    let (s, v) = c
+        .json("GET", &uri, Some(&c.key_a), &[], Body::empty())
+        .await;
+    let after = now_secs();
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let started = v["started_at"].as_u64().unwrap();
+    let rate = v["samples_per_sec"].as_f64().unwrap();
+    // 4 samples over the whole seconds since the start, as of the request.
+    let possible: Vec<f64> = (before..=after)
+        .map(|now| 4.0 / (now - started) as f64)
+        .collect();
+    assert!(possible.contains(&rate), "{rate} not in {possible:?}");
+    assert_eq!(v["eta_seconds"], json!((6.0 / rate).ceil() as u64), "{v}");
+    // The list shows the same view.
+    let (_, list) = c
+        .json("GET", "/v1/jobs", Some(&c.key_a), &[], Body::empty())
+        .await;
+    assert!(list["jobs"][0]["samples_per_sec"].is_f64(), "{list}");
+
+    assert!(c.redis.record_shard_done(id, 1, 4).await.unwrap());
+    assert!(c.redis.record_shard_done(id, 2, 2).await.unwrap());
+    c.redis
+        .set_state(id, JobState::Succeeded, None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, v) = c
+        .json("GET", &uri, Some(&c.key_a), &[], Body::empty())
+        .await;
+    let finished = v["finished_at"].as_u64().unwrap();
+    assert!(finished > started, "{v}");
+    // Final: measured up to finished_at, not to now.
+    assert_eq!(
+        v["samples_per_sec"],
+        json!(10.0 / (finished - started) as f64)
+    );
+    assert_eq!(v["eta_seconds"], 0);
+    assert_eq!(v["samples_done"], 10);
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------- cancel
+
+#[tokio::test]
+async fn cancel_stops_a_job_once() {
+    let c = ctx().await;
+    let queued = c.submitted(10, 4).await.id;
+    let running = c.submitted(10, 4).await.id;
+    c.redis
+        .set_state(running, JobState::Running, None)
+        .await
+        .unwrap();
+    let cancel = |id: JobId| format!("/v1/jobs/{id}/cancel");
+
+    let (s, _) = c
+        .json("POST", &cancel(queued), None, &[], Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, v) = c
+        .json("POST", &cancel(queued), Some(&c.key_b), &[], Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(message(&v), format!("job {queued} not found"));
+    let (s, _) = c
+        .json(
+            "POST",
+            &cancel(JobId::new()),
+            Some(&c.key_a),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    for id in [queued, running] {
+        let (s, v) = c
+            .json("POST", &cancel(id), Some(&c.key_a), &[], Body::empty())
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["id"], id.to_string());
+        assert_eq!(v["state"], "cancelled");
+        assert_eq!(v["eta_seconds"], 0);
+        assert!(v["finished_at"].is_u64(), "{v}");
+        assert_eq!(
+            c.redis.get(id).await.unwrap().unwrap().state,
+            JobState::Cancelled
+        );
+    }
+    let (s, v) = c
+        .json("POST", &cancel(queued), Some(&c.key_a), &[], Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["error"]["code"], "already_final");
+    assert!(
+        message(&v).starts_with(&format!("job {queued} has already been cancelled")),
+        "{v}"
+    );
+
+    let done = c.submitted(10, 4).await.id;
+    c.redis
+        .set_state(done, JobState::Succeeded, None)
+        .await
+        .unwrap();
+    let (s, v) = c
+        .json("POST", &cancel(done), Some(&c.key_a), &[], Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(
+        message(&v).starts_with(&format!("job {done} has already succeeded")),
+        "{v}"
+    );
+    assert_eq!(
+        c.redis.get(done).await.unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------- PDB results
+
+/// Samples every shard of `spec` with the fixture model, as a worker would.
+fn sample_shards(spec: &JobSpec) -> Vec<Ensemble> {
+    let dir = std::path::Path::new(FIXTURES);
+    let model = DigModel::load_dir(dir, tch::Device::Cpu).unwrap();
+    let cfg = model.net.config().clone();
+    let features = Features::from_npz(&dir.join("features.npz")).unwrap();
+    let ctx = model.net.prepare(&features.single, &features.pair, 1 << 30);
+    let so3 = So3Tables::compute();
+    let sampler = Sampler::new(&model.net, Schedule::new(&cfg, &so3, spec.steps).unwrap());
+    (0..spec.num_shards())
+        .map(|i| {
+            let task = spec.shard(i);
+            let init = InitialPoses::Seeded {
+                seed: spec.seed,
+                indices: (task.start..task.end).collect(),
+            };
+            sample_ensemble(
+                &sampler,
+                &ctx,
+                &init,
+                4,
+                cfg.tr_sigma_max,
+                &spec.sequence,
+                |_| {},
+            )
+        })
+        .collect()
+}
+
+/// MODEL numbers and ATOM coordinates of a PDB text, by model.
+fn parse_pdb(text: &str) -> Vec<(u64, Vec<[f32; 3]>)> {
+    let mut models: Vec<(u64, Vec<[f32; 3]>)> = Vec::new();
+    for line in text.lines() {
+        assert_eq!(line.len(), 80, "{line:?}");
+        if line.starts_with("MODEL ") {
+            models.push((line[10..14].trim().parse().unwrap(), Vec::new()));
+        } else if line.starts_with("ATOM  ") {
+            let xyz = [30, 38, 46].map(|c| line[c..c + 8].trim().parse::<f32>().unwrap());
+            models.last_mut().unwrap().1.push(xyz);
+        }
+    }
+    models
+}
+
+#[tokio::test]
+async fn pdb_results_of_a_succeeded_job() {
+    let c = ctx().await;
+    let spec = c.submitted(10, 4).await;
+    let id = spec.id;
+    let shards = {
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || sample_shards(&spec))
+            .await
+            .unwrap()
+    };
+    assert_eq!(shards.len(), 3);
+    c.redis
+        .set_state(id, JobState::Running, None)
+        .await
+        .unwrap();
+    for (i, e) in shards.iter().enumerate() {
+        c.store
+            .put(
+                &c.layout.shard(id, i as u64),
+                PutPayload::from(e.npz_bytes().unwrap()),
+            )
+            .await
+            .unwrap();
+        c.redis
+            .record_shard_done(id, i as u64, e.num_samples() as u64)
+            .await
+            .unwrap();
+    }
+
+    // A shard as PDB while the job still runs; the suffix and the query agree.
+    let (s, ctype, pdb1) = c
+        .fetch(
+            &format!("/v1/jobs/{id}/results/1?format=pdb"),
+            Some(&c.key_a),
+        )
+        .await;
+    let pdb1 = String::from_utf8(pdb1.unwrap()).unwrap();
+    assert_eq!(
+        (s, ctype.as_str()),
+        (StatusCode::OK, "chemical/x-pdb"),
+        "{pdb1}"
+    );
+    let (_, _, again) = c
+        .fetch(&format!("/v1/jobs/{id}/results/1.pdb"), Some(&c.key_a))
+        .await;
+    assert_eq!(again.unwrap(), pdb1.as_bytes());
+    // The coordinates are those of the npz the API serves, read by the model crate.
+    let (_, _, npz) = c
+        .fetch(&format!("/v1/jobs/{id}/results/1"), Some(&c.key_a))
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let npz_path = tmp.path().join("1.npz");
+    std::fs::write(&npz_path, npz.unwrap()).unwrap();
+    let from_npz = Ensemble::read_npz(&npz_path, spec.sequence.clone()).unwrap();
+    assert_eq!(from_npz.sample_index, vec![4, 5, 6, 7]);
+    let models = parse_pdb(&pdb1);
+    assert_eq!(
+        models.iter().map(|m| m.0).collect::<Vec<_>>(),
+        vec![5, 6, 7, 8]
+    );
+    for (k, (_, atoms)) in models.iter().enumerate() {
+        let expected: Vec<[f32; 3]> = from_npz.backbone(k).into_iter().flatten().collect();
+        assert_eq!(atoms.len(), 3 * SEQUENCE.len());
+        for (a, e) in atoms.iter().zip(&expected) {
+            for d in 0..3 {
+                assert!((a[d] - e[d]).abs() <= 5.1e-4, "model {k}: {a:?} vs {e:?}");
+            }
+        }
+    }
+    assert!(pdb1.starts_with(&format!(
+        "{:<80}\n",
+        "REMARK   1 DIG MODEL    5 SAMPLE_INDEX 4"
+    )));
+    assert!(pdb1.ends_with(&format!("{:<80}\n{:<80}\n", "ENDMDL", "END")));
+
+    // The whole job: not before it succeeded.
+    let uri = format!("/v1/jobs/{id}/results.pdb");
+    let (s, _, b) = c.fetch(&uri, Some(&c.key_a)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(String::from_utf8(b.unwrap())
+        .unwrap()
+        .contains("not succeeded"));
+    c.redis
+        .set_state(id, JobState::Succeeded, None)
+        .await
+        .unwrap();
+    let (s, ctype, all) = c.fetch(&uri, Some(&c.key_a)).await;
+    let all = String::from_utf8(all.unwrap()).unwrap();
+    assert_eq!(
+        (s, ctype.as_str()),
+        (StatusCode::OK, "chemical/x-pdb"),
+        "{all}"
+    );
+    let models = parse_pdb(&all);
+    assert_eq!(
+        models.iter().map(|m| m.0).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<u64>>()
+    );
+    assert_eq!(all.lines().filter(|l| l.trim_end() == "END").count(), 1);
+    assert_eq!(all.lines().last().unwrap().trim_end(), "END");
+    // Byte for byte what the model crate writes for the whole ensemble.
+    let whole = Ensemble {
+        sequence: spec.sequence.clone(),
+        sample_index: shards.iter().flat_map(|e| e.sample_index.clone()).collect(),
+        tr: shards.iter().flat_map(|e| e.tr.clone()).collect(),
+        rot_mat: shards.iter().flat_map(|e| e.rot_mat.clone()).collect(),
+    };
+    let mut expected = Vec::new();
+    whole.write_pdb(&mut expected).unwrap();
+    assert_eq!(all, String::from_utf8(expected).unwrap());
+
+    // Other tenants see nothing.
+    let (s, _, _) = c.fetch(&uri, Some(&c.key_b)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, _) = c.fetch(&uri, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn pdb_results_refusals_and_aborts() {
+    let c = ctx().await;
+    let spec = c.submitted(10, 4).await;
+    let id = spec.id;
+    let e = |v: &[u8]| -> Value { serde_json::from_slice(v).unwrap() };
+
+    // Conflicting or unknown formats.
+    for uri in [
+        format!("/v1/jobs/{id}/results/0.pdb?format=npz"),
+        format!("/v1/jobs/{id}/results/0?format=cif"),
+    ] {
+        let (s, _, b) = c.fetch(&uri, Some(&c.key_a)).await;
+        let v = e(&b.unwrap());
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        assert!(message(&v).contains("format"), "{v}");
+    }
+    let (s, _, b) = c
+        .fetch(&format!("/v1/jobs/{id}/results/0.pdb"), Some(&c.key_a))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(
+        message(&e(&b.unwrap())),
+        format!("shard 0 of job {id} is not done yet")
+    );
+
+    // A succeeded job that lacks a shard: an error before the first byte.
+    let sample = |indices: std::ops::Range<i64>| {
+        let n = indices.clone().count();
+        let l = SEQUENCE.len();
+        Ensemble {
+            sequence: SEQUENCE.into(),
+            sample_index: indices.collect(),
+            tr: (0..n * l * 3).map(|x| x as f32 * 0.01).collect(),
+            rot_mat: (0..n * l)
+                .flat_map(|_| [1., 0., 0., 0., 1., 0., 0., 0., 1.])
+                .collect(),
+        }
+    };
+    for (i, r) in [(0, 0..4), (2, 8..10)] {
+        c.store
+            .put(
+                &c.layout.shard(id, i),
+                PutPayload::from(sample(r).npz_bytes().unwrap()),
+            )
+            .await
+            .unwrap();
+    }
+    c.redis
+        .set_state(id, JobState::Succeeded, None)
+        .await
+        .unwrap();
+    let uri = format!("/v1/jobs/{id}/results.pdb");
+    let (s, _, b) = c.fetch(&uri, Some(&c.key_a)).await;
+    let v = e(&b.unwrap());
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert_eq!(v["error"]["code"], "results_incomplete");
+    assert_eq!(
+        message(&v),
+        format!("shard 1 of job {id} is missing from the object store")
+    );
+
+    // A shard that turns out unreadable mid-stream aborts the body.
+    c.store
+        .put(
+            &c.layout.shard(id, 1),
+            PutPayload::from(b"not an npz".to_vec()),
+        )
+        .await
+        .unwrap();
+    let (s, _, b) = c.fetch(&uri, Some(&c.key_a)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(b.is_err(), "the body should end in an error");
+    // The same shard alone: a JSON error.
+    let (s, _, b) = c
+        .fetch(&format!("/v1/jobs/{id}/results/1.pdb"), Some(&c.key_a))
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(e(&b.unwrap())["error"]["code"], "internal");
+
+    // More samples than PDB model numbers.
+    let big = c.submitted(10_000, 1000).await.id;
+    c.redis
+        .set_state(big, JobState::Succeeded, None)
+        .await
+        .unwrap();
+    let (s, _, b) = c
+        .fetch(&format!("/v1/jobs/{big}/results.pdb"), Some(&c.key_a))
+        .await;
+    let v = e(&b.unwrap());
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["code"], "pdb_unavailable");
+    assert!(message(&v).contains("10000"), "{v}");
+    assert!(message(&v).contains("npz"), "{v}");
+    let (s, _, _) = c
+        .fetch(&format!("/v1/jobs/{big}/results/9.pdb"), Some(&c.key_a))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     c.cleanup().await;
 }

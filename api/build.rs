@@ -1,0 +1,1 @@
+include!("../model/torch_rpath.rs");

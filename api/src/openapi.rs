@@ -1,0 +1,172 @@
+//! The OpenAPI 3 document of the API, generated from the handlers'
+//! `#[utoipa::path]` attributes and the `ToSchema` types, and the
+//! schema-only types that mirror shapes defined elsewhere (other crates'
+//! types, and the JSON error body).
+
+use std::sync::OnceLock;
+
+use axum::body::Bytes;
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+/// The OpenAPI document served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "service",
+    responses((status = 200, description = "The OpenAPI 3 document of this API", body = Object))
+)]
+pub(crate) async fn openapi_json() -> impl IntoResponse {
+    static DOC: OnceLock<Bytes> = OnceLock::new();
+    let doc = DOC.get_or_init(|| {
+        serde_json::to_vec(&openapi())
+            .expect("the OpenAPI document serializes")
+            .into()
+    });
+    ([(header::CONTENT_TYPE, "application/json")], doc.clone())
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "dig-cluster API",
+        description = "Sampling protein conformational ensembles with DiG: upload features, \
+                       submit jobs, follow their progress and download the samples. Every \
+                       `/v1` route needs `Authorization: Bearer KEY`. Errors are \
+                       `{\"error\": {\"code\", \"message\"}}`."
+    ),
+    paths(
+        crate::healthz,
+        crate::ready::readyz,
+        openapi_json,
+        crate::upload_features,
+        crate::models::list_models,
+        crate::submit_job,
+        crate::list_jobs,
+        crate::get_job,
+        crate::cancel_job,
+        crate::results::get_results,
+        crate::results::get_results_pdb,
+        crate::results::get_shard,
+    ),
+    components(schemas(ErrorBody, ErrorDetail, JobStateSchema, PrioritySchema)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "service", description = "Health, readiness and this document"),
+        (name = "features", description = "Protein features"),
+        (name = "models", description = "Models available to jobs"),
+        (name = "jobs", description = "Sampling jobs"),
+        (name = "results", description = "Samples of finished shards and jobs"),
+    )
+)]
+struct ApiDoc;
+
+/// The `bearer` security scheme the `/v1` routes name.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("A tenant's API key"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every error: `{"error": {"code", "message"}}`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub(crate) struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ErrorDetail {
+    /// Stable, for programs: e.g. `invalid_request`, `not_found`, `already_final`.
+    pub code: String,
+    /// For people: what is wrong and, where it helps, what to do.
+    pub message: String,
+}
+
+/// A job's state; `succeeded`, `failed` and `cancelled` are final.
+#[derive(ToSchema)]
+#[schema(as = JobState)]
+#[allow(dead_code)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum JobStateSchema {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// Interactive work overtakes bulk work.
+#[derive(ToSchema)]
+#[schema(as = Priority)]
+#[allow(dead_code)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum PrioritySchema {
+    Interactive,
+    Bulk,
+}
+
+/// Raw bytes (an npz).
+#[derive(ToSchema)]
+#[schema(as = Binary, value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub(crate) struct BinarySchema(Vec<u8>);
+
+/// Uploaded features.
+#[derive(ToSchema)]
+#[schema(as = FeatureRef)]
+#[allow(dead_code)]
+pub(crate) struct FeatureRefSchema {
+    /// SHA-256 of the file, 64 lowercase hex digits: the `features_sha256` of jobs.
+    sha256: String,
+    /// Number of residues L.
+    length: u64,
+    /// Size of the file in bytes.
+    bytes: u64,
+}
+
+/// The manifest of a succeeded job.
+#[derive(ToSchema)]
+#[schema(as = Manifest)]
+#[allow(dead_code)]
+pub(crate) struct ManifestSchema {
+    #[schema(format = Uuid)]
+    job: String,
+    num_samples: u64,
+    /// Every shard, by ascending index.
+    shards: Vec<ManifestShardSchema>,
+}
+
+#[derive(ToSchema)]
+#[schema(as = ManifestShard)]
+#[allow(dead_code)]
+pub(crate) struct ManifestShardSchema {
+    index: u64,
+    /// Samples `[start, end)` of the job.
+    start: u64,
+    end: u64,
+    /// The object key.
+    key: String,
+    bytes: u64,
+    /// SHA-256 of the object, lowercase hex.
+    sha256: String,
+}

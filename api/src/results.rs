@@ -1,0 +1,366 @@
+//! Results: the manifest, single shards (npz as stored, or PDB), and the
+//! whole ensemble of a succeeded job as one streamed PDB.
+
+use std::collections::HashSet;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use dig_common::job::{JobId, JobSpec, JobState};
+use futures::TryStreamExt;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use crate::openapi::{BinarySchema, ErrorBody, ManifestSchema};
+use crate::{owned_job, pdb, ApiError, ApiResult, Shared, Tenant};
+
+const PDB_TYPE: &str = "chemical/x-pdb";
+
+/// The manifest of a succeeded job: its shards with their sample ranges,
+/// sizes and SHA-256.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/results",
+    tag = "results",
+    params(("id" = String, Path, format = Uuid, description = "The job id")),
+    responses(
+        (status = 200, description = "The manifest", body = ManifestSchema),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant, or it has not succeeded yet", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn get_results(
+    State(st): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let (job, p) = owned_job(&st, &tenant, &id).await?;
+    if p.state != JobState::Succeeded {
+        return Err(ApiError::not_found("job has not succeeded yet"));
+    }
+    let bytes = st
+        .store
+        .get(&st.layout.manifest(job))
+        .await
+        .map_err(ApiError::internal)?
+        .bytes()
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Format {
+    Npz,
+    Pdb,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ShardQuery {
+    /// `npz` (default: the stored object) or `pdb` (converted).
+    #[param(pattern = "^(npz|pdb)$")]
+    format: Option<String>,
+}
+
+/// The shard index and format of `{shard}` (`3`, `3.npz`, `3.pdb`) and
+/// `?format=`; they must agree.
+fn shard_and_format(shard: &str, query: Option<&str>) -> ApiResult<(String, Format)> {
+    let (number, suffix) = if let Some(n) = shard.strip_suffix(".pdb") {
+        (n, Some(Format::Pdb))
+    } else if let Some(n) = shard.strip_suffix(".npz") {
+        (n, Some(Format::Npz))
+    } else {
+        (shard, None)
+    };
+    let asked = match query {
+        None => None,
+        Some("npz") => Some(Format::Npz),
+        Some("pdb") => Some(Format::Pdb),
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "format: must be npz or pdb, got '{other}'"
+            )))
+        }
+    };
+    let format = match (suffix, asked) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::invalid(format!(
+                "shard '{shard}' and format={} disagree; give one of them",
+                query.unwrap_or_default()
+            )))
+        }
+        (a, b) => a.or(b).unwrap_or(Format::Npz),
+    };
+    Ok((number.to_string(), format))
+}
+
+/// The job's stored spec (sequence and shard plan).
+async fn job_spec(st: &Shared, job: JobId) -> ApiResult<JobSpec> {
+    let bytes = st
+        .store
+        .get(&st.layout.job_spec(job))
+        .await
+        .map_err(ApiError::internal)?
+        .bytes()
+        .await
+        .map_err(ApiError::internal)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::internal(format!("job {job}: unreadable spec: {e}")))
+}
+
+fn unfit_for_pdb(message: String) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "pdb_unavailable", message)
+}
+
+/// The PDB text of shard `index` (its npz bytes) of `spec`: numbered by
+/// sample index, checked against the shard's planned sample range.
+/// `whole_file`: remarks, models and `END`; else the models only.
+fn convert_shard(
+    spec: &JobSpec,
+    index: u64,
+    npz: &[u8],
+    whole_file: bool,
+) -> Result<Vec<u8>, String> {
+    let fail = |m: String| format!("shard {index} of job {}: {m}", spec.id);
+    let ens = pdb::read_shard(npz, &spec.sequence).map_err(fail)?;
+    let task = spec.shard(index);
+    let planned: Vec<i64> = (task.start as i64..task.end as i64).collect();
+    if ens.sample_index != planned {
+        return Err(fail(format!(
+            "holds samples {:?}..; the plan says {}..{}",
+            ens.sample_index.first(),
+            task.start,
+            task.end
+        )));
+    }
+    let out = if whole_file {
+        pdb::shard_pdb(&ens)
+    } else {
+        pdb::models(&ens)
+    };
+    out.map_err(|e| fail(e.to_string()))
+}
+
+/// One finished shard: the stored npz, or the same samples as a
+/// multi-model PDB (`MODEL` = sample index + 1).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/results/{shard}",
+    tag = "results",
+    params(
+        ("id" = String, Path, format = Uuid, description = "The job id"),
+        ("shard" = String, Path, description = "Shard index from 0, optionally with `.npz` or `.pdb`"),
+        ShardQuery,
+    ),
+    responses(
+        (status = 200, description = "The shard", content(
+            (inline(BinarySchema) = "application/octet-stream"),
+            (String = "chemical/x-pdb"),
+        )),
+        (status = 400, description = "Unknown format, or the suffix and format disagree", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant, no such shard, or the shard is not done yet", body = ErrorBody),
+        (status = 422, description = "The shard does not fit a PDB file (more than 9999 models or residues, or unknown residues)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn get_shard(
+    State(st): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path((id, shard)): Path<(String, String)>,
+    Query(q): Query<ShardQuery>,
+) -> ApiResult<Response> {
+    let (job, p) = owned_job(&st, &tenant, &id).await?;
+    let (number, format) = shard_and_format(&shard, q.format.as_deref())?;
+    let index: u64 = number
+        .parse()
+        .ok()
+        .filter(|i| *i < p.num_shards)
+        .ok_or_else(|| ApiError::not_found(format!("job {job} has no shard {shard}")))?;
+    let spec = match format {
+        Format::Npz => None,
+        Format::Pdb => {
+            let spec = job_spec(&st, job).await?;
+            let last = spec.shard(index).end.checked_sub(1);
+            if let Some(m) = pdb::unfit_reason(&spec.sequence, last) {
+                return Err(unfit_for_pdb(format!("shard {index} of job {job}: {m}")));
+            }
+            Some(spec)
+        }
+    };
+    let result = match st.store.get(&st.layout.shard(job, index)).await {
+        Ok(r) => r,
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(ApiError::not_found(format!(
+                "shard {index} of job {job} is not done yet"
+            )))
+        }
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    let Some(spec) = spec else {
+        let size = result.meta.size;
+        let stream = result.into_stream().map_err(std::io::Error::other);
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (header::CONTENT_LENGTH, size.to_string()),
+            ],
+            Body::from_stream(stream),
+        )
+            .into_response());
+    };
+    let npz = result.bytes().await.map_err(ApiError::internal)?;
+    let text = tokio::task::spawn_blocking(move || convert_shard(&spec, index, &npz, true))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, PDB_TYPE.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{job}-{index:06}.pdb\""),
+            ),
+        ],
+        text,
+    )
+        .into_response())
+}
+
+/// What the streamed PDB sends next.
+enum Next {
+    Remarks,
+    Shard(u64),
+    End,
+    Done,
+}
+
+/// The whole ensemble of a succeeded job as one multi-model PDB: header
+/// remarks, then the models of every shard in order (`MODEL` = sample index
+/// + 1), then `END`. Streamed shard by shard; a shard that cannot be read
+/// or converted mid-stream aborts the response (the body ends in an error).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/results.pdb",
+    tag = "results",
+    params(("id" = String, Path, format = Uuid, description = "The job id")),
+    responses(
+        (status = 200, description = "Every sample of the job, in order", body = String, content_type = "chemical/x-pdb"),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant, or it has not succeeded yet", body = ErrorBody),
+        (status = 422, description = "The job does not fit a PDB file (more than 9999 samples or residues, or unknown residues)", body = ErrorBody),
+        (status = 500, description = "A shard of the job is missing from the object store (code `results_incomplete`)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn get_results_pdb(
+    State(st): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let (job, p) = owned_job(&st, &tenant, &id).await?;
+    if p.state != JobState::Succeeded {
+        return Err(ApiError::not_found("job has not succeeded yet"));
+    }
+    let spec = job_spec(&st, job).await?;
+    if let Some(m) = pdb::unfit_reason(&spec.sequence, spec.num_samples.checked_sub(1)) {
+        return Err(unfit_for_pdb(format!(
+            "job {job} has {} samples of {} residues: {m}",
+            spec.num_samples,
+            spec.sequence.chars().count()
+        )));
+    }
+    // Checked before the first byte, while an error can still be a status.
+    let stored: HashSet<String> = st
+        .store
+        .list(Some(&st.layout.shards_dir(job)))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .map_err(ApiError::internal)?;
+    if let Some(missing) =
+        (0..spec.num_shards()).find(|i| !stored.contains(st.layout.shard(job, *i).as_ref()))
+    {
+        tracing::error!(%job, shard = missing, "succeeded job lacks a shard");
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "results_incomplete",
+            format!("shard {missing} of job {job} is missing from the object store"),
+        ));
+    }
+
+    let spec = std::sync::Arc::new(spec);
+    let num_shards = spec.num_shards();
+    let first = |n: u64| if n > 0 { Next::Shard(0) } else { Next::End };
+    let stream = futures::stream::unfold(Next::Remarks, move |next| {
+        let (st, spec) = (st.clone(), spec.clone());
+        async move {
+            let (chunk, next) = match next {
+                Next::Done => return None,
+                Next::Remarks => (Ok(pdb::remarks(0..spec.num_samples)), first(num_shards)),
+                Next::End => (Ok(pdb::end()), Next::Done),
+                Next::Shard(i) => match shard_models(&st, &spec, i).await {
+                    Ok(text) if i + 1 < num_shards => (Ok(text), Next::Shard(i + 1)),
+                    Ok(text) => (Ok(text), Next::End),
+                    Err(e) => {
+                        tracing::error!(job = %spec.id, error = %e, "results.pdb aborted");
+                        (Err(std::io::Error::other(e)), Next::Done)
+                    }
+                },
+            };
+            Some((chunk.map(Bytes::from), next))
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, PDB_TYPE.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{job}.pdb\""),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Fetches shard `index` and converts it to its `MODEL` blocks.
+async fn shard_models(
+    st: &Shared,
+    spec: &std::sync::Arc<JobSpec>,
+    index: u64,
+) -> Result<Vec<u8>, String> {
+    let npz = st
+        .store
+        .get(&st.layout.shard(spec.id, index))
+        .await
+        .map_err(|e| e.to_string())?
+        .bytes()
+        .await
+        .map_err(|e| e.to_string())?;
+    let spec = spec.clone();
+    tokio::task::spawn_blocking(move || convert_shard(&spec, index, &npz, false))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_and_formats() {
+        let ok = |s: &str, q: Option<&str>| shard_and_format(s, q).unwrap();
+        assert_eq!(ok("3", None), ("3".into(), Format::Npz));
+        assert_eq!(ok("3.npz", None), ("3".into(), Format::Npz));
+        assert_eq!(ok("3.pdb", None), ("3".into(), Format::Pdb));
+        assert_eq!(ok("3", Some("pdb")), ("3".into(), Format::Pdb));
+        assert_eq!(ok("3.pdb", Some("pdb")), ("3".into(), Format::Pdb));
+        assert!(shard_and_format("3.pdb", Some("npz")).is_err());
+        let e = shard_and_format("3", Some("cif")).unwrap_err();
+        assert!(e.message.contains("npz or pdb"), "{}", e.message);
+    }
+}
