@@ -1,5 +1,5 @@
 # dig-cluster: the two commands of the README, and the steps they are made of.
-#   make run    sample the demo protein with the demo model (no servers needed)
+#   make run    the demo job through the HTTP API of `digctl standalone` (no servers needed)
 #   make test   every test (installs what is missing first)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.dig-setup-$(shell sha256sum requirements-dev.txt | cut -c1-12
 .PHONY: help setup build run test lint bench services
 
 help:
-	@echo "make run    sample the demo protein (HP35) with an untrained demo model"
+	@echo "make run    submit a demo job (HP35, untrained demo model) to digctl standalone and fetch it"
 	@echo "make test   run every test"
 	@echo "make bench  sampler benchmark (naive vs optimized, published architecture)"
 
@@ -29,11 +29,7 @@ build: setup
 	cargo build --release -p digctl
 
 run: build
-	@test -f demo/model/config.json || $(DIGCTL) demo-model demo/model --size small --seed 0
-	$(DIGCTL) sample --model demo/model \
-		--features examples/hp35/features.npz --fasta examples/hp35/hp35.fasta \
-		--num-samples 16 --batch-size 8 --seed 1 --out demo/hp35
-	@echo "demo done: structures in demo/hp35/ (samples.pdb, samples.npz); the model is UNTRAINED (demo/model/UNTRAINED.txt)"
+	DIGCTL=$(DIGCTL) scripts/demo.sh
 
 lint: setup
 	cargo fmt --all -- --check

@@ -288,9 +288,10 @@ impl Config {
             if name.starts_with("DIG_TEST_") {
                 continue;
             }
-            let Some((section, field)) = settings.iter().find_map(|(var, s, f)| {
-                (var == name).then_some((s.clone(), f.clone()))
-            }) else {
+            let Some((section, field)) = settings
+                .iter()
+                .find_map(|(var, s, f)| (var == name).then_some((s.clone(), f.clone())))
+            else {
                 return Err(CommonError::Invalid(format!(
                     "{name} is not a setting; settings are {}",
                     settings
@@ -455,9 +456,13 @@ mod tests {
             e.contains("DIG_WORKER_BATCH_SIZE: expected a whole number"),
             "{e}"
         );
-        let e = Config::from_sources(Some("[worker]\nbatch = 3\n"), Some(Path::new("x.toml")), &[])
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_sources(
+            Some("[worker]\nbatch = 3\n"),
+            Some(Path::new("x.toml")),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("x.toml:") && e.contains("batch"), "{e}");
         let e = Config::from_sources(None, None, &vars(&[("DIG_STORE_KIND", "ftp")]))
             .unwrap_err()

@@ -114,15 +114,24 @@ async fn unfinished_jobs_are_every_tenants_jobs_not_final(store: Store) {
     let mut all = vec![a.id, b.id, c.id];
     all.sort();
     assert_eq!(store.unfinished_jobs().await.unwrap(), all);
-    store.set_state(a.id, JobState::Running, None).await.unwrap();
-    store.set_state(b.id, JobState::Cancelled, None).await.unwrap();
+    store
+        .set_state(a.id, JobState::Running, None)
+        .await
+        .unwrap();
+    store
+        .set_state(b.id, JobState::Cancelled, None)
+        .await
+        .unwrap();
     store
         .set_state(c.id, JobState::Failed, Some("x"))
         .await
         .unwrap();
     assert_eq!(store.unfinished_jobs().await.unwrap(), vec![a.id]);
     // A final job stays out even if someone tries to revive it.
-    store.set_state(b.id, JobState::Running, None).await.unwrap();
+    store
+        .set_state(b.id, JobState::Running, None)
+        .await
+        .unwrap();
     assert_eq!(store.unfinished_jobs().await.unwrap(), vec![a.id]);
     // Rebuilt after a flush: in while shards are missing, out when all done.
     store.delete_all().await.unwrap();

@@ -4,11 +4,20 @@
 //! machine, `convert-checkpoint` turns a published DiG checkpoint into a model
 //! directory, `demo-model` writes an untrained model for trying things out,
 //! and `bench` measures the sampler against the published code's strategy.
+//!
+//! The services: `api`, `coordinator`, `worker` (one process each, from one
+//! configuration) and `standalone` (all three in one process, no servers);
+//! `upload-model` and `api-key new` for operators.
+//!
+//! The client: `upload-features`, `submit`, `status`, `wait`, `fetch`,
+//! `cancel`, `jobs`, `models` against any API URL.
 
 mod bench;
+mod client;
 mod device;
 mod progress;
 mod sample;
+mod services;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +64,30 @@ enum Command {
     },
     /// Benchmark the sampler: naive (published strategy) against the optimized path.
     Bench(bench::BenchArgs),
+    /// Run the REST API (RabbitMQ, Redis and the object store from the configuration).
+    Api(services::ConfigArg),
+    /// Run the coordinator: shards submitted jobs onto the queue, writes manifests.
+    Coordinator(services::ConfigArg),
+    /// Run a worker: samples shard tasks on its device.
+    Worker(services::ConfigArg),
+    /// Run API, coordinator and a worker in one process, with no servers.
+    Standalone(services::StandaloneArgs),
+    /// Upload a model directory to the object store under an id.
+    UploadModel(services::UploadModelArgs),
+    /// API keys for tenants.
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
+    #[command(flatten)]
+    Client(client::ClientCommand),
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCommand {
+    /// Print a fresh key for TENANT and the line to append to the keys file.
+    New {
+        /// Tenant name (letters, digits, '-', '_', '.').
+        tenant: String,
+    },
 }
 
 fn demo_config(size: &str) -> anyhow::Result<ModelConfig> {
@@ -75,6 +108,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Sample(args) => sample::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Api(args) => services::api(args),
+        Command::Coordinator(args) => services::coordinator(args),
+        Command::Worker(args) => services::worker(args),
+        Command::Standalone(args) => services::standalone(args),
+        Command::UploadModel(args) => services::upload_model_cmd(args),
+        Command::ApiKey(ApiKeyCommand::New { tenant }) => {
+            if !dig_api::is_valid_tenant(&tenant) {
+                anyhow::bail!(
+                    "invalid tenant name {tenant:?}: use letters, digits, '-', '_' and '.'"
+                );
+            }
+            let (key, sha) = dig_api::new_api_key();
+            // stdout: the key, then the keys-file line (`| tail -n1 >> keys`).
+            eprintln!(
+                "The key (first line) goes to the tenant and is stored nowhere; \
+                 append the second line to the API keys file."
+            );
+            println!("{key}");
+            println!("{tenant} {sha}");
+            Ok(())
+        }
+        Command::Client(cmd) => client::run(cmd),
         Command::ConvertCheckpoint {
             checkpoint,
             out_dir,

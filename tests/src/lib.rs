@@ -2,8 +2,10 @@
 //!
 //! This crate holds no product code: its `tests/` run the binary (built by
 //! `make test` before `cargo test`) on the published code's fixtures and on
-//! bad input. The cluster's tests against real RabbitMQ, Redis and S3 servers
-//! will live here too.
+//! bad input, and the cluster's processes against real RabbitMQ, Redis and
+//! S3 servers ([`cluster`]).
+
+pub mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
