@@ -10,12 +10,13 @@ DIGCTL := target/release/digctl
 # an unchanged set-up costs nothing.
 STAMP  := $(VENV)/.dig-setup-$(shell sha256sum requirements-dev.txt | cut -c1-12)
 
-.PHONY: help setup build run test lint bench services
+.PHONY: help setup build run test lint bench bench-pipeline services
 
 help:
 	@echo "make run    submit a demo job (HP35, untrained demo model) to digctl standalone and fetch it"
 	@echo "make test   run every test"
 	@echo "make bench  sampler benchmark (naive vs optimized, published architecture)"
+	@echo "make bench-pipeline  a 1000-sample job through API, RabbitMQ, worker, S3 vs digctl sample"
 
 setup: $(STAMP)
 
@@ -47,3 +48,8 @@ test: lint services
 
 bench: build
 	$(DIGCTL) bench
+
+# ARGS="--samples 1000 --steps 20 ..." (see target/release/pipeline-bench --help)
+bench-pipeline: build services
+	cargo build --release -p dig-tests --bin pipeline-bench
+	set -a && . .services/env && set +a && target/release/pipeline-bench $(ARGS)

@@ -199,6 +199,12 @@ impl Cluster {
     }
 
     /// A `digctl` service process with this deployment's configuration.
+    /// Sets a configuration variable of the services started from now on.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.into(), value.into()));
+    }
+
     pub fn spawn(&self, name: &str, args: &[&str]) -> Service {
         let log = self.dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
@@ -224,9 +230,14 @@ impl Cluster {
 
     /// Uploads the fixture model (directly to the store, as an operator does).
     pub fn upload_model(&self) {
+        self.upload_model_dir(&fixture(""), MODEL);
+    }
+
+    /// Uploads model directory `dir` as `id`.
+    pub fn upload_model_dir(&self, dir: &Path, id: &str) {
         assert!(!self.standalone, "standalone serves --model");
         let out = Command::new(digctl_path())
-            .args(["upload-model", fixture("").to_str().unwrap(), MODEL])
+            .args(["upload-model", dir.to_str().unwrap(), id])
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
@@ -378,6 +389,11 @@ impl Cluster {
 
     /// Downloads the job's shards with `digctl fetch`; the ensembles, in shard order.
     pub fn fetch(&self, key: &str, job: &str) -> Vec<Ensemble> {
+        self.fetch_with_sequence(key, job, SEQUENCE)
+    }
+
+    /// [`Cluster::fetch`] of a job of another protein.
+    pub fn fetch_with_sequence(&self, key: &str, job: &str, sequence: &str) -> Vec<Ensemble> {
         let out = self.dir.path().join(format!("fetch-{job}"));
         self.client_ok(key, &["fetch", job, "--out", out.to_str().unwrap()]);
         let manifest: serde_json::Value =
@@ -389,7 +405,7 @@ impl Cluster {
             .map(|s| {
                 let i = s["index"].as_u64().unwrap();
                 let path = out.join("shards").join(format!("{i:06}.npz"));
-                Ensemble::read_npz(&path, SEQUENCE).unwrap()
+                Ensemble::read_npz(&path, sequence).unwrap()
             })
             .collect()
     }

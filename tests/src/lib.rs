@@ -29,13 +29,15 @@ pub fn digctl_path() -> PathBuf {
     if let Ok(p) = std::env::var("DIGCTL") {
         return PathBuf::from(p);
     }
-    // target/<profile>/deps/<test-binary> -> target/<profile>/digctl
+    // target/<profile>/deps/<test-binary> -> target/<profile>/digctl;
+    // target/<profile>/<bench-binary> -> target/<profile>/digctl.
     let exe = std::env::current_exe().expect("test binary path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("digctl");
+    let dir = exe.parent().expect("binary dir");
+    let path = if dir.ends_with("deps") {
+        dir.parent().expect("target dir").join("digctl")
+    } else {
+        dir.join("digctl")
+    };
     assert!(
         path.is_file(),
         "{} is missing: run `cargo build -p digctl` (make test does)",
