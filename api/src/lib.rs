@@ -29,9 +29,9 @@
 //!
 //! Submission order: spec object, progress entry, then the job id on the
 //! jobs queue (the coordinator expects the first two before the third). If a
-//! later step fails the spec object is deleted again; the progress store has
-//! no delete, so a failed publish leaves a queued progress entry behind
-//! (logged).
+//! later step fails, the earlier ones are undone (progress entry and spec
+//! deleted, the Idempotency-Key released), so a failed submission leaves
+//! nothing behind and can be retried with the same key.
 //!
 //! PDB output (see [`pdb`]): a sample is `MODEL` (global sample index + 1),
 //! so at most 9999 samples and 9999 residues fit; beyond that the PDB routes
@@ -568,7 +568,15 @@ async fn submit_job(
             };
         }
     }
-    create_job(&st, &spec).await?;
+    if let Err(e) = create_job(&st, &spec).await {
+        if let Some(key) = &idem {
+            // Let a retry with the same key create the job.
+            if let Err(r) = st.progress.release_idempotency(&tenant, key, id).await {
+                tracing::error!(job = %id, error = %r, "cannot release the Idempotency-Key of a failed submission");
+            }
+        }
+        return Err(e);
+    }
     let body = SubmittedJob {
         id,
         state: JobState::Queued,
@@ -577,8 +585,8 @@ async fn submit_job(
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-/// Spec object, progress entry, jobs queue: in that order, undoing the spec
-/// object when a later step fails.
+/// Spec object, progress entry, jobs queue: in that order, undoing the
+/// earlier steps when a later one fails.
 async fn create_job(st: &ApiState, spec: &JobSpec) -> ApiResult<()> {
     let spec_path = st.layout.job_spec(spec.id);
     let json = serde_json::to_vec(spec).map_err(ApiError::internal)?;
@@ -591,10 +599,13 @@ async fn create_job(st: &ApiState, spec: &JobSpec) -> ApiResult<()> {
         st.queue.publish_job(spec.id).await
     };
     if let Err(e) = rest.await {
+        tracing::error!(job = %spec.id, error = %e, "submission failed; undoing it");
+        if let Err(d) = st.progress.delete_job(spec).await {
+            tracing::error!(job = %spec.id, error = %d, "cannot delete the progress entry of a failed submission");
+        }
         if let Err(d) = st.store.delete(&spec_path).await {
             tracing::error!(job = %spec.id, error = %d, "cannot delete the spec of a failed submission");
         }
-        tracing::error!(job = %spec.id, "submission failed; a queued progress entry may remain");
         return Err(ApiError::internal(e));
     }
     tracing::info!(job = %spec.id, tenant = %spec.tenant, samples = spec.num_samples, "job submitted");

@@ -1176,3 +1176,79 @@ async fn pdb_results_refusals_and_aborts() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     c.cleanup().await;
 }
+
+/// The real queue, except that job ids cannot be published (a broker that
+/// went away between the store writes and the publish).
+struct JobsQueueDown(Arc<dyn ShardQueue>);
+
+#[async_trait::async_trait]
+impl ShardQueue for JobsQueueDown {
+    async fn publish_shard(
+        &self,
+        task: &dig_common::job::ShardTask,
+        priority: dig_common::job::Priority,
+    ) -> dig_common::Result<()> {
+        self.0.publish_shard(task, priority).await
+    }
+    async fn publish_job(&self, _job: JobId) -> dig_common::Result<()> {
+        Err(dig_common::CommonError::Other("broker unreachable".into()))
+    }
+    async fn park_shard(
+        &self,
+        task: &dig_common::job::ShardTask,
+        reason: &str,
+    ) -> dig_common::Result<()> {
+        self.0.park_shard(task, reason).await
+    }
+    async fn consume_shards(
+        &self,
+        prefetch: u16,
+    ) -> dig_common::Result<dig_common::queue::ShardStream> {
+        self.0.consume_shards(prefetch).await
+    }
+    async fn consume_jobs(&self) -> dig_common::Result<JobStream> {
+        self.0.consume_jobs().await
+    }
+    async fn shard_queue_depth(&self) -> dig_common::Result<u64> {
+        self.0.shard_queue_depth().await
+    }
+    async fn parked_depth(&self) -> dig_common::Result<u64> {
+        self.0.parked_depth().await
+    }
+    async fn purge_and_delete(&self) -> dig_common::Result<()> {
+        self.0.purge_and_delete().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_that_cannot_be_queued_is_undone_and_its_key_released() {
+    let c = ctx_with(64 << 20, |st| {
+        st.queue = Arc::new(JobsQueueDown(st.queue.clone()));
+    })
+    .await;
+    let (_, f) = c.upload(&c.key_a).await;
+    let mut body = valid_job();
+    body["features_sha256"] = f["sha256"].clone();
+    let (status, v) = c.submit(&c.key_a, &body, Some("retry-me")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    // Nothing of the job remains: no spec, no progress entry, no listing.
+    assert_eq!(c.keys_under("jobs").await, Vec::<String>::new());
+    assert_eq!(
+        c.redis.list_jobs("lab-a", 10, None).await.unwrap(),
+        Vec::<JobId>::new()
+    );
+    assert_eq!(
+        c.redis.unfinished_jobs().await.unwrap(),
+        Vec::<JobId>::new()
+    );
+    // And the key is free again: a retry would create the job.
+    let fresh = JobId::new();
+    assert_eq!(
+        c.redis
+            .idempotent_job("lab-a", "retry-me", fresh)
+            .await
+            .unwrap(),
+        fresh
+    );
+    c.cleanup().await;
+}

@@ -114,8 +114,16 @@ pub trait ProgressStore: Send + Sync {
 
     /// Binds the tenant's Idempotency-Key `key` to `job` unless it is bound
     /// already; returns the job the key is bound to (the earlier one if any,
-    /// else `job`). Keys do not expire.
+    /// else `job`). A binding lasts [`IDEMPOTENCY_TTL_SECS`].
     async fn idempotent_job(&self, tenant: &str, key: &str, job: JobId) -> Result<JobId>;
+
+    /// Unbinds `key` if it is bound to `job` (a submission that failed after
+    /// binding, so that a retry with the same key can succeed).
+    async fn release_idempotency(&self, tenant: &str, key: &str, job: JobId) -> Result<()>;
+
+    /// Forgets a job entirely (entry, done and failed sets, attempts, tenant
+    /// listing, unfinished index): undoing a submission that failed halfway.
+    async fn delete_job(&self, spec: &JobSpec) -> Result<()>;
 
     /// Publishes the worker's heartbeat, forgotten `ttl_secs` (≥ 1) later
     /// unless renewed.
@@ -140,6 +148,10 @@ pub trait ProgressStore: Send + Sync {
     /// Deletes everything of this store (every key of the prefix): for tests.
     async fn delete_all(&self) -> Result<()>;
 }
+
+/// How long an Idempotency-Key stays bound to its job: a day, as common
+/// payment APIs do; a client retrying later than that gets a new job.
+pub const IDEMPOTENCY_TTL_SECS: u64 = 86_400;
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -252,6 +264,12 @@ if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {0, 0} end
 redis.call('HINCRBY', KEYS[1], 'shards_failed', 1)
 redis.call('HSETNX', KEYS[1], 'error', ARGV[2])
 return {1, 0}
+"#;
+
+/// Delete the key only if it still holds this job. KEYS: idem. ARGV: job id.
+const RELEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 "#;
 
 /// One page, atomic so that a job created between finding the cursor's rank
@@ -579,6 +597,8 @@ impl ProgressStore for RedisProgress {
             .arg(job.to_string())
             .arg("NX")
             .arg("GET")
+            .arg("EX")
+            .arg(IDEMPOTENCY_TTL_SECS)
             .query_async(&mut conn)
             .await?;
         match earlier {
@@ -587,6 +607,37 @@ impl ProgressStore for RedisProgress {
                 .parse()
                 .map_err(|_| CommonError::Other(format!("bad job id {id:?} in progress store"))),
         }
+    }
+
+    async fn release_idempotency(&self, tenant: &str, key: &str, job: JobId) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _deleted: i64 = Script::new(RELEASE_LUA)
+            .key(self.keys.idempotency(tenant, key))
+            .arg(job.to_string())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_job(&self, spec: &JobSpec) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let id = spec.id;
+        let () = redis::pipe()
+            .atomic()
+            .del(&[
+                self.keys.job(id),
+                self.keys.job_done(id),
+                self.keys.job_attempts(id),
+                self.job_failed(id),
+            ])
+            .ignore()
+            .zrem(self.keys.tenant_jobs(&spec.tenant), id.to_string())
+            .ignore()
+            .srem(self.keys.unfinished(), id.to_string())
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     async fn heartbeat(
@@ -758,7 +809,7 @@ struct Inner {
     /// tenant -> (created_at, id): iterating backwards is newest first, with
     /// ties broken by id exactly as Redis breaks them by member.
     tenants: HashMap<String, BTreeSet<(u64, JobId)>>,
-    idempotency: HashMap<(String, String), JobId>,
+    idempotency: HashMap<(String, String), (JobId, Instant)>,
     workers: HashMap<String, (WorkerHeartbeat, Instant)>,
 }
 
@@ -923,11 +974,34 @@ impl ProgressStore for MemoryProgress {
     }
 
     async fn idempotent_job(&self, tenant: &str, key: &str, job: JobId) -> Result<JobId> {
-        Ok(*self
-            .lock()
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let slot = inner
             .idempotency
             .entry((tenant.to_string(), key.to_string()))
-            .or_insert(job))
+            .or_insert((job, now + Duration::from_secs(IDEMPOTENCY_TTL_SECS)));
+        if slot.1 <= now {
+            *slot = (job, now + Duration::from_secs(IDEMPOTENCY_TTL_SECS));
+        }
+        Ok(slot.0)
+    }
+
+    async fn release_idempotency(&self, tenant: &str, key: &str, job: JobId) -> Result<()> {
+        let mut inner = self.lock();
+        let k = (tenant.to_string(), key.to_string());
+        if inner.idempotency.get(&k).is_some_and(|(j, _)| *j == job) {
+            inner.idempotency.remove(&k);
+        }
+        Ok(())
+    }
+
+    async fn delete_job(&self, spec: &JobSpec) -> Result<()> {
+        let mut inner = self.lock();
+        inner.jobs.remove(&spec.id);
+        if let Some(list) = inner.tenants.get_mut(&spec.tenant) {
+            list.remove(&(spec.created_at, spec.id));
+        }
+        Ok(())
     }
 
     async fn heartbeat(

@@ -102,7 +102,37 @@ behaviours!(
     rebuild_with_every_shard_done_is_succeeded,
     delete_all_forgets_everything,
     unfinished_jobs_are_every_tenants_jobs_not_final,
+    delete_job_undoes_a_creation,
+    released_idempotency_key_binds_again,
 );
+
+async fn delete_job_undoes_a_creation(store: Store) {
+    let keep = spec("acme", 10, 5, 100);
+    let s = spec("acme", 10, 5, 101);
+    store.create_job(&keep).await.unwrap();
+    store.create_job(&s).await.unwrap();
+    store.start_attempt(s.id, 0).await.unwrap();
+    store.record_shard_done(s.id, 1, 5).await.unwrap();
+    store.delete_job(&s).await.unwrap();
+    assert_eq!(store.get(s.id).await.unwrap(), None);
+    assert_eq!(store.done_shards(s.id).await.unwrap(), Vec::<u64>::new());
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 1);
+    assert_eq!(
+        store.list_jobs("acme", 10, None).await.unwrap(),
+        vec![keep.id]
+    );
+    assert_eq!(store.unfinished_jobs().await.unwrap(), vec![keep.id]);
+}
+
+async fn released_idempotency_key_binds_again(store: Store) {
+    let (a, b, c) = (JobId::new(), JobId::new(), JobId::new());
+    assert_eq!(store.idempotent_job("acme", "k", a).await.unwrap(), a);
+    // Releasing on behalf of another job changes nothing.
+    store.release_idempotency("acme", "k", b).await.unwrap();
+    assert_eq!(store.idempotent_job("acme", "k", b).await.unwrap(), a);
+    store.release_idempotency("acme", "k", a).await.unwrap();
+    assert_eq!(store.idempotent_job("acme", "k", c).await.unwrap(), c);
+}
 
 async fn unfinished_jobs_are_every_tenants_jobs_not_final(store: Store) {
     let a = spec("acme", 10, 10, 100);
