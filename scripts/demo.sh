@@ -37,7 +37,6 @@ DIG_API_KEY=$(cat "$DATA/api-key")
 
 JOB=$("$DIGCTL" submit --features examples/hp35/features.npz --fasta examples/hp35/hp35.fasta \
     --num-samples "$SAMPLES" --seed 1 --shard-size 8 --name hp35-demo)
-echo "submitted job $JOB ($SAMPLES samples of HP35)"
 "$DIGCTL" wait "$JOB"
 "$DIGCTL" fetch "$JOB" --out "$OUT"
 "$DIGCTL" fetch "$JOB" --out "$OUT" --format pdb
