@@ -207,7 +207,7 @@ fn main() {
         dig_model::structure::Ensemble::read_npz(&local_out.join("samples.npz"), sequence.clone())
             .unwrap();
     let shards = c.fetch_with_sequence(&c.key_a, &job, &sequence);
-    if args.shard_size % args.batch as u64 == 0 {
+    if args.shard_size.is_multiple_of(args.batch as u64) {
         assert_same_samples(&shards, &reference);
     }
     rt.block_on(c.cleanup());
