@@ -11,11 +11,12 @@
 //! | `GET /openapi.json` | the OpenAPI 3 document of these routes (generated with utoipa, [`openapi`]) |
 //! | `POST /v1/features` | upload a features npz (streamed, validated, content-addressed) |
 //! | `GET /v1/models` | the models in the object store, with their config and weight size |
-//! | `POST /v1/jobs` | submit a job (`Idempotency-Key` honoured) |
+//! | `POST /v1/jobs` | submit a job (`Idempotency-Key` honoured; optional `callback_url`, [`webhooks`]); 429 past the tenant's limits |
 //! | `GET /v1/jobs` | the tenant's jobs, newest first, paged by `cursor` |
-//! | `GET /v1/jobs/{id}` | one job: state, counters, `samples_per_sec`, `eta_seconds` |
+//! | `GET /v1/jobs/{id}` | one job: state, counters, `samples_per_sec`, `eta_seconds`, `webhook` |
+//! | `GET /v1/jobs/{id}/events` | the job's progress as Server-Sent Events until it is final ([`events`](crate::events)) |
 //! | `POST /v1/jobs/{id}/cancel` | cancel a job that is not final (409 if it is) |
-//! | `GET /v1/jobs/{id}/results` | the manifest of a succeeded job |
+//! | `GET /v1/jobs/{id}/results` | the manifest: every shard of a succeeded job (`"complete": true`), or the finished shards of a failed or cancelled one (`"complete": false`) |
 //! | `GET /v1/jobs/{id}/results.pdb` | the whole ensemble of a succeeded job as one multi-model PDB, streamed shard by shard |
 //! | `GET /v1/jobs/{id}/results/{shard}` | one finished shard: npz (default), or `?format=pdb` / `{shard}.pdb` as PDB |
 //!
@@ -33,17 +34,28 @@
 //! deleted, the Idempotency-Key released), so a failed submission leaves
 //! nothing behind and can be retried with the same key.
 //!
+//! Per-tenant limits ([`Limits::max_jobs_per_tenant`],
+//! [`Limits::max_queued_samples_per_tenant`]): a submission that would give
+//! the tenant more unfinished jobs, or more samples waiting (`num_samples -
+//! samples_done` summed over its unfinished jobs), is refused with 429
+//! `limit_exceeded` and leaves nothing behind. The check is atomic with the
+//! creation of the progress entry (one Redis script), so concurrent
+//! submissions cannot overshoot; it visits the tenant's unfinished jobs, at
+//! most the job cap of them.
+//!
 //! PDB output (see [`pdb`]): a sample is `MODEL` (global sample index + 1),
 //! so at most 9999 samples and 9999 residues fit; beyond that the PDB routes
 //! answer 422 and the npz is the way.
 
 mod error;
+pub mod events;
 mod models;
 mod openapi;
 pub mod pdb;
 mod ready;
 mod results;
 mod tenants;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,18 +70,24 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use dig_common::job::{default_shard_size, JobId, JobSpec, JobState, Priority};
 use dig_common::layout::ObjectLayout;
-use dig_common::progress::{JobProgress, ProgressStore};
+use dig_common::progress::{
+    JobProgress, LimitExceeded, ProgressStore, TenantCaps, WebhookState, WebhookStatus,
+};
 use dig_common::queue::ShardQueue;
 use dig_common::store::{check_sha256, FeatureStore, AMINO_ACIDS};
 use object_store::{ObjectStore, PutMode, PutPayload};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use utoipa::{IntoParams, ToSchema};
 
 pub use error::ApiError;
 pub use openapi::openapi;
 pub use tenants::{is_valid_tenant, new_api_key, Tenants, TenantsError};
+pub use webhooks::{Deliverer, WebhookSecrets, WebhookSettings};
 
-use openapi::{BinarySchema, ErrorBody, FeatureRefSchema, JobStateSchema, PrioritySchema};
+use openapi::{
+    BinarySchema, ErrorBody, FeatureRefSchema, JobStateSchema, PrioritySchema, WebhookStateSchema,
+};
 
 /// Request limits and defaults.
 #[derive(Debug, Clone)]
@@ -85,6 +103,15 @@ pub struct Limits {
     pub max_page: usize,
     /// How long each `/readyz` check may take before it counts as failed.
     pub ready_timeout: Duration,
+    /// Most unfinished (queued or running) jobs of one tenant.
+    pub max_jobs_per_tenant: u64,
+    /// Most samples one tenant may have waiting: `num_samples -
+    /// samples_done` summed over its unfinished jobs, the new one included.
+    pub max_queued_samples_per_tenant: u64,
+    /// How often an event stream reads its job.
+    pub events_poll: Duration,
+    /// Longest silence on an event stream before a keep-alive comment.
+    pub events_keep_alive: Duration,
 }
 
 impl Default for Limits {
@@ -98,6 +125,10 @@ impl Default for Limits {
             default_page: 50,
             max_page: 500,
             ready_timeout: Duration::from_secs(3),
+            max_jobs_per_tenant: 1000,
+            max_queued_samples_per_tenant: 10_000_000,
+            events_poll: Duration::from_millis(500),
+            events_keep_alive: Duration::from_secs(15),
         }
     }
 }
@@ -111,6 +142,22 @@ pub struct ApiState {
     pub progress: Arc<dyn ProgressStore>,
     pub tenants: Tenants,
     pub limits: Limits,
+    /// Tenants' webhook signing secrets: a tenant without one cannot give
+    /// a `callback_url`.
+    pub webhook_secrets: WebhookSecrets,
+    /// Turns true when the server shuts down: open event streams end then
+    /// (a graceful shutdown waits for every open response). A receiver
+    /// whose sender is gone never ends them.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Limits {
+    fn tenant_caps(&self) -> TenantCaps {
+        TenantCaps {
+            max_jobs: self.max_jobs_per_tenant,
+            max_queued_samples: self.max_queued_samples_per_tenant,
+        }
+    }
 }
 
 type Shared = Arc<ApiState>;
@@ -130,6 +177,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/models", get(models::list_models))
         .route("/v1/jobs", post(submit_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/results", get(results::get_results))
         .route("/v1/jobs/{id}/results.pdb", get(results::get_results_pdb))
@@ -286,6 +334,12 @@ struct SubmitJob {
     /// Samples per shard; sized from the protein and the steps when absent.
     #[schema(minimum = 1)]
     shard_size: Option<u64>,
+    /// An http(s) URL that gets one signed `POST` of the job view when the
+    /// job is final (headers `X-Dig-Event`, `X-Dig-Delivery`,
+    /// `X-Dig-Signature: sha256=HMAC`); needs a webhook secret configured
+    /// for the tenant. Delivered at least once: deduplicate by `X-Dig-Delivery`.
+    #[schema(max_length = 2048, example = "https://lab.example.org/hooks/dig")]
+    callback_url: Option<String>,
 }
 
 fn is_valid_model_name(m: &str) -> bool {
@@ -319,9 +373,32 @@ struct ShardCounts {
     total: u64,
 }
 
+/// A job's webhook as clients see it.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct WebhookView {
+    url: String,
+    #[schema(value_type = WebhookStateSchema)]
+    state: WebhookState,
+    /// Attempts started so far.
+    attempts: u32,
+    /// Why the latest failed attempt failed.
+    last_error: Option<String>,
+}
+
+impl From<WebhookStatus> for WebhookView {
+    fn from(w: WebhookStatus) -> Self {
+        WebhookView {
+            url: w.url,
+            state: w.state,
+            attempts: w.attempts,
+            last_error: w.last_error,
+        }
+    }
+}
+
 /// A job as clients see it.
 #[derive(Serialize, ToSchema)]
-struct JobView {
+pub(crate) struct JobView {
     #[schema(value_type = String, format = Uuid)]
     id: JobId,
     #[schema(value_type = JobStateSchema)]
@@ -345,6 +422,10 @@ struct JobView {
     /// null while the rate is unknown or zero.
     eta_seconds: Option<u64>,
     links: JobLinks,
+    /// The webhook of a job submitted with a `callback_url`; absent otherwise
+    /// (and in the webhook's own body).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook: Option<WebhookView>,
 }
 
 /// The answer to an accepted submission.
@@ -397,7 +478,8 @@ fn throughput(p: &JobProgress, now: u64) -> (Option<f64>, Option<u64>) {
     (rate, eta)
 }
 
-fn job_view(id: JobId, p: &JobProgress) -> JobView {
+/// The view of a job without its webhook (what a webhook sends).
+pub(crate) fn job_view(id: JobId, p: &JobProgress) -> JobView {
     let (samples_per_sec, eta_seconds) = throughput(p, now_secs());
     JobView {
         id,
@@ -416,7 +498,33 @@ fn job_view(id: JobId, p: &JobProgress) -> JobView {
         samples_per_sec,
         eta_seconds,
         links: links(id),
+        webhook: None,
     }
+}
+
+/// The view of a job with its webhook, as `GET /v1/jobs/{id}` answers.
+pub(crate) async fn full_view(st: &ApiState, id: JobId, p: &JobProgress) -> ApiResult<JobView> {
+    let mut view = job_view(id, p);
+    view.webhook = st.progress.webhook(id).await?.map(WebhookView::from);
+    Ok(view)
+}
+
+/// 429 for a submission past a tenant limit.
+fn limit_error(tenant: &str, refused: LimitExceeded) -> ApiError {
+    let message = match refused {
+        LimitExceeded::Jobs { unfinished, limit } => {
+            let jobs = if unfinished == 1 { "job" } else { "jobs" };
+            format!("tenant {tenant} has {unfinished} unfinished {jobs}; the limit is {limit}")
+        }
+        LimitExceeded::Samples {
+            queued,
+            requested,
+            limit,
+        } => format!(
+            "tenant {tenant} has {queued} samples queued; {requested} more would pass the limit of {limit}"
+        ),
+    };
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_exceeded", message)
 }
 
 /// Checks a submission against the limits and the store; the spec to run.
@@ -463,6 +571,15 @@ async fn validate(st: &ApiState, tenant: &str, req: SubmitJob) -> ApiResult<JobS
             )));
         }
     }
+    if let Some(url) = &req.callback_url {
+        webhooks::check_callback_url(url).map_err(ApiError::invalid)?;
+        if st.webhook_secrets.get(tenant).is_none() {
+            return Err(ApiError::invalid(format!(
+                "callback_url: no webhook secret is configured for tenant {tenant}, so its \
+                 webhooks cannot be signed; ask the operator to add one (api.webhook_secrets_file)"
+            )));
+        }
+    }
     let model = req.model.unwrap_or_else(|| lim.default_model.clone());
     if !is_valid_model_name(&model) {
         return Err(ApiError::invalid(format!("model: invalid name '{model}'")));
@@ -505,6 +622,7 @@ async fn validate(st: &ApiState, tenant: &str, req: SubmitJob) -> ApiResult<JobS
             .shard_size
             .unwrap_or_else(|| default_shard_size(length, steps_for_size)),
         created_at: now_secs(),
+        callback_url: req.callback_url,
     })
 }
 
@@ -523,6 +641,7 @@ async fn validate(st: &ApiState, tenant: &str, req: SubmitJob) -> ApiResult<JobS
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
         (status = 404, description = "Features not uploaded by this tenant", body = ErrorBody),
         (status = 409, description = "The Idempotency-Key belongs to an unfinished or failed submission", body = ErrorBody),
+        (status = 429, description = "The tenant's unfinished jobs or queued samples would pass its limit (code `limit_exceeded`); nothing was created", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -557,7 +676,7 @@ async fn submit_job(
         if bound != id {
             return match st.progress.get(bound).await? {
                 Some(p) if p.tenant == tenant => {
-                    Ok((StatusCode::OK, Json(job_view(bound, &p))).into_response())
+                    Ok((StatusCode::OK, Json(full_view(&st, bound, &p).await?)).into_response())
                 }
                 _ => Err(ApiError::new(
                     StatusCode::CONFLICT,
@@ -568,7 +687,20 @@ async fn submit_job(
             };
         }
     }
-    if let Err(e) = create_job(&st, &spec).await {
+    // A cheap early refusal; the check that counts is atomic with the creation.
+    let caps = st.limits.tenant_caps();
+    let early = async {
+        let usage = st.progress.tenant_usage(&tenant).await?;
+        match caps.check(usage, spec.num_samples) {
+            Some(refused) => Err(limit_error(&tenant, refused)),
+            None => Ok(()),
+        }
+    };
+    let created = match early.await {
+        Ok(()) => create_job(&st, &spec, caps).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = created {
         if let Some(key) = &idem {
             // Let a retry with the same key create the job.
             if let Err(r) = st.progress.release_idempotency(&tenant, key, id).await {
@@ -585,31 +717,48 @@ async fn submit_job(
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-/// Spec object, progress entry, jobs queue: in that order, undoing the
-/// earlier steps when a later one fails.
-async fn create_job(st: &ApiState, spec: &JobSpec) -> ApiResult<()> {
+/// Spec object, progress entry (within the tenant's `caps`), jobs queue: in
+/// that order, undoing the earlier steps when a later one fails or the caps
+/// refuse the job.
+async fn create_job(st: &ApiState, spec: &JobSpec, caps: TenantCaps) -> ApiResult<()> {
     let spec_path = st.layout.job_spec(spec.id);
     let json = serde_json::to_vec(spec).map_err(ApiError::internal)?;
     st.store
         .put_opts(&spec_path, PutPayload::from(json), PutMode::Create.into())
         .await
         .map_err(ApiError::internal)?;
-    let rest = async {
-        st.progress.create_job(spec).await?;
-        st.queue.publish_job(spec.id).await
-    };
-    if let Err(e) = rest.await {
-        tracing::error!(job = %spec.id, error = %e, "submission failed; undoing it");
-        if let Err(d) = st.progress.delete_job(spec).await {
-            tracing::error!(job = %spec.id, error = %d, "cannot delete the progress entry of a failed submission");
+    match st.progress.create_job_within(spec, caps).await {
+        Ok(None) => {}
+        Ok(Some(refused)) => {
+            if let Err(d) = st.store.delete(&spec_path).await {
+                tracing::error!(job = %spec.id, error = %d, "cannot delete the spec of a refused submission");
+            }
+            return Err(limit_error(&spec.tenant, refused));
         }
-        if let Err(d) = st.store.delete(&spec_path).await {
-            tracing::error!(job = %spec.id, error = %d, "cannot delete the spec of a failed submission");
-        }
-        return Err(ApiError::internal(e));
+        Err(e) => return Err(undo(st, spec, &spec_path, e).await),
+    }
+    if let Err(e) = st.queue.publish_job(spec.id).await {
+        return Err(undo(st, spec, &spec_path, e).await);
     }
     tracing::info!(job = %spec.id, tenant = %spec.tenant, samples = spec.num_samples, "job submitted");
     Ok(())
+}
+
+/// Deletes the progress entry and the spec of a failed submission.
+async fn undo(
+    st: &ApiState,
+    spec: &JobSpec,
+    spec_path: &object_store::path::Path,
+    e: dig_common::CommonError,
+) -> ApiError {
+    tracing::error!(job = %spec.id, error = %e, "submission failed; undoing it");
+    if let Err(d) = st.progress.delete_job(spec).await {
+        tracing::error!(job = %spec.id, error = %d, "cannot delete the progress entry of a failed submission");
+    }
+    if let Err(d) = st.store.delete(spec_path).await {
+        tracing::error!(job = %spec.id, error = %d, "cannot delete the spec of a failed submission");
+    }
+    ApiError::internal(e)
 }
 
 fn parse_id(id: &str) -> ApiResult<JobId> {
@@ -645,7 +794,7 @@ async fn get_job(
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobView>> {
     let (job, p) = owned_job(&st, &tenant, &id).await?;
-    Ok(Json(job_view(job, &p)))
+    Ok(Json(full_view(&st, job, &p).await?))
 }
 
 fn already_final(job: JobId, state: JobState) -> ApiError {
@@ -702,7 +851,7 @@ async fn cancel_job(
         return Err(already_final(job, p.state));
     }
     tracing::info!(%job, %tenant, "job cancelled");
-    Ok(Json(job_view(job, &p)))
+    Ok(Json(full_view(&st, job, &p).await?))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -712,6 +861,8 @@ struct ListQuery {
     limit: Option<usize>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Only jobs in this state: queued, running, succeeded, failed, cancelled.
+    state: Option<String>,
 }
 
 /// The tenant's jobs, newest first.
@@ -746,18 +897,45 @@ async fn list_jobs(
                 .map_err(|_| ApiError::invalid("cursor: not a job id"))?,
         ),
     };
-    let ids = st.progress.list_jobs(&tenant, limit, cursor).await?;
-    let mut jobs = Vec::with_capacity(ids.len());
-    for id in &ids {
-        if let Some(p) = st.progress.get(*id).await? {
-            jobs.push(job_view(*id, &p));
-        }
-    }
-    let next = if ids.len() == limit {
-        ids.last().copied()
-    } else {
-        None
+    let state = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(name) => Some(
+            serde_json::from_value::<JobState>(serde_json::Value::String(name.to_string()))
+                .map_err(|_| {
+                    ApiError::invalid(format!(
+                        "state: unknown state '{name}'; use queued, running, succeeded, failed or cancelled"
+                    ))
+                })?,
+        ),
     };
+    // Without a filter, one page of the tenant's listing. With one, pages
+    // are scanned until `limit` jobs match or the listing ends; the cursor
+    // is the last job looked at, so the next page goes on from there.
+    let mut jobs = Vec::with_capacity(limit);
+    let mut next = None;
+    let mut from = cursor;
+    'pages: loop {
+        let ids = st.progress.list_jobs(&tenant, limit, from).await?;
+        for (k, id) in ids.iter().enumerate() {
+            if let Some(p) = st.progress.get(*id).await? {
+                if state.is_none_or(|s| s == p.state) {
+                    jobs.push(full_view(&st, *id, &p).await?);
+                }
+            }
+            if jobs.len() == limit {
+                // More may follow unless this was the listing's very end.
+                let last_of_page = k + 1 == ids.len();
+                if !(last_of_page && ids.len() < limit) {
+                    next = Some(*id);
+                }
+                break 'pages;
+            }
+        }
+        if ids.len() < limit {
+            break;
+        }
+        from = ids.last().copied();
+    }
     Ok(Json(JobList {
         jobs,
         next_cursor: next,

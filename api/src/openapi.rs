@@ -52,12 +52,13 @@ pub(crate) async fn openapi_json() -> impl IntoResponse {
         crate::submit_job,
         crate::list_jobs,
         crate::get_job,
+        crate::events::job_events,
         crate::cancel_job,
         crate::results::get_results,
         crate::results::get_results_pdb,
         crate::results::get_shard,
     ),
-    components(schemas(ErrorBody, ErrorDetail, JobStateSchema, PrioritySchema)),
+    components(schemas(ErrorBody, ErrorDetail, JobStateSchema, PrioritySchema, WebhookStateSchema)),
     modifiers(&BearerAuth),
     tags(
         (name = "service", description = "Health, readiness and this document"),
@@ -115,6 +116,19 @@ pub(crate) enum JobStateSchema {
     Cancelled,
 }
 
+/// Where a job's webhook stands: `pending` (the job is not final yet, or
+/// attempts are being retried), `delivered` (a 2xx answer came back),
+/// `failed` (every attempt failed; no more are made).
+#[derive(ToSchema)]
+#[schema(as = WebhookState)]
+#[allow(dead_code)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum WebhookStateSchema {
+    Pending,
+    Delivered,
+    Failed,
+}
+
 /// Interactive work overtakes bulk work.
 #[derive(ToSchema)]
 #[schema(as = Priority)]
@@ -144,15 +158,21 @@ pub(crate) struct FeatureRefSchema {
     bytes: u64,
 }
 
-/// The manifest of a succeeded job.
+/// The manifest of a finished job: every shard of a succeeded job, or the
+/// shards a failed or cancelled job finished.
 #[derive(ToSchema)]
 #[schema(as = Manifest)]
 #[allow(dead_code)]
 pub(crate) struct ManifestSchema {
     #[schema(format = Uuid)]
     job: String,
+    /// The samples the job asked for (a partial manifest holds fewer).
     num_samples: u64,
-    /// Every shard, by ascending index.
+    /// `true`: the job succeeded and `shards` is every shard. `false`: the
+    /// job failed or was cancelled and `shards` is those finished, which
+    /// may still grow while shards that were running at the end finish.
+    complete: bool,
+    /// The shards, by ascending index.
     shards: Vec<ManifestShardSchema>,
 }
 

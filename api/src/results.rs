@@ -1,15 +1,24 @@
 //! Results: the manifest, single shards (npz as stored, or PDB), and the
 //! whole ensemble of a succeeded job as one streamed PDB.
+//!
+//! A failed or cancelled job's shards that were finished stay downloadable:
+//! its manifest lists them (`"complete": false`), built from the object
+//! store's listing (the source of truth) with each shard's SHA-256. Digests
+//! are cached in `jobs/{id}/manifest.partial.json` and reused while a shard
+//! keeps its size, so a request hashes only shards not seen before (those
+//! still running at the end finish later and join the manifest).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use dig_common::job::{JobId, JobSpec, JobState};
-use futures::TryStreamExt;
-use serde::Deserialize;
+use futures::{StreamExt, TryStreamExt};
+use object_store::PutPayload;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use utoipa::IntoParams;
 
 use crate::openapi::{BinarySchema, ErrorBody, ManifestSchema};
@@ -17,8 +26,9 @@ use crate::{owned_job, pdb, ApiError, ApiResult, Shared, Tenant};
 
 const PDB_TYPE: &str = "chemical/x-pdb";
 
-/// The manifest of a succeeded job: its shards with their sample ranges,
-/// sizes and SHA-256.
+/// The manifest of a finished job: its shards with their sample ranges,
+/// sizes and SHA-256. Every shard of a succeeded job (`"complete": true`);
+/// the finished shards of a failed or cancelled one (`"complete": false`).
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/results",
@@ -27,7 +37,7 @@ const PDB_TYPE: &str = "chemical/x-pdb";
     responses(
         (status = 200, description = "The manifest", body = ManifestSchema),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
-        (status = 404, description = "No such job of this tenant, or it has not succeeded yet", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant, or it is not finished yet", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -37,18 +47,144 @@ pub(crate) async fn get_results(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let (job, p) = owned_job(&st, &tenant, &id).await?;
-    if p.state != JobState::Succeeded {
-        return Err(ApiError::not_found("job has not succeeded yet"));
+    let manifest = match p.state {
+        JobState::Succeeded => {
+            let bytes = st
+                .store
+                .get(&st.layout.manifest(job))
+                .await
+                .map_err(ApiError::internal)?
+                .bytes()
+                .await
+                .map_err(ApiError::internal)?;
+            let mut m: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::internal(format!("job {job}: bad manifest: {e}")))?;
+            m.insert("complete".into(), true.into());
+            serde_json::Value::Object(m)
+        }
+        JobState::Failed | JobState::Cancelled => {
+            serde_json::to_value(partial_manifest(&st, job).await?).map_err(ApiError::internal)?
+        }
+        JobState::Queued | JobState::Running => {
+            return Err(ApiError::not_found(format!(
+                "job {job} is not finished yet; its finished shards are at \
+                 /v1/jobs/{job}/results/{{shard}}"
+            )))
+        }
+    };
+    Ok(axum::Json(manifest).into_response())
+}
+
+/// One shard of a manifest (the coordinator's shape).
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
+struct ManifestEntry {
+    index: u64,
+    start: u64,
+    end: u64,
+    key: String,
+    bytes: u64,
+    sha256: String,
+}
+
+/// The manifest of a failed or cancelled job.
+#[derive(Serialize, Deserialize, PartialEq, Eq, Debug)]
+struct PartialManifest {
+    job: JobId,
+    num_samples: u64,
+    complete: bool,
+    shards: Vec<ManifestEntry>,
+}
+
+/// The finished shards of `job` as the store lists them, with digests
+/// (cached, see the module documentation).
+async fn partial_manifest(st: &Shared, job: JobId) -> ApiResult<PartialManifest> {
+    let spec = job_spec(st, job).await?;
+    let num_shards = spec.num_shards();
+    let mut stored: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut listing = st.store.list(Some(&st.layout.shards_dir(job)));
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(ApiError::internal)?;
+        let index = meta
+            .location
+            .filename()
+            .and_then(|f| f.strip_suffix(".npz"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|i| *i < num_shards && st.layout.shard(job, *i) == meta.location);
+        if let Some(index) = index {
+            stored.insert(index, meta.size);
+        }
     }
-    let bytes = st
-        .store
-        .get(&st.layout.manifest(job))
-        .await
-        .map_err(ApiError::internal)?
-        .bytes()
-        .await
-        .map_err(ApiError::internal)?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+    let cache_path = st.layout.partial_manifest(job);
+    let cached: Option<PartialManifest> = match st.store.get(&cache_path).await {
+        Ok(r) => match r.bytes().await {
+            Ok(b) => serde_json::from_slice(&b).ok(),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    };
+    let known: BTreeMap<u64, ManifestEntry> = cached
+        .as_ref()
+        .map(|m| m.shards.iter().map(|s| (s.index, s.clone())).collect())
+        .unwrap_or_default();
+    let mut shards = Vec::with_capacity(stored.len());
+    for (&index, &size) in &stored {
+        let entry = match known.get(&index) {
+            Some(e) if e.bytes == size => e.clone(),
+            _ => {
+                let key = st.layout.shard(job, index);
+                let (bytes, sha256) = match digest(st, &key).await {
+                    Ok(d) => d,
+                    // Listed a moment ago, gone now: not a finished shard.
+                    Err(object_store::Error::NotFound { .. }) => continue,
+                    Err(e) => return Err(ApiError::internal(e)),
+                };
+                let task = spec.shard(index);
+                ManifestEntry {
+                    index,
+                    start: task.start,
+                    end: task.end,
+                    key: key.to_string(),
+                    bytes,
+                    sha256,
+                }
+            }
+        };
+        shards.push(entry);
+    }
+    let manifest = PartialManifest {
+        job,
+        num_samples: spec.num_samples,
+        complete: false,
+        shards,
+    };
+    if cached.as_ref() != Some(&manifest) {
+        match serde_json::to_vec_pretty(&manifest) {
+            Ok(json) => {
+                if let Err(e) = st.store.put(&cache_path, PutPayload::from(json)).await {
+                    // Only a cache: the next request hashes again.
+                    tracing::warn!(%job, error = %e, "cannot cache the partial manifest");
+                }
+            }
+            Err(e) => tracing::warn!(%job, error = %e, "cannot serialize the partial manifest"),
+        }
+    }
+    Ok(manifest)
+}
+
+/// Size and SHA-256 of an object, streamed.
+async fn digest(
+    st: &Shared,
+    key: &object_store::path::Path,
+) -> Result<(u64, String), object_store::Error> {
+    let mut body = st.store.get(key).await?.into_stream();
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        bytes += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    Ok((bytes, hex::encode(hasher.finalize())))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -115,6 +115,8 @@ async fn ctx_with(max_bytes: u64, tweak: impl FnOnce(&mut ApiState)) -> Ctx {
             default_model: "dig-small".into(),
             ..Limits::default()
         },
+        webhook_secrets: Default::default(),
+        shutdown: tokio::sync::watch::channel(false).1,
     };
     tweak(&mut state);
     Ctx {
@@ -412,7 +414,7 @@ async fn job_submission_is_stored_tracked_and_queued_once() {
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    assert_eq!(message(&v), "job has not succeeded yet");
+    assert!(message(&v).contains("is not finished yet"), "{v}");
 
     // Another tenant sees nothing of it.
     for uri in [format!("/v1/jobs/{id}"), format!("/v1/jobs/{id}/results")] {
@@ -541,7 +543,9 @@ async fn results_of_a_succeeded_job() {
             Body::empty(),
         )
         .await;
-    assert_eq!((s, v), (StatusCode::OK, manifest));
+    let mut expected = manifest.clone();
+    expected["complete"] = json!(true);
+    assert_eq!((s, v), (StatusCode::OK, expected));
 
     for uri in [
         format!("/v1/jobs/{id}/results/1"),
@@ -656,6 +660,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/models", &["get"]),
     ("/v1/jobs", &["get", "post"]),
     ("/v1/jobs/{id}", &["get"]),
+    ("/v1/jobs/{id}/events", &["get"]),
     ("/v1/jobs/{id}/cancel", &["post"]),
     ("/v1/jobs/{id}/results", &["get"]),
     ("/v1/jobs/{id}/results.pdb", &["get"]),
@@ -1250,5 +1255,57 @@ async fn a_submission_that_cannot_be_queued_is_undone_and_its_key_released() {
             .unwrap(),
         fresh
     );
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_list_filters_by_state_across_pages() {
+    let c = ctx().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(c.submitted(10, 10).await.id);
+    }
+    for &i in [0, 2, 4].iter() {
+        c.redis
+            .set_state(ids[i], JobState::Running, None)
+            .await
+            .unwrap();
+    }
+    let page = |uri: String| {
+        let c = &c;
+        async move {
+            let (s, v) = c
+                .json("GET", &uri, Some(&c.key_a), &[], Body::empty())
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let got: Vec<String> = v["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| j["id"].as_str().unwrap().to_string())
+                .collect();
+            (got, v["next_cursor"].as_str().map(str::to_string))
+        }
+    };
+    // Newest first, two per page, only the running ones.
+    let (first, next) = page("/v1/jobs?state=running&limit=2".into()).await;
+    assert_eq!(first, vec![ids[4].to_string(), ids[2].to_string()]);
+    let next = next.expect("a second page");
+    let (second, end) = page(format!("/v1/jobs?state=running&limit=2&cursor={next}")).await;
+    assert_eq!(second, vec![ids[0].to_string()]);
+    assert_eq!(end, None);
+    let (queued, _) = page("/v1/jobs?state=queued".into()).await;
+    assert_eq!(queued, vec![ids[3].to_string(), ids[1].to_string()]);
+    let (s, v) = c
+        .json(
+            "GET",
+            "/v1/jobs?state=done",
+            Some(&c.key_a),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(message(&v).contains("unknown state 'done'"), "{v}");
     c.cleanup().await;
 }

@@ -130,6 +130,21 @@ pub struct ApiSection {
     /// Where uploads are spooled while validated; empty: the system's
     /// temporary directory. Needs room for a few `max_feature_bytes`.
     pub spool_dir: PathBuf,
+    /// Most unfinished (queued or running) jobs of one tenant.
+    pub max_jobs_per_tenant: u64,
+    /// Most samples one tenant may have waiting: the sum of
+    /// `num_samples - samples_done` over its unfinished jobs.
+    pub max_queued_samples_per_tenant: u64,
+    /// Tenants' webhook signing secrets: one `TENANT SECRET` line each
+    /// (`#` comments). Empty: no tenant may give a `callback_url`.
+    pub webhook_secrets_file: PathBuf,
+    /// Attempts at delivering a webhook before it is given up.
+    pub webhook_max_attempts: u32,
+    /// Pause after the first failed delivery, ms; doubling after each
+    /// further failure, at most 10 minutes.
+    pub webhook_backoff_ms: u64,
+    /// Time allowed for one delivery (connect, send, answer), seconds.
+    pub webhook_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -158,6 +173,10 @@ pub struct WorkerSection {
     pub max_attempts: u32,
     /// Seconds between heartbeats (a worker is listed for 3 of them).
     pub heartbeat_secs: u64,
+    /// On SIGTERM, how long a shard in progress may run on before it is
+    /// stopped at a batch boundary and requeued. Keep it below the
+    /// platform's kill deadline (Kubernetes' terminationGracePeriodSeconds).
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for Config {
@@ -215,6 +234,12 @@ impl Default for ApiSection {
             max_shard_size: 100_000,
             default_model: "dig-protein".into(),
             spool_dir: PathBuf::new(),
+            max_jobs_per_tenant: 1000,
+            max_queued_samples_per_tenant: 10_000_000,
+            webhook_secrets_file: PathBuf::new(),
+            webhook_max_attempts: 12,
+            webhook_backoff_ms: 1000,
+            webhook_timeout_secs: 10,
         }
     }
 }
@@ -238,6 +263,7 @@ impl Default for WorkerSection {
             cache_dir: "dig-cache".into(),
             max_attempts: 3,
             heartbeat_secs: 10,
+            shutdown_grace_secs: 60,
         }
     }
 }
@@ -480,12 +506,15 @@ mod tests {
             "DIG_STORE_KIND",
             "DIG_STORE_S3_SECRET_ACCESS_KEY",
             "DIG_API_LISTEN",
+            "DIG_API_MAX_JOBS_PER_TENANT",
+            "DIG_API_WEBHOOK_SECRETS_FILE",
             "DIG_COORDINATOR_WINDOW_PER_JOB",
             "DIG_WORKER_HEARTBEAT_SECS",
+            "DIG_WORKER_SHUTDOWN_GRACE_SECS",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing");
         }
-        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 7 + 2 + 7);
+        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 13 + 2 + 8);
     }
 
     #[test]

@@ -89,6 +89,10 @@ pub struct JobSpec {
     pub shard_size: u64,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// Where to POST the job's view once it is final (a webhook); absent
+    /// from specs written before webhooks existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 impl JobSpec {
@@ -156,6 +160,7 @@ mod tests {
             priority: Priority::Interactive,
             shard_size: shard,
             created_at: 0,
+            callback_url: None,
         }
     }
 

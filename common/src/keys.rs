@@ -11,6 +11,19 @@
 //! {p}:jobs:{tenant}           sorted set of job ids by creation time
 //! {p}:unfinished              set of job ids not in a final state (all
 //!                             tenants): what a restarted coordinator resumes
+//! {p}:unfinished:{tenant}     the same for one tenant: its SCARD is the
+//!                             tenant's unfinished-job count, its members
+//!                             the jobs whose remaining samples make the
+//!                             tenant's queued samples (per-tenant limits)
+//! {p}:job:{job}:webhook       hash: url, state (pending|delivered|failed),
+//!                             attempts, last_error, delivery (the
+//!                             X-Dig-Delivery id), body (the JSON sent,
+//!                             fixed at the first attempt so retries are
+//!                             byte-identical); only jobs with a callback_url
+//! {p}:webhooks:pending        sorted set: final jobs whose webhook is to be
+//!                             sent, scored by the Unix ms of the next
+//!                             attempt (while one is in flight: the end of
+//!                             its sender's lease)
 //! {p}:idem:{tenant}:{key}     Idempotency-Key -> job id
 //! {p}:worker:{id}             hash: heartbeat (device, shard, samples/s), with TTL
 //! ```
@@ -45,6 +58,22 @@ impl RedisKeys {
     }
     pub fn unfinished(&self) -> String {
         format!("{}:unfinished", self.prefix)
+    }
+    /// The tenant's unfinished jobs: `{unfinished}:{tenant}` (scripts that
+    /// know the tenant only from the job's hash derive it the same way).
+    pub fn tenant_unfinished(&self, tenant: &str) -> String {
+        format!("{}:{tenant}", self.unfinished())
+    }
+    pub fn job_webhook(&self, job: JobId) -> String {
+        format!("{}:job:{job}:webhook", self.prefix)
+    }
+    pub fn webhooks_pending(&self) -> String {
+        format!("{}:webhooks:pending", self.prefix)
+    }
+    /// `{p}:job:` — job keys are this plus the id (for scripts that visit
+    /// the jobs of a set).
+    pub fn job_prefix(&self) -> String {
+        format!("{}:job:", self.prefix)
     }
     pub fn idempotency(&self, tenant: &str, key: &str) -> String {
         format!("{}:idem:{tenant}:{key}", self.prefix)

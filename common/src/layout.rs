@@ -9,6 +9,9 @@
 //! {prefix}jobs/{job}/spec.json           immutable job spec
 //! {prefix}jobs/{job}/shards/{index:06}.npz   shard outputs (source of truth)
 //! {prefix}jobs/{job}/manifest.json       written when the job succeeds
+//! {prefix}jobs/{job}/manifest.partial.json   the API's cache of a failed or
+//!                                        cancelled job's finished shards and digests
+//! {prefix}jobs/{job}/state.json          written when the job fails or is cancelled
 //! ```
 
 use object_store::path::Path;
@@ -62,6 +65,18 @@ impl ObjectLayout {
     pub fn manifest(&self, job: JobId) -> Path {
         self.path(format!("jobs/{job}/manifest.json"))
     }
+    pub fn partial_manifest(&self, job: JobId) -> Path {
+        self.path(format!("jobs/{job}/manifest.partial.json"))
+    }
+    /// The final-state marker of a job that failed or was cancelled, so that
+    /// the state survives a loss of the progress store.
+    pub fn job_state(&self, job: JobId) -> Path {
+        self.path(format!("jobs/{job}/state.json"))
+    }
+    /// The folder of every job's folder, for listing the jobs.
+    pub fn jobs_dir(&self) -> Path {
+        self.path("jobs".to_string())
+    }
 }
 
 #[cfg(test)]
@@ -84,5 +99,11 @@ mod tests {
             l.model_file("dig", "config.json").as_ref(),
             "test-1/models/dig/config.json"
         );
+        assert_eq!(
+            l.job_state(job).as_ref(),
+            "test-1/jobs/01938a2e-0000-7000-8000-000000000001/state.json"
+        );
+        assert_eq!(l.jobs_dir().as_ref(), "test-1/jobs");
+        assert_eq!(ObjectLayout::new("").jobs_dir().as_ref(), "jobs");
     }
 }

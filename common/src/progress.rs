@@ -22,6 +22,16 @@
 //! - The object store is the source of truth for finished shards; after Redis
 //!   loses its data, [`ProgressStore::rebuild_from_done`] recreates a job's
 //!   entry from the list of shards found there.
+//! - Per-tenant limits ([`ProgressStore::create_job_within`]) are checked and
+//!   the job created in one step, so concurrent submissions cannot overshoot
+//!   them. A tenant's usage is computed from its set of unfinished jobs
+//!   (kept with the create and final-state transitions), visiting each of
+//!   them: bounded by the job cap.
+//! - A job created with a `callback_url` gets a webhook entry (pending). Its
+//!   switch to a final state makes the webhook due; [`ProgressStore::claim_webhooks`]
+//!   hands each due webhook to one caller at a time for a lease, so API
+//!   replicas do not send it twice unless a sender dies mid-attempt (then the
+//!   lease runs out and another sends it again: at least once).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -56,6 +66,108 @@ pub struct JobProgress {
     pub finished_at: Option<u64>,
 }
 
+/// Caps a tenant's new job must fit under ([`ProgressStore::create_job_within`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantCaps {
+    /// Most unfinished jobs.
+    pub max_jobs: u64,
+    /// Most samples waiting: `num_samples - samples_done` summed over the
+    /// unfinished jobs, the new one included.
+    pub max_queued_samples: u64,
+}
+
+/// What a tenant has waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TenantUsage {
+    pub unfinished_jobs: u64,
+    pub queued_samples: u64,
+}
+
+impl TenantCaps {
+    /// Whether a new job of `requested` samples fits beside `usage`.
+    pub fn check(&self, usage: TenantUsage, requested: u64) -> Option<LimitExceeded> {
+        if usage.unfinished_jobs >= self.max_jobs {
+            Some(LimitExceeded::Jobs {
+                unfinished: usage.unfinished_jobs,
+                limit: self.max_jobs,
+            })
+        } else if usage.queued_samples.saturating_add(requested) > self.max_queued_samples {
+            Some(LimitExceeded::Samples {
+                queued: usage.queued_samples,
+                requested,
+                limit: self.max_queued_samples,
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// Why [`ProgressStore::create_job_within`] created nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitExceeded {
+    /// The tenant has `unfinished` jobs already; the cap is `limit`.
+    Jobs { unfinished: u64, limit: u64 },
+    /// `queued` samples wait already; `requested` more would pass `limit`.
+    Samples {
+        queued: u64,
+        requested: u64,
+        limit: u64,
+    },
+}
+
+/// Where a job's webhook stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookState {
+    /// Not sent yet (the job is not final), or being retried.
+    Pending,
+    /// A 2xx answer came back.
+    Delivered,
+    /// Every attempt failed; no more are made.
+    Failed,
+}
+
+/// A job's webhook.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebhookStatus {
+    pub url: String,
+    pub state: WebhookState,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// Why the latest failed attempt failed.
+    pub last_error: Option<String>,
+    /// The `X-Dig-Delivery` id: one per job, the same on every attempt.
+    pub delivery: String,
+}
+
+/// A due webhook handed to one sender by [`ProgressStore::claim_webhooks`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebhookClaim {
+    pub job: JobId,
+    pub url: String,
+    pub delivery: String,
+    /// The number of this attempt, from 1.
+    pub attempt: u32,
+    /// The body an earlier attempt fixed ([`ProgressStore::fix_webhook_body`]).
+    pub body: Option<String>,
+}
+
+/// How a webhook attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookAttempt<'a> {
+    Delivered,
+    /// Failed; due again at Unix ms `at_ms`.
+    Retry {
+        error: &'a str,
+        at_ms: u64,
+    },
+    /// Failed, and no more attempts are made.
+    GaveUp {
+        error: &'a str,
+    },
+}
+
 /// A worker's periodic "I am alive", kept for `ttl_secs` after each beat.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct WorkerHeartbeat {
@@ -71,10 +183,48 @@ pub struct WorkerHeartbeat {
 
 #[async_trait]
 pub trait ProgressStore: Send + Sync {
-    /// Registers a queued job and lists it under its tenant. Creating a job
-    /// that already exists changes nothing (a retried submission must not
-    /// reset the counters of a running job).
+    /// Registers a queued job and lists it under its tenant (and, with a
+    /// `callback_url`, its pending webhook). Creating a job that already
+    /// exists changes nothing (a retried submission must not reset the
+    /// counters of a running job).
     async fn create_job(&self, spec: &JobSpec) -> Result<()>;
+
+    /// [`ProgressStore::create_job`] if the tenant stays within `caps` with
+    /// this job; otherwise nothing is created and the answer says which cap
+    /// it would pass. Check and creation are one atomic step. A job that
+    /// exists already is left as it is (`None`).
+    async fn create_job_within(
+        &self,
+        spec: &JobSpec,
+        caps: TenantCaps,
+    ) -> Result<Option<LimitExceeded>>;
+
+    /// The tenant's unfinished jobs and the samples they still have to draw.
+    async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage>;
+
+    /// The job's webhook, `None` when it was created without a `callback_url`.
+    async fn webhook(&self, job: JobId) -> Result<Option<WebhookStatus>>;
+
+    /// Takes up to `limit` webhooks due at Unix ms `now_ms` (their job is
+    /// final, their next attempt time has come): counts an attempt at each
+    /// and holds it until `lease_until_ms`, so that no other caller takes it
+    /// meanwhile. The caller reports each with
+    /// [`ProgressStore::record_webhook_attempt`]; one it never reports is
+    /// due again when the lease ends.
+    async fn claim_webhooks(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<WebhookClaim>>;
+
+    /// Fixes the body of the job's webhook unless an earlier attempt did;
+    /// returns the fixed one (every attempt sends the same bytes).
+    async fn fix_webhook_body(&self, job: JobId, body: &str) -> Result<String>;
+
+    /// Records how an attempt ended: delivered or given up (no longer due),
+    /// or due again at a later time. Ignored unless the webhook is pending.
+    async fn record_webhook_attempt(&self, job: JobId, outcome: WebhookAttempt<'_>) -> Result<()>;
 
     /// The job's progress, `None` if unknown.
     async fn get(&self, job: JobId) -> Result<Option<JobProgress>>;
@@ -96,6 +246,12 @@ pub trait ProgressStore: Send + Sync {
     /// Counts one more attempt at `shard`; returns the attempts so far,
     /// this one included (1 on the first delivery).
     async fn start_attempt(&self, job: JobId, shard: u64) -> Result<u32>;
+
+    /// Takes back one attempt at `shard` (never below zero): the attempt
+    /// ended for a reason that is not the shard's (a backing service
+    /// unreachable, the worker shutting down), so it must not bring the
+    /// shard closer to being given up. Returns the attempts that remain.
+    async fn forgive_attempt(&self, job: JobId, shard: u64) -> Result<u32>;
 
     /// Counts shard `shard` as failed for good (once per shard) and keeps the
     /// job's first error as `"shard {shard}: {reason}"`. Does not change the
@@ -140,6 +296,20 @@ pub trait ProgressStore: Send + Sync {
     /// the error start afresh (those shards will be retried).
     async fn rebuild_from_done(&self, spec: &JobSpec, done_shards: &[u64]) -> Result<()>;
 
+    /// [`rebuild_from_done`](Self::rebuild_from_done) with the state (and
+    /// error) given instead of derived from the done set: for a job whose end
+    /// the object store records (the state marker of a failed or cancelled
+    /// job), so that it never shows as running again, nor as succeeded
+    /// without a manifest. A final state sets `finished_at` and keeps the job
+    /// out of the unfinished set.
+    async fn rebuild_with_state(
+        &self,
+        spec: &JobSpec,
+        done_shards: &[u64],
+        state: JobState,
+        error: Option<&str>,
+    ) -> Result<()>;
+
     /// Every job not in a final state, of all tenants, ascending: what a
     /// (re)started coordinator must drive. A job enters the set when created
     /// and leaves it when it reaches a final state.
@@ -158,6 +328,71 @@ fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Unix milliseconds (webhook schedules).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The `X-Dig-Delivery` id of a job's webhook: the job id (one webhook per
+/// job), so that even a webhook recreated after Redis lost its data keeps
+/// the id receivers deduplicate by.
+fn delivery_id(job: JobId) -> String {
+    job.to_string()
+}
+
+/// The refusal a usage of `jobs` unfinished jobs and `queued` samples gives
+/// a new job of `requested` samples under `caps` (`status` as the create
+/// script answers: -1 job cap, -2 sample cap).
+fn refusal(
+    status: i64,
+    jobs: u64,
+    queued: u64,
+    requested: u64,
+    caps: TenantCaps,
+) -> Option<LimitExceeded> {
+    match status {
+        -1 => Some(LimitExceeded::Jobs {
+            unfinished: jobs,
+            limit: caps.max_jobs,
+        }),
+        -2 => Some(LimitExceeded::Samples {
+            queued,
+            requested,
+            limit: caps.max_queued_samples,
+        }),
+        _ => None,
+    }
+}
+
+fn parse_webhook(job: JobId, map: HashMap<String, String>) -> Result<Option<WebhookStatus>> {
+    if map.is_empty() {
+        return Ok(None);
+    }
+    let state = match map.get("state").map(String::as_str) {
+        Some("pending") => WebhookState::Pending,
+        Some("delivered") => WebhookState::Delivered,
+        Some("failed") => WebhookState::Failed,
+        other => {
+            return Err(CommonError::Other(format!(
+                "job {job}: bad webhook state {other:?} in progress store"
+            )))
+        }
+    };
+    Ok(Some(WebhookStatus {
+        url: required(&map, job, "url")?,
+        state,
+        attempts: field(&map, job, "attempts")?.unwrap_or(0),
+        last_error: map.get("last_error").cloned(),
+        delivery: map
+            .get("delivery")
+            .cloned()
+            .unwrap_or_else(|| delivery_id(job)),
+    }))
 }
 
 /// The wire name of a state (`"running"`), the one serde gives it, so Redis
@@ -195,6 +430,17 @@ fn check_shard(job: JobId, shard: u64, num_shards: u64) -> Result<()> {
     Ok(())
 }
 
+/// What [`ProgressStore::rebuild_from_done`] makes of a done list: succeeded
+/// when it holds every shard, else running.
+fn derived_state(spec: &JobSpec, done_shards: &[u64]) -> JobState {
+    let done: BTreeSet<u64> = done_shards.iter().copied().collect();
+    if done.len() as u64 == spec.num_shards() {
+        JobState::Succeeded
+    } else {
+        JobState::Running
+    }
+}
+
 /// Samples of the given shards (deduplicated, checked against the spec).
 fn done_samples(spec: &JobSpec, done: &BTreeSet<u64>) -> Result<u64> {
     let n = spec.num_shards();
@@ -208,27 +454,123 @@ fn done_samples(spec: &JobSpec, done: &BTreeSet<u64>) -> Result<u64> {
 // Redis
 // ---------------------------------------------------------------------------
 
-/// Create unless present: `HSET` + `ZADD` in one step.
-/// KEYS: job, tenant_jobs, unfinished. ARGV: job id, tenant, num_shards, num_samples, created_at.
-const CREATE_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+/// Lua: a tenant's usage `{unfinished jobs, queued samples}` from its set
+/// of unfinished jobs (`set`), visiting each job's hash (`job_prefix .. id`);
+/// members whose hash is gone are dropped. Prepended to the scripts that use it.
+const USAGE_LUA_FN: &str = r#"
+local function usage(set, job_prefix)
+  local jobs, queued = 0, 0
+  for _, id in ipairs(redis.call('SMEMBERS', set)) do
+    local f = redis.call('HMGET', job_prefix .. id, 'num_samples', 'samples_done')
+    if not f[1] then
+      redis.call('SREM', set, id)
+    else
+      jobs = jobs + 1
+      local left = tonumber(f[1]) - tonumber(f[2] or '0')
+      if left > 0 then queued = queued + left end
+    end
+  end
+  return jobs, queued
+end
+"#;
+
+/// Create unless present, within the tenant's caps: `HSET` + `ZADD` + the
+/// unfinished sets (+ the webhook) in one step.
+/// KEYS: job, tenant_jobs, unfinished, tenant_unfinished, webhook.
+/// ARGV: job id, tenant, num_shards, num_samples, created_at, max_jobs ('' = no
+/// caps), max_queued_samples, job key prefix, callback url ('' = none), delivery id.
+/// Returns {status, jobs, queued}: 1 created, 0 existed, -1 job cap, -2 sample cap.
+const CREATE_BODY_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0, 0} end
+local jobs, queued = 0, 0
+if ARGV[6] ~= '' then
+  jobs, queued = usage(KEYS[4], ARGV[8])
+  if jobs >= tonumber(ARGV[6]) then return {-1, jobs, queued} end
+  if queued + tonumber(ARGV[4]) > tonumber(ARGV[7]) then return {-2, jobs, queued} end
+end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'tenant', ARGV[2], 'num_shards', ARGV[3],
   'num_samples', ARGV[4], 'samples_done', 0, 'shards_failed', 0, 'created_at', ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[5], 'url', ARGV[9], 'state', 'pending', 'attempts', 0,
+    'delivery', ARGV[10])
+end
+return {1, jobs, queued}
+"#;
+
+/// KEYS: tenant_unfinished. ARGV: job key prefix. Returns {jobs, queued}.
+const USAGE_BODY_LUA: &str = r#"
+local jobs, queued = usage(KEYS[1], ARGV[1])
+return {jobs, queued}
+"#;
+
+/// Takes due webhooks: each due job whose webhook is pending gets one more
+/// attempt and is held until the lease ends; others leave the set.
+/// KEYS: pending. ARGV: now_ms, lease_until_ms, limit, job key prefix.
+/// Returns {id, url, delivery, attempt, body or ''} per webhook.
+const CLAIM_WEBHOOKS_LUA: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(due) do
+  local key = ARGV[4] .. id .. ':webhook'
+  local f = redis.call('HMGET', key, 'state', 'url', 'delivery', 'body')
+  if f[1] ~= 'pending' or not f[2] then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    local n = redis.call('HINCRBY', key, 'attempts', 1)
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    table.insert(out, {id, f[2], f[3] or '', tostring(n), f[4] or ''})
+  end
+end
+return out
+"#;
+
+/// KEYS: webhook, pending. ARGV: job id, outcome (delivered|retry|failed),
+/// error, at_ms. Returns 0 when the webhook is not pending (ignored).
+const RECORD_WEBHOOK_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
+if ARGV[2] == 'delivered' then
+  redis.call('HSET', KEYS[1], 'state', 'delivered')
+  redis.call('ZREM', KEYS[2], ARGV[1])
+elseif ARGV[2] == 'retry' then
+  redis.call('HSET', KEYS[1], 'last_error', ARGV[3])
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'last_error', ARGV[3])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return 1
+"#;
+
+/// A rebuilt job's webhook: recreated from the spec when its entry is gone
+/// (Redis lost its data), and due now when the job is final and it is pending.
+/// KEYS: webhook, pending. ARGV: job id, url ('' = none), delivery id, is_final
+/// (0/1), now_ms.
+const WEBHOOK_REBUILD_LUA: &str = r#"
+if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'url', ARGV[2], 'state', 'pending', 'attempts', 0,
+    'delivery', ARGV[3])
+end
+if ARGV[4] == '1' and redis.call('HGET', KEYS[1], 'state') == 'pending' then
+  redis.call('ZADD', KEYS[2], 'NX', ARGV[5], ARGV[1])
+end
 return 1
 "#;
 
 /// The state transition, atomic so that a final state cannot be overwritten
 /// between our read and our write. The final state names come from Rust
-/// (`JobState::is_final`) so the rule lives in one place.
-/// KEYS: job, unfinished. ARGV: state, is_final (0/1), now, has_error (0/1), error,
-/// job id, final names...
+/// (`JobState::is_final`) so the rule lives in one place. A final state
+/// also takes the job out of its tenant's unfinished set (`{unfinished}:{tenant}`,
+/// the tenant read from the hash) and makes a pending webhook due now.
+/// KEYS: job, unfinished, webhook, webhooks_pending. ARGV: state, is_final (0/1),
+/// now, has_error (0/1), error, job id, now_ms, final names...
 /// Returns -1 unknown job, 0 ignored (already final), 1 done.
 const SET_STATE_LUA: &str = r#"
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return -1 end
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   if cur == ARGV[i] then return 0 end
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
@@ -236,6 +578,11 @@ if ARGV[1] == 'running' then redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3]
 if ARGV[2] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
   redis.call('SREM', KEYS[2], ARGV[6])
+  local tenant = redis.call('HGET', KEYS[1], 'tenant')
+  if tenant then redis.call('SREM', KEYS[2] .. ':' .. tenant, ARGV[6]) end
+  if redis.call('HGET', KEYS[3], 'state') == 'pending' then
+    redis.call('ZADD', KEYS[4], 'NX', ARGV[7], ARGV[6])
+  end
 end
 if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
 return 1
@@ -264,6 +611,14 @@ if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {0, 0} end
 redis.call('HINCRBY', KEYS[1], 'shards_failed', 1)
 redis.call('HSETNX', KEYS[1], 'error', ARGV[2])
 return {1, 0}
+"#;
+
+/// One attempt fewer, not below zero (a missing counter stays missing).
+/// KEYS: attempts. ARGV: shard. Returns the attempts left.
+const FORGIVE_LUA: &str = r#"
+local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if n <= 0 then return 0 end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
 "#;
 
 /// Delete the key only if it still holds this job. KEYS: idem. ARGV: job id.
@@ -297,9 +652,14 @@ pub struct RedisProgress {
 
 struct Scripts {
     create: Script,
+    usage: Script,
+    claim_webhooks: Script,
+    record_webhook: Script,
+    webhook_rebuild: Script,
     set_state: Script,
     shard_done: Script,
     shard_failed: Script,
+    forgive: Script,
     list: Script,
 }
 
@@ -322,10 +682,15 @@ impl RedisProgress {
             conn,
             keys: RedisKeys::new(prefix),
             scripts: std::sync::Arc::new(Scripts {
-                create: Script::new(CREATE_LUA),
+                create: Script::new(&format!("{USAGE_LUA_FN}{CREATE_BODY_LUA}")),
+                usage: Script::new(&format!("{USAGE_LUA_FN}{USAGE_BODY_LUA}")),
+                claim_webhooks: Script::new(CLAIM_WEBHOOKS_LUA),
+                record_webhook: Script::new(RECORD_WEBHOOK_LUA),
+                webhook_rebuild: Script::new(WEBHOOK_REBUILD_LUA),
                 set_state: Script::new(SET_STATE_LUA),
                 shard_done: Script::new(SHARD_DONE_LUA),
                 shard_failed: Script::new(SHARD_FAILED_LUA),
+                forgive: Script::new(FORGIVE_LUA),
                 list: Script::new(LIST_LUA),
             }),
         })
@@ -450,21 +815,145 @@ fn shard_reply(job: JobId, shard: u64, reply: (i64, u64)) -> Result<bool> {
     }
 }
 
-#[async_trait]
-impl ProgressStore for RedisProgress {
-    async fn create_job(&self, spec: &JobSpec) -> Result<()> {
+impl RedisProgress {
+    /// CREATE_BODY_LUA with `caps` (none: no check).
+    async fn create(
+        &self,
+        spec: &JobSpec,
+        caps: Option<TenantCaps>,
+    ) -> Result<Option<LimitExceeded>> {
         let mut conn = self.conn.clone();
-        let _created: i64 = self
+        let (max_jobs, max_samples) = match caps {
+            Some(c) => (c.max_jobs.to_string(), c.max_queued_samples.to_string()),
+            None => (String::new(), String::new()),
+        };
+        let (status, jobs, queued): (i64, u64, u64) = self
             .scripts
             .create
             .key(self.keys.job(spec.id))
             .key(self.keys.tenant_jobs(&spec.tenant))
             .key(self.keys.unfinished())
+            .key(self.keys.tenant_unfinished(&spec.tenant))
+            .key(self.keys.job_webhook(spec.id))
             .arg(spec.id.to_string())
             .arg(&spec.tenant)
             .arg(spec.num_shards())
             .arg(spec.num_samples)
             .arg(spec.created_at)
+            .arg(max_jobs)
+            .arg(max_samples)
+            .arg(self.keys.job_prefix())
+            .arg(spec.callback_url.as_deref().unwrap_or(""))
+            .arg(delivery_id(spec.id))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(caps.and_then(|c| refusal(status, jobs, queued, spec.num_samples, c)))
+    }
+}
+
+#[async_trait]
+impl ProgressStore for RedisProgress {
+    async fn create_job(&self, spec: &JobSpec) -> Result<()> {
+        self.create(spec, None).await.map(|_| ())
+    }
+
+    async fn create_job_within(
+        &self,
+        spec: &JobSpec,
+        caps: TenantCaps,
+    ) -> Result<Option<LimitExceeded>> {
+        self.create(spec, Some(caps)).await
+    }
+
+    async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage> {
+        let mut conn = self.conn.clone();
+        let (jobs, queued): (u64, u64) = self
+            .scripts
+            .usage
+            .key(self.keys.tenant_unfinished(tenant))
+            .arg(self.keys.job_prefix())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(TenantUsage {
+            unfinished_jobs: jobs,
+            queued_samples: queued,
+        })
+    }
+
+    async fn webhook(&self, job: JobId) -> Result<Option<WebhookStatus>> {
+        let mut conn = self.conn.clone();
+        let map: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.job_webhook(job))
+            .query_async(&mut conn)
+            .await?;
+        parse_webhook(job, map)
+    }
+
+    async fn claim_webhooks(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<WebhookClaim>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let rows: Vec<(String, String, String, u32, String)> = self
+            .scripts
+            .claim_webhooks
+            .key(self.keys.webhooks_pending())
+            .arg(now_ms)
+            .arg(lease_until_ms)
+            .arg(limit)
+            .arg(self.keys.job_prefix())
+            .invoke_async(&mut conn)
+            .await?;
+        rows.into_iter()
+            .map(|(id, url, delivery, attempt, body)| {
+                let job = id.parse().map_err(|_| {
+                    CommonError::Other(format!("bad job id {id:?} among the pending webhooks"))
+                })?;
+                Ok(WebhookClaim {
+                    job,
+                    url,
+                    delivery,
+                    attempt,
+                    body: (!body.is_empty()).then_some(body),
+                })
+            })
+            .collect()
+    }
+
+    async fn fix_webhook_body(&self, job: JobId, body: &str) -> Result<String> {
+        let mut conn = self.conn.clone();
+        let key = self.keys.job_webhook(job);
+        let (fixed,): (Option<String>,) = redis::pipe()
+            .atomic()
+            .hset_nx(&key, "body", body)
+            .ignore()
+            .hget(&key, "body")
+            .query_async(&mut conn)
+            .await?;
+        Ok(fixed.unwrap_or_else(|| body.to_string()))
+    }
+
+    async fn record_webhook_attempt(&self, job: JobId, outcome: WebhookAttempt<'_>) -> Result<()> {
+        let (kind, error, at_ms) = match outcome {
+            WebhookAttempt::Delivered => ("delivered", "", 0),
+            WebhookAttempt::Retry { error, at_ms } => ("retry", error, at_ms),
+            WebhookAttempt::GaveUp { error } => ("failed", error, 0),
+        };
+        let mut conn = self.conn.clone();
+        let _recorded: i64 = self
+            .scripts
+            .record_webhook
+            .key(self.keys.job_webhook(job))
+            .key(self.keys.webhooks_pending())
+            .arg(job.to_string())
+            .arg(kind)
+            .arg(error)
+            .arg(at_ms)
             .invoke_async(&mut conn)
             .await?;
         Ok(())
@@ -487,12 +976,15 @@ impl ProgressStore for RedisProgress {
         let mut invocation = self.scripts.set_state.key(self.keys.job(job));
         invocation
             .key(self.keys.unfinished())
+            .key(self.keys.job_webhook(job))
+            .key(self.keys.webhooks_pending())
             .arg(state_name(state))
             .arg(if state.is_final() { 1 } else { 0 })
             .arg(now_secs())
             .arg(if error.is_some() { 1 } else { 0 })
             .arg(error.unwrap_or(""))
-            .arg(job.to_string());
+            .arg(job.to_string())
+            .arg(now_ms());
         for s in ALL_STATES.into_iter().filter(|s| s.is_final()) {
             invocation.arg(state_name(s));
         }
@@ -540,6 +1032,18 @@ impl ProgressStore for RedisProgress {
             .query_async(&mut conn)
             .await?;
         Ok(attempts)
+    }
+
+    async fn forgive_attempt(&self, job: JobId, shard: u64) -> Result<u32> {
+        let mut conn = self.conn.clone();
+        let left: u32 = self
+            .scripts
+            .forgive
+            .key(self.keys.job_attempts(job))
+            .arg(shard)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(left)
     }
 
     async fn record_shard_failed(&self, job: JobId, shard: u64, reason: &str) -> Result<()> {
@@ -629,11 +1133,16 @@ impl ProgressStore for RedisProgress {
                 self.keys.job_done(id),
                 self.keys.job_attempts(id),
                 self.job_failed(id),
+                self.keys.job_webhook(id),
             ])
             .ignore()
             .zrem(self.keys.tenant_jobs(&spec.tenant), id.to_string())
             .ignore()
             .srem(self.keys.unfinished(), id.to_string())
+            .ignore()
+            .srem(self.keys.tenant_unfinished(&spec.tenant), id.to_string())
+            .ignore()
+            .zrem(self.keys.webhooks_pending(), id.to_string())
             .ignore()
             .query_async(&mut conn)
             .await?;
@@ -705,20 +1214,25 @@ impl ProgressStore for RedisProgress {
     }
 
     async fn rebuild_from_done(&self, spec: &JobSpec, done_shards: &[u64]) -> Result<()> {
+        let state = derived_state(spec, done_shards);
+        self.rebuild_with_state(spec, done_shards, state, None)
+            .await
+    }
+
+    async fn rebuild_with_state(
+        &self,
+        spec: &JobSpec,
+        done_shards: &[u64],
+        state: JobState,
+        error: Option<&str>,
+    ) -> Result<()> {
         let done: BTreeSet<u64> = done_shards.iter().copied().collect();
         let samples_done = done_samples(spec, &done)?;
         let num_shards = spec.num_shards();
         let now = now_secs();
-        let all_done = done.len() as u64 == num_shards;
+        let is_final = state.is_final();
         let mut fields = vec![
-            (
-                "state",
-                state_name(if all_done {
-                    JobState::Succeeded
-                } else {
-                    JobState::Running
-                }),
-            ),
+            ("state", state_name(state)),
             ("tenant", spec.tenant.clone()),
             ("num_shards", num_shards.to_string()),
             ("num_samples", spec.num_samples.to_string()),
@@ -727,8 +1241,11 @@ impl ProgressStore for RedisProgress {
             ("created_at", spec.created_at.to_string()),
             ("started_at", now.to_string()),
         ];
-        if all_done {
+        if is_final {
             fields.push(("finished_at", now.to_string()));
+        }
+        if let Some(error) = error {
+            fields.push(("error", error.to_string()));
         }
         let (job_key, done_key) = (self.keys.job(spec.id), self.keys.job_done(spec.id));
         let mut pipe = redis::pipe();
@@ -747,15 +1264,32 @@ impl ProgressStore for RedisProgress {
             spec.created_at,
         )
         .ignore();
-        if all_done {
+        let tenant_unfinished = self.keys.tenant_unfinished(&spec.tenant);
+        if is_final {
             pipe.srem(self.keys.unfinished(), spec.id.to_string())
+                .ignore()
+                .srem(&tenant_unfinished, spec.id.to_string())
                 .ignore();
         } else {
             pipe.sadd(self.keys.unfinished(), spec.id.to_string())
+                .ignore()
+                .sadd(&tenant_unfinished, spec.id.to_string())
                 .ignore();
         }
         let mut conn = self.conn.clone();
         let () = pipe.query_async(&mut conn).await?;
+        let _: i64 = self
+            .scripts
+            .webhook_rebuild
+            .key(self.keys.job_webhook(spec.id))
+            .key(self.keys.webhooks_pending())
+            .arg(spec.id.to_string())
+            .arg(spec.callback_url.as_deref().unwrap_or(""))
+            .arg(delivery_id(spec.id))
+            .arg(if is_final { 1 } else { 0 })
+            .arg(now_ms())
+            .invoke_async(&mut conn)
+            .await?;
         Ok(())
     }
 
@@ -800,6 +1334,8 @@ struct JobEntry {
     done: BTreeSet<u64>,
     failed: BTreeSet<u64>,
     attempts: HashMap<u64, u32>,
+    /// The webhook and its fixed body.
+    webhook: Option<(WebhookStatus, Option<String>)>,
 }
 
 #[derive(Default)]
@@ -811,6 +1347,70 @@ struct Inner {
     tenants: HashMap<String, BTreeSet<(u64, JobId)>>,
     idempotency: HashMap<(String, String), (JobId, Instant)>,
     workers: HashMap<String, (WorkerHeartbeat, Instant)>,
+    /// Due webhooks: job -> Unix ms of the next attempt (or lease end).
+    pending_webhooks: HashMap<JobId, u64>,
+}
+
+impl Inner {
+    fn usage(&self, tenant: &str) -> TenantUsage {
+        let mut usage = TenantUsage::default();
+        for (_, id) in self.tenants.get(tenant).into_iter().flatten() {
+            if let Some(p) = self.jobs.get(id).and_then(|e| e.progress.as_ref()) {
+                if !p.state.is_final() {
+                    usage.unfinished_jobs += 1;
+                    usage.queued_samples += p.num_samples.saturating_sub(p.samples_done);
+                }
+            }
+        }
+        usage
+    }
+
+    fn create(&mut self, spec: &JobSpec, caps: Option<TenantCaps>) -> Option<LimitExceeded> {
+        if self
+            .jobs
+            .get(&spec.id)
+            .is_some_and(|e| e.progress.is_some())
+        {
+            return None;
+        }
+        if let Some(refused) =
+            caps.and_then(|c| c.check(self.usage(&spec.tenant), spec.num_samples))
+        {
+            return Some(refused);
+        }
+        let entry = self.jobs.entry(spec.id).or_default();
+        entry.progress = Some(JobProgress {
+            state: JobState::Queued,
+            tenant: spec.tenant.clone(),
+            num_shards: spec.num_shards(),
+            num_samples: spec.num_samples,
+            shards_done: entry.done.len() as u64,
+            samples_done: 0,
+            shards_failed: 0,
+            error: None,
+            created_at: spec.created_at,
+            started_at: None,
+            finished_at: None,
+        });
+        if let Some(url) = &spec.callback_url {
+            entry.webhook = Some((new_webhook(spec.id, url), None));
+        }
+        self.tenants
+            .entry(spec.tenant.clone())
+            .or_default()
+            .insert((spec.created_at, spec.id));
+        None
+    }
+}
+
+fn new_webhook(job: JobId, url: &str) -> WebhookStatus {
+    WebhookStatus {
+        url: url.to_string(),
+        state: WebhookState::Pending,
+        attempts: 0,
+        last_error: None,
+        delivery: delivery_id(job),
+    }
 }
 
 /// The in-process implementation, for the embedded single-process mode. One
@@ -836,29 +1436,102 @@ impl MemoryProgress {
 #[async_trait]
 impl ProgressStore for MemoryProgress {
     async fn create_job(&self, spec: &JobSpec) -> Result<()> {
+        self.lock().create(spec, None);
+        Ok(())
+    }
+
+    async fn create_job_within(
+        &self,
+        spec: &JobSpec,
+        caps: TenantCaps,
+    ) -> Result<Option<LimitExceeded>> {
+        Ok(self.lock().create(spec, Some(caps)))
+    }
+
+    async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage> {
+        Ok(self.lock().usage(tenant))
+    }
+
+    async fn webhook(&self, job: JobId) -> Result<Option<WebhookStatus>> {
+        Ok(self
+            .lock()
+            .jobs
+            .get(&job)
+            .and_then(|e| e.webhook.as_ref())
+            .map(|(w, _)| w.clone()))
+    }
+
+    async fn claim_webhooks(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<WebhookClaim>> {
         let mut inner = self.lock();
-        let entry = inner.jobs.entry(spec.id).or_default();
-        if entry.progress.is_some() {
-            return Ok(());
+        let mut due: Vec<(u64, JobId)> = inner
+            .pending_webhooks
+            .iter()
+            .filter(|(_, &at)| at <= now_ms)
+            .map(|(&job, &at)| (at, job))
+            .collect();
+        due.sort();
+        let mut claims = Vec::new();
+        for (_, job) in due.into_iter().take(limit) {
+            let webhook = inner
+                .jobs
+                .get_mut(&job)
+                .and_then(|e| e.webhook.as_mut())
+                .filter(|(w, _)| w.state == WebhookState::Pending);
+            let Some((w, body)) = webhook else {
+                inner.pending_webhooks.remove(&job);
+                continue;
+            };
+            w.attempts += 1;
+            claims.push(WebhookClaim {
+                job,
+                url: w.url.clone(),
+                delivery: w.delivery.clone(),
+                attempt: w.attempts,
+                body: body.clone(),
+            });
+            inner.pending_webhooks.insert(job, lease_until_ms);
         }
-        entry.progress = Some(JobProgress {
-            state: JobState::Queued,
-            tenant: spec.tenant.clone(),
-            num_shards: spec.num_shards(),
-            num_samples: spec.num_samples,
-            shards_done: entry.done.len() as u64,
-            samples_done: 0,
-            shards_failed: 0,
-            error: None,
-            created_at: spec.created_at,
-            started_at: None,
-            finished_at: None,
-        });
-        inner
-            .tenants
-            .entry(spec.tenant.clone())
-            .or_default()
-            .insert((spec.created_at, spec.id));
+        Ok(claims)
+    }
+
+    async fn fix_webhook_body(&self, job: JobId, body: &str) -> Result<String> {
+        let mut inner = self.lock();
+        match inner.jobs.get_mut(&job).and_then(|e| e.webhook.as_mut()) {
+            Some((_, fixed)) => Ok(fixed.get_or_insert_with(|| body.to_string()).clone()),
+            None => Ok(body.to_string()),
+        }
+    }
+
+    async fn record_webhook_attempt(&self, job: JobId, outcome: WebhookAttempt<'_>) -> Result<()> {
+        let mut inner = self.lock();
+        let Some((w, _)) = inner
+            .jobs
+            .get_mut(&job)
+            .and_then(|e| e.webhook.as_mut())
+            .filter(|(w, _)| w.state == WebhookState::Pending)
+        else {
+            return Ok(());
+        };
+        match outcome {
+            WebhookAttempt::Delivered => {
+                w.state = WebhookState::Delivered;
+                inner.pending_webhooks.remove(&job);
+            }
+            WebhookAttempt::Retry { error, at_ms } => {
+                w.last_error = Some(error.to_string());
+                inner.pending_webhooks.insert(job, at_ms);
+            }
+            WebhookAttempt::GaveUp { error } => {
+                w.state = WebhookState::Failed;
+                w.last_error = Some(error.to_string());
+                inner.pending_webhooks.remove(&job);
+            }
+        }
         Ok(())
     }
 
@@ -887,6 +1560,14 @@ impl ProgressStore for MemoryProgress {
         }
         if let Some(error) = error {
             p.error = Some(error.to_string());
+        }
+        let webhook_pending = inner
+            .jobs
+            .get(&job)
+            .and_then(|e| e.webhook.as_ref())
+            .is_some_and(|(w, _)| w.state == WebhookState::Pending);
+        if state.is_final() && webhook_pending {
+            inner.pending_webhooks.entry(job).or_insert_with(now_ms);
         }
         Ok(())
     }
@@ -928,6 +1609,21 @@ impl ProgressStore for MemoryProgress {
             .or_insert(0);
         *attempts += 1;
         Ok(*attempts)
+    }
+
+    async fn forgive_attempt(&self, job: JobId, shard: u64) -> Result<u32> {
+        let mut inner = self.lock();
+        let attempts = inner
+            .jobs
+            .get_mut(&job)
+            .and_then(|e| e.attempts.get_mut(&shard));
+        Ok(match attempts {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        })
     }
 
     async fn record_shard_failed(&self, job: JobId, shard: u64, reason: &str) -> Result<()> {
@@ -998,6 +1694,7 @@ impl ProgressStore for MemoryProgress {
     async fn delete_job(&self, spec: &JobSpec) -> Result<()> {
         let mut inner = self.lock();
         inner.jobs.remove(&spec.id);
+        inner.pending_webhooks.remove(&spec.id);
         if let Some(list) = inner.tenants.get_mut(&spec.tenant) {
             list.remove(&(spec.created_at, spec.id));
         }
@@ -1033,32 +1730,49 @@ impl ProgressStore for MemoryProgress {
     }
 
     async fn rebuild_from_done(&self, spec: &JobSpec, done_shards: &[u64]) -> Result<()> {
+        let state = derived_state(spec, done_shards);
+        self.rebuild_with_state(spec, done_shards, state, None)
+            .await
+    }
+
+    async fn rebuild_with_state(
+        &self,
+        spec: &JobSpec,
+        done_shards: &[u64],
+        state: JobState,
+        error: Option<&str>,
+    ) -> Result<()> {
         let done: BTreeSet<u64> = done_shards.iter().copied().collect();
         let samples_done = done_samples(spec, &done)?;
         let num_shards = spec.num_shards();
         let now = now_secs();
-        let all_done = done.len() as u64 == num_shards;
         let mut inner = self.lock();
         let entry = inner.jobs.entry(spec.id).or_default();
         entry.progress = Some(JobProgress {
-            state: if all_done {
-                JobState::Succeeded
-            } else {
-                JobState::Running
-            },
+            state,
             tenant: spec.tenant.clone(),
             num_shards,
             num_samples: spec.num_samples,
             shards_done: done.len() as u64,
             samples_done,
             shards_failed: 0,
-            error: None,
+            error: error.map(str::to_string),
             created_at: spec.created_at,
             started_at: Some(now),
-            finished_at: all_done.then_some(now),
+            finished_at: state.is_final().then_some(now),
         });
         entry.done = done;
         entry.failed.clear();
+        if let (None, Some(url)) = (&entry.webhook, &spec.callback_url) {
+            entry.webhook = Some((new_webhook(spec.id, url), None));
+        }
+        let webhook_pending = entry
+            .webhook
+            .as_ref()
+            .is_some_and(|(w, _)| w.state == WebhookState::Pending);
+        if state.is_final() && webhook_pending {
+            inner.pending_webhooks.entry(spec.id).or_insert_with(now_ms);
+        }
         inner
             .tenants
             .entry(spec.tenant.clone())

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dig_common::job::{JobId, JobSpec, JobState, Priority};
-use dig_common::progress::{MemoryProgress, ProgressStore, RedisProgress, WorkerHeartbeat};
+use dig_common::progress::{
+    now_ms, LimitExceeded, MemoryProgress, ProgressStore, RedisProgress, TenantCaps, TenantUsage,
+    WebhookAttempt, WebhookClaim, WebhookState, WebhookStatus, WorkerHeartbeat,
+};
 use dig_common::CommonError;
 use futures::FutureExt;
 
@@ -29,6 +32,7 @@ fn spec(tenant: &str, num_samples: u64, shard_size: u64, created_at: u64) -> Job
         priority: Priority::Interactive,
         shard_size,
         created_at,
+        callback_url: None,
     }
 }
 
@@ -93,6 +97,7 @@ behaviours!(
     running_sets_started_at_and_final_sets_finished_at,
     final_state_is_not_overwritten,
     attempts_count_up_per_shard,
+    forgiven_attempts_count_down_not_below_zero,
     shard_failure_counts_once_and_keeps_first_error,
     list_jobs_pages_newest_first_within_tenant,
     list_jobs_rejects_unknown_cursor,
@@ -100,10 +105,17 @@ behaviours!(
     heartbeats_are_listed_and_expire,
     rebuild_from_done_restores_counters_after_flush,
     rebuild_with_every_shard_done_is_succeeded,
+    rebuild_with_state_keeps_the_given_final_state,
     delete_all_forgets_everything,
     unfinished_jobs_are_every_tenants_jobs_not_final,
     delete_job_undoes_a_creation,
     released_idempotency_key_binds_again,
+    tenant_caps_are_checked_with_the_creation,
+    final_states_and_done_samples_free_tenant_usage,
+    webhooks_become_due_when_final_and_are_claimed_once,
+    webhook_attempts_are_recorded_until_delivered_or_given_up,
+    delete_job_forgets_usage_and_webhook,
+    rebuild_recreates_a_lost_webhook_and_usage,
 );
 
 async fn delete_job_undoes_a_creation(store: Store) {
@@ -343,6 +355,24 @@ async fn attempts_count_up_per_shard(store: Store) {
     assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), 3);
 }
 
+async fn forgiven_attempts_count_down_not_below_zero(store: Store) {
+    let s = spec("acme", 30, 10, 100);
+    store.create_job(&s).await.unwrap();
+    // Nothing to forgive: no counter appears.
+    assert_eq!(store.forgive_attempt(s.id, 0).await.unwrap(), 0);
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 1);
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 2);
+    assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), 1);
+    assert_eq!(store.forgive_attempt(s.id, 0).await.unwrap(), 1);
+    // The next attempt is the second again; other shards are untouched.
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 2);
+    assert_eq!(store.forgive_attempt(s.id, 0).await.unwrap(), 1);
+    assert_eq!(store.forgive_attempt(s.id, 0).await.unwrap(), 0);
+    assert_eq!(store.forgive_attempt(s.id, 0).await.unwrap(), 0);
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 1);
+    assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), 2);
+}
+
 async fn shard_failure_counts_once_and_keeps_first_error(store: Store) {
     let s = spec("acme", 50, 10, 100);
     store.create_job(&s).await.unwrap();
@@ -548,6 +578,53 @@ async fn rebuild_with_every_shard_done_is_succeeded(store: Store) {
     ));
 }
 
+async fn rebuild_with_state_keeps_the_given_final_state(store: Store) {
+    // A cancelled job whose every shard had finished: not succeeded (it has
+    // no manifest), and not unfinished.
+    let s = spec("acme", 30, 10, 100);
+    let all: Vec<u64> = (0..3).collect();
+    store
+        .rebuild_with_state(&s, &all, JobState::Cancelled, None)
+        .await
+        .unwrap();
+    let p = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(p.state, JobState::Cancelled);
+    assert_eq!((p.shards_done, p.samples_done), (3, 30));
+    assert!(p.finished_at.is_some());
+    assert_eq!(p.error, None);
+    assert!(!store.unfinished_jobs().await.unwrap().contains(&s.id));
+    assert_eq!(store.list_jobs("acme", 10, None).await.unwrap(), vec![s.id]);
+    // Final is terminal, as after any other way there.
+    store
+        .set_state(s.id, JobState::Running, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(s.id).await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+
+    // A failed one keeps its error; a running one is unfinished.
+    let f = spec("acme", 30, 10, 101);
+    store
+        .rebuild_with_state(&f, &[1], JobState::Failed, Some("shard 0: boom"))
+        .await
+        .unwrap();
+    let p = store.get(f.id).await.unwrap().unwrap();
+    assert_eq!(p.state, JobState::Failed);
+    assert_eq!(p.error.as_deref(), Some("shard 0: boom"));
+    assert_eq!((p.shards_done, p.samples_done), (1, 10));
+    let r = spec("acme", 30, 10, 102);
+    store
+        .rebuild_with_state(&r, &all, JobState::Running, None)
+        .await
+        .unwrap();
+    let p = store.get(r.id).await.unwrap().unwrap();
+    assert_eq!((p.state, p.finished_at), (JobState::Running, None));
+    let unfinished = store.unfinished_jobs().await.unwrap();
+    assert!(unfinished.contains(&r.id) && !unfinished.contains(&f.id));
+}
+
 async fn delete_all_forgets_everything(store: Store) {
     let s = spec("acme", 10, 10, 100);
     store.create_job(&s).await.unwrap();
@@ -586,4 +663,337 @@ async fn redis_unreachable_is_an_error_not_a_panic() {
     .await
     .expect("connect gives up in time");
     assert!(matches!(result, Err(CommonError::Progress(_))));
+}
+
+// ------------------------------------------------------------ tenant limits
+
+fn caps(max_jobs: u64, max_queued_samples: u64) -> TenantCaps {
+    TenantCaps {
+        max_jobs,
+        max_queued_samples,
+    }
+}
+
+fn usage(unfinished_jobs: u64, queued_samples: u64) -> TenantUsage {
+    TenantUsage {
+        unfinished_jobs,
+        queued_samples,
+    }
+}
+
+async fn tenant_caps_are_checked_with_the_creation(store: Store) {
+    let c = caps(2, 25);
+    let a = spec("acme", 10, 5, 100);
+    assert_eq!(store.create_job_within(&a, c).await.unwrap(), None);
+    // Creating it again is no new job, whatever the caps.
+    assert_eq!(store.create_job_within(&a, caps(0, 0)).await.unwrap(), None);
+    let big = spec("acme", 16, 4, 101);
+    assert_eq!(
+        store.create_job_within(&big, c).await.unwrap(),
+        Some(LimitExceeded::Samples {
+            queued: 10,
+            requested: 16,
+            limit: 25
+        })
+    );
+    assert_eq!(store.get(big.id).await.unwrap(), None);
+    let b = spec("acme", 15, 5, 102);
+    assert_eq!(store.create_job_within(&b, c).await.unwrap(), None);
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(2, 25));
+    let third = spec("acme", 1, 1, 103);
+    assert_eq!(
+        store.create_job_within(&third, c).await.unwrap(),
+        Some(LimitExceeded::Jobs {
+            unfinished: 2,
+            limit: 2
+        })
+    );
+    assert_eq!(store.get(third.id).await.unwrap(), None);
+    assert_eq!(
+        store.list_jobs("acme", 10, None).await.unwrap(),
+        vec![b.id, a.id]
+    );
+    // Other tenants are counted apart; plain creation ignores caps.
+    assert_eq!(store.tenant_usage("other").await.unwrap(), usage(0, 0));
+    store.create_job(&third).await.unwrap();
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(3, 26));
+
+    // Concurrent creations never overshoot.
+    let tenant = "race";
+    let tries: Vec<_> = (0..12)
+        .map(|i| {
+            let (store, s) = (store.clone(), spec(tenant, 5, 5, 200 + i));
+            tokio::spawn(async move { store.create_job_within(&s, caps(4, 1000)).await.unwrap() })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tries {
+        if t.await.unwrap().is_none() {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 4);
+    assert_eq!(store.tenant_usage(tenant).await.unwrap(), usage(4, 20));
+}
+
+async fn final_states_and_done_samples_free_tenant_usage(store: Store) {
+    let a = spec("acme", 10, 5, 100);
+    let b = spec("acme", 20, 5, 101);
+    store.create_job(&a).await.unwrap();
+    store.create_job(&b).await.unwrap();
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(2, 30));
+    store
+        .set_state(b.id, JobState::Running, None)
+        .await
+        .unwrap();
+    store.record_shard_done(b.id, 1, 5).await.unwrap();
+    store.record_shard_done(b.id, 1, 5).await.unwrap();
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(2, 25));
+    store
+        .set_state(a.id, JobState::Cancelled, None)
+        .await
+        .unwrap();
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(1, 15));
+    // A shard finishing after the end changes nothing.
+    store.record_shard_done(a.id, 0, 5).await.unwrap();
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(1, 15));
+    store.set_state(b.id, JobState::Failed, None).await.unwrap();
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(0, 0));
+}
+
+// ------------------------------------------------------------ webhooks
+
+fn hooked(tenant: &str, url: &str) -> JobSpec {
+    JobSpec {
+        callback_url: Some(url.into()),
+        ..spec(tenant, 10, 5, 100)
+    }
+}
+
+async fn webhooks_become_due_when_final_and_are_claimed_once(store: Store) {
+    let s = hooked("acme", "https://acme.example.org/hook");
+    store.create_job(&s).await.unwrap();
+    let plain = spec("acme", 10, 5, 100);
+    store.create_job(&plain).await.unwrap();
+    assert_eq!(store.webhook(plain.id).await.unwrap(), None);
+    let w = store.webhook(s.id).await.unwrap().unwrap();
+    assert_eq!(
+        w,
+        WebhookStatus {
+            url: "https://acme.example.org/hook".into(),
+            state: WebhookState::Pending,
+            attempts: 0,
+            last_error: None,
+            delivery: s.id.to_string(),
+        }
+    );
+    let now = now_ms();
+    assert!(store
+        .claim_webhooks(now, now + 60_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    store
+        .set_state(s.id, JobState::Running, None)
+        .await
+        .unwrap();
+    assert!(store
+        .claim_webhooks(now_ms(), now + 60_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    store
+        .set_state(s.id, JobState::Succeeded, None)
+        .await
+        .unwrap();
+    store
+        .set_state(plain.id, JobState::Succeeded, None)
+        .await
+        .unwrap();
+    let now = now_ms();
+    let claims = store.claim_webhooks(now, now + 60_000, 10).await.unwrap();
+    assert_eq!(
+        claims,
+        vec![WebhookClaim {
+            job: s.id,
+            url: "https://acme.example.org/hook".into(),
+            delivery: s.id.to_string(),
+            attempt: 1,
+            body: None,
+        }]
+    );
+    // Held for the lease: nobody else gets it meanwhile.
+    assert!(store
+        .claim_webhooks(now + 59_999, now + 120_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // A sender that never reports: due again when the lease ends.
+    let again = store
+        .claim_webhooks(now + 60_000, now + 120_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2);
+    assert_eq!(store.webhook(s.id).await.unwrap().unwrap().attempts, 2);
+
+    // Concurrent claimers: one gets it.
+    let t = hooked("acme", "http://127.0.0.1:9/x");
+    store.create_job(&t).await.unwrap();
+    store.set_state(t.id, JobState::Failed, None).await.unwrap();
+    let later = now + 200_000;
+    let tries: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .claim_webhooks(later, later + 60_000, 10)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in tries {
+        got.extend(t.await.unwrap());
+    }
+    let mut jobs: Vec<JobId> = got.iter().map(|c| c.job).collect();
+    jobs.sort();
+    let mut expected = vec![s.id, t.id];
+    expected.sort();
+    assert_eq!(jobs, expected);
+}
+
+async fn webhook_attempts_are_recorded_until_delivered_or_given_up(store: Store) {
+    let s = hooked("acme", "https://acme.example.org/hook");
+    store.create_job(&s).await.unwrap();
+    store
+        .set_state(s.id, JobState::Cancelled, None)
+        .await
+        .unwrap();
+    let now = now_ms();
+    let c = store.claim_webhooks(now, now + 60_000, 10).await.unwrap();
+    assert_eq!(c.len(), 1);
+    // The first attempt fixes the body; later ones get it back.
+    assert_eq!(
+        store.fix_webhook_body(s.id, "{\"a\":1}").await.unwrap(),
+        "{\"a\":1}"
+    );
+    assert_eq!(
+        store.fix_webhook_body(s.id, "{\"b\":2}").await.unwrap(),
+        "{\"a\":1}"
+    );
+    store
+        .record_webhook_attempt(
+            s.id,
+            WebhookAttempt::Retry {
+                error: "HTTP 500",
+                at_ms: now + 1000,
+            },
+        )
+        .await
+        .unwrap();
+    let w = store.webhook(s.id).await.unwrap().unwrap();
+    assert_eq!(
+        (w.state, w.attempts, w.last_error.as_deref()),
+        (WebhookState::Pending, 1, Some("HTTP 500"))
+    );
+    assert!(store
+        .claim_webhooks(now + 999, now + 60_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let c = store
+        .claim_webhooks(now + 1000, now + 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!((c[0].attempt, c[0].body.as_deref()), (2, Some("{\"a\":1}")));
+    store
+        .record_webhook_attempt(s.id, WebhookAttempt::Delivered)
+        .await
+        .unwrap();
+    let w = store.webhook(s.id).await.unwrap().unwrap();
+    assert_eq!((w.state, w.attempts), (WebhookState::Delivered, 2));
+    assert!(store
+        .claim_webhooks(now + 10_000_000, now + 20_000_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Delivered is final: a late report changes nothing.
+    store
+        .record_webhook_attempt(s.id, WebhookAttempt::GaveUp { error: "late" })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.webhook(s.id).await.unwrap().unwrap().state,
+        WebhookState::Delivered
+    );
+
+    let g = hooked("acme", "https://acme.example.org/other");
+    store.create_job(&g).await.unwrap();
+    store
+        .set_state(g.id, JobState::Succeeded, None)
+        .await
+        .unwrap();
+    let now = now_ms();
+    assert_eq!(
+        store
+            .claim_webhooks(now, now + 60_000, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    store
+        .record_webhook_attempt(g.id, WebhookAttempt::GaveUp { error: "HTTP 404" })
+        .await
+        .unwrap();
+    let w = store.webhook(g.id).await.unwrap().unwrap();
+    assert_eq!(
+        (w.state, w.attempts, w.last_error.as_deref()),
+        (WebhookState::Failed, 1, Some("HTTP 404"))
+    );
+    assert!(store
+        .claim_webhooks(now + 10_000_000, now + 20_000_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn delete_job_forgets_usage_and_webhook(store: Store) {
+    let s = hooked("acme", "https://acme.example.org/hook");
+    store.create_job(&s).await.unwrap();
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(1, 10));
+    store.delete_job(&s).await.unwrap();
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(0, 0));
+    assert_eq!(store.webhook(s.id).await.unwrap(), None);
+    let now = now_ms();
+    assert!(store
+        .claim_webhooks(now, now + 60_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn rebuild_recreates_a_lost_webhook_and_usage(store: Store) {
+    let s = hooked("acme", "https://acme.example.org/hook");
+    // As after a flush: nothing in the store; the spec has the callback.
+    store.rebuild_from_done(&s, &[0]).await.unwrap();
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(1, 5));
+    let w = store.webhook(s.id).await.unwrap().unwrap();
+    assert_eq!((w.state, w.attempts), (WebhookState::Pending, 0));
+    let now = now_ms();
+    assert!(store
+        .claim_webhooks(now, now + 60_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Every shard done: succeeded, so the webhook is due.
+    store.rebuild_from_done(&s, &[0, 1]).await.unwrap();
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(0, 0));
+    let now = now_ms();
+    let c = store.claim_webhooks(now, now + 60_000, 10).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].delivery, s.id.to_string());
 }

@@ -7,6 +7,12 @@
 //! coordinator published that the done set does not hold yet; a restart
 //! starts that set empty, which can only publish a shard twice, never lose
 //! one.
+//!
+//! A job whose progress entry is missing (Redis lost its data) is rebuilt
+//! from the object store ([`Reconciler`]) rather than dropped, both when its
+//! id arrives and while it runs; a job that fails, or that the coordinator
+//! sees cancelled, gets a state marker in the object store so that a rebuild
+//! keeps it ended.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -17,13 +23,12 @@ use dig_common::layout::ObjectLayout;
 use dig_common::progress::{JobProgress, ProgressStore};
 use dig_common::queue::{JobDelivery, JobStream, ShardQueue};
 use futures::StreamExt;
-use object_store::{ObjectStore, PutPayload};
-use sha2::{Digest, Sha256};
+use object_store::ObjectStore;
 use tokio::sync::{watch, Mutex};
 use tracing::{debug, error, info, warn};
 
 use crate::error::{CoordinatorError, Result};
-use crate::manifest::{Manifest, ManifestShard};
+use crate::reconcile::{Reconciled, Reconciler};
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorSettings {
@@ -54,9 +59,8 @@ enum Step {
 
 pub struct Coordinator {
     queue: Arc<dyn ShardQueue>,
-    store: Arc<dyn ObjectStore>,
-    layout: ObjectLayout,
     progress: Arc<dyn ProgressStore>,
+    reconciler: Reconciler,
     settings: CoordinatorSettings,
     /// A tokio mutex: a step awaits the backing services while holding it,
     /// and `tick` and job activation must not interleave on one job.
@@ -73,8 +77,7 @@ impl Coordinator {
     ) -> Self {
         Coordinator {
             queue,
-            store,
-            layout,
+            reconciler: Reconciler::new(store, layout, progress.clone()),
             progress,
             settings,
             active: Mutex::new(BTreeMap::new()),
@@ -84,6 +87,20 @@ impl Coordinator {
     /// The jobs being driven, ascending.
     pub async fn active_jobs(&self) -> Vec<JobId> {
         self.active.lock().await.keys().copied().collect()
+    }
+
+    /// Makes the progress store agree with the object store for every job
+    /// the store holds (see [`Reconciler`]): what a coordinator does at start,
+    /// before [`resume`](Self::resume), so that jobs lost by the progress
+    /// store are resumed (or listed as ended) again. Each job's outcome;
+    /// `Err` only when the jobs cannot be listed.
+    pub async fn reconcile(&self) -> Result<Vec<(JobId, Result<Reconciled>)>> {
+        self.reconciler.reconcile_all(false).await
+    }
+
+    /// The reconciler this coordinator uses.
+    pub fn reconciler(&self) -> &Reconciler {
+        &self.reconciler
     }
 
     /// Activates jobs that were running before a restart (their ids already
@@ -102,18 +119,34 @@ impl Coordinator {
 
     /// Starts driving `job`: loads its spec and marks it running. Returns
     /// `false` when the job has ended already (a redelivered id), so there
-    /// is nothing to drive. Activating an active job changes nothing.
+    /// is nothing to drive. Activating an active job changes nothing. A job
+    /// without a progress entry is rebuilt from the object store first;
+    /// `UnknownJob` if the store has no spec of it either.
     pub async fn activate(&self, job: JobId) -> Result<bool> {
-        let progress = self
-            .progress
-            .get(job)
-            .await?
-            .ok_or(CoordinatorError::UnknownJob(job))?;
+        let progress = match self.progress.get(job).await? {
+            Some(p) => p,
+            None => {
+                warn!(%job, "job has no progress entry; rebuilding it from the object store");
+                match self.reconciler.reconcile_job(job, false).await {
+                    Ok(_) => {}
+                    Err(CoordinatorError::MissingSpec(_)) => {
+                        return Err(CoordinatorError::UnknownJob(job))
+                    }
+                    Err(e) => return Err(e),
+                }
+                self.progress
+                    .get(job)
+                    .await?
+                    .ok_or(CoordinatorError::UnknownJob(job))?
+            }
+        };
         if progress.state.is_final() {
             debug!(%job, state = ?progress.state, "job has ended already");
+            // E.g. cancelled while its id waited in the jobs queue.
+            self.mark_ended(job, &progress).await?;
             return Ok(false);
         }
-        let spec = self.load_spec(job).await?;
+        let spec = self.reconciler.load_spec(job).await?;
         self.progress
             .set_state(job, JobState::Running, None)
             .await?;
@@ -131,15 +164,28 @@ impl Coordinator {
         Ok(true)
     }
 
-    async fn load_spec(&self, job: JobId) -> Result<JobSpec> {
-        let bytes = match self.store.get(&self.layout.job_spec(job)).await {
-            Ok(object) => object.bytes().await?,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(CoordinatorError::MissingSpec(job))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        serde_json::from_slice(&bytes).map_err(|source| CoordinatorError::BadSpec { job, source })
+    /// Writes the state marker of a job that failed or was cancelled (a
+    /// succeeded job has its manifest).
+    async fn mark_ended(&self, job: JobId, progress: &JobProgress) -> Result<()> {
+        if matches!(progress.state, JobState::Failed | JobState::Cancelled) {
+            self.reconciler
+                .write_marker(job, progress.state, progress.error.as_deref())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Fails the job: marker first, then the state, so that a crash in
+    /// between leaves a job that is still unfinished (and fails again when
+    /// resumed), never a failed job without its marker.
+    async fn fail(&self, job: JobId, error: Option<&str>) -> Result<()> {
+        self.reconciler
+            .write_marker(job, JobState::Failed, error)
+            .await?;
+        self.progress
+            .set_state(job, JobState::Failed, error)
+            .await?;
+        Ok(())
     }
 
     /// One pass over the active jobs. A job whose step fails (a backing
@@ -161,18 +207,38 @@ impl Coordinator {
 
     async fn step(&self, job: JobId, active: &mut ActiveJob) -> Result<Step> {
         let Some(progress) = self.progress.get(job).await? else {
-            warn!(%job, "job vanished from the progress store; dropping it");
-            return Ok(Step::Finished);
+            warn!(%job, "job vanished from the progress store; rebuilding it from the object store");
+            let rebuilt = match self.reconciler.reconcile_job(job, false).await {
+                Ok(r) => r,
+                Err(CoordinatorError::MissingSpec(_)) => {
+                    // Spec and entry both gone: a submission undone.
+                    warn!(%job, "the job's spec is gone too; dropping it");
+                    return Ok(Step::Finished);
+                }
+                Err(e) => return Err(e),
+            };
+            info!(%job, state = ?rebuilt.after, shards_done = rebuilt.shards_recorded, "job rebuilt from the object store");
+            if rebuilt.after.is_final() {
+                return Ok(Step::Finished);
+            }
+            // What was in flight may have been recorded done in the lost
+            // entry, or queued: start over, publishing every shard not done
+            // (a shard queued twice is harmless, a shard never redone is not).
+            active.in_flight.clear();
+            active.next = 0;
+            return Ok(Step::Running);
         };
         if progress.state.is_final() {
             // Cancelled (or ended by another coordinator): publish no more.
+            self.mark_ended(job, &progress).await?;
             info!(%job, state = ?progress.state, "job ended elsewhere");
             return Ok(Step::Finished);
         }
         if progress.shards_failed > 0 {
             // The worker recorded the shard's error; one lost shard makes an
-            // incomplete ensemble, so the rest is not worth sampling.
-            self.progress.set_state(job, JobState::Failed, None).await?;
+            // incomplete ensemble, so the rest is not worth sampling. The
+            // error recorded first stays the job's error.
+            self.fail(job, progress.error.as_deref()).await?;
             info!(%job, error = ?progress.error, "job failed");
             return Ok(Step::Finished);
         }
@@ -204,62 +270,19 @@ impl Coordinator {
     /// In that order, so that a client never sees a succeeded job without
     /// its manifest; a crash in between rewrites the same manifest.
     async fn finish(&self, job: JobId, active: &ActiveJob, progress: &JobProgress) -> Result<Step> {
-        let spec = &active.spec;
-        let mut shards = Vec::with_capacity(spec.num_shards() as usize);
-        for index in 0..spec.num_shards() {
-            let task = spec.shard(index);
-            let key = self.layout.shard(job, index);
-            let (bytes, sha256) = match self.digest(&key).await {
-                Ok(d) => d,
-                Err(CoordinatorError::Store(object_store::Error::NotFound { .. })) => {
-                    // The done set says done, the store disagrees; the store
-                    // is the source of truth, and an incomplete ensemble
-                    // must not pass for a complete one.
-                    let error = format!("shard {index} is recorded done but {key} is missing");
-                    error!(%job, "{error}");
-                    self.progress
-                        .set_state(job, JobState::Failed, Some(&error))
-                        .await?;
-                    return Ok(Step::Finished);
-                }
-                Err(e) => return Err(e),
-            };
-            shards.push(ManifestShard {
-                index,
-                start: task.start,
-                end: task.end,
-                key: key.to_string(),
-                bytes,
-                sha256,
-            });
+        if let Err(error) = self.reconciler.write_manifest(&active.spec).await? {
+            // The done set says done, the store disagrees; the store is the
+            // source of truth, and an incomplete ensemble must not pass for
+            // a complete one.
+            error!(%job, "{error}");
+            self.fail(job, Some(&error)).await?;
+            return Ok(Step::Finished);
         }
-        let manifest = Manifest {
-            job,
-            num_samples: spec.num_samples,
-            shards,
-        };
-        let json = serde_json::to_vec_pretty(&manifest)?;
-        self.store
-            .put(&self.layout.manifest(job), PutPayload::from(json))
-            .await?;
         self.progress
             .set_state(job, JobState::Succeeded, None)
             .await?;
         info!(%job, samples = progress.samples_done, "job succeeded");
         Ok(Step::Finished)
-    }
-
-    /// Size and SHA-256 of an object, streamed: shards can be large.
-    async fn digest(&self, key: &object_store::path::Path) -> Result<(u64, String)> {
-        let mut body = self.store.get(key).await?.into_stream();
-        let mut hasher = Sha256::new();
-        let mut bytes = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            bytes += chunk.len() as u64;
-            hasher.update(&chunk);
-        }
-        Ok((bytes, hex::encode(hasher.finalize())))
     }
 
     /// Consumes the jobs queue and steps the active jobs every poll interval

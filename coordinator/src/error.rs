@@ -24,6 +24,9 @@ pub enum CoordinatorError {
     Store(#[from] object_store::Error),
     #[error("manifest: {0}")]
     Json(#[from] serde_json::Error),
+    /// The object store contradicts itself (e.g. a shard listed, then gone).
+    #[error("{0}")]
+    Inconsistent(String),
 }
 
 impl CoordinatorError {

@@ -16,12 +16,23 @@
 //!
 //! When every shard is done it writes `jobs/{id}/manifest.json` (see
 //! [`Manifest`]) and marks the job succeeded; when any shard failed for good
-//! it marks the job failed and stops publishing its shards.
+//! it writes `jobs/{id}/state.json` (see [`StateMarker`]), marks the job
+//! failed and stops publishing its shards. A job it sees cancelled gets the
+//! same marker.
+//!
+//! The progress store (Redis) may lose its data: [`Reconciler`] rebuilds
+//! entries from the object store (spec, shard objects, manifest, marker).
+//! The coordinator runs it over every job at start
+//! ([`Coordinator::reconcile`]), and for a single job whose entry is missing
+//! when its id arrives or vanishes while it runs; `digctl reconcile` runs it
+//! on demand.
 
 mod coordinator;
 mod error;
 mod manifest;
+mod reconcile;
 
 pub use coordinator::{Coordinator, CoordinatorSettings};
 pub use error::{CoordinatorError, Result};
 pub use manifest::{Manifest, ManifestShard};
+pub use reconcile::{Action, Reconciled, Reconciler, StateMarker};

@@ -16,7 +16,9 @@ use dig_common::layout::ObjectLayout;
 use dig_common::progress::{JobProgress, ProgressStore, RedisProgress};
 use dig_common::queue::{JobStream, RabbitQueue, ShardQueue, ShardStream};
 use dig_common::store::{open_store, StoreConfig, StoreKind};
-use dig_coordinator::{Coordinator, CoordinatorSettings, Manifest};
+use dig_coordinator::{
+    Action, Coordinator, CoordinatorError, CoordinatorSettings, Manifest, Reconciled, StateMarker,
+};
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStore, PutPayload};
 use sha2::{Digest, Sha256};
@@ -135,6 +137,7 @@ impl Cluster {
             priority: Priority::Interactive,
             shard_size,
             created_at: 0,
+            callback_url: None,
         };
         let json = serde_json::to_vec(&spec).unwrap();
         self.store
@@ -306,6 +309,11 @@ async fn a_shard_failed_for_good_fails_the_job_without_a_manifest() {
     assert_eq!(p.state, JobState::Failed);
     assert_eq!(p.error.as_deref(), Some("shard 1: boom"));
     assert!(c.manifest(spec.id).await.is_none());
+    // The failure is also recorded in the store, for a rebuild of Redis.
+    let marker = c.store.get(&c.layout.job_state(spec.id)).await.unwrap();
+    let marker: StateMarker = serde_json::from_slice(&marker.bytes().await.unwrap()).unwrap();
+    assert_eq!(marker.state, JobState::Failed);
+    assert_eq!(marker.error.as_deref(), Some("shard 1: boom"));
     assert!(coord.active_jobs().await.is_empty());
     // Nothing more is published for the failed job.
     coord.tick().await;
@@ -388,5 +396,198 @@ async fn run_takes_jobs_off_the_jobs_queue_and_stops_on_shutdown() {
         .expect("run stops on shutdown")
         .unwrap();
     drop((shards, coord));
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_entry_vanishes_mid_run_is_rebuilt_from_the_store_and_finishes() {
+    let c = cluster().await;
+    let spec = c.submit(12, 2).await; // 6 shards
+    let mut shards = c.queue.consume_shards(1).await.unwrap();
+    let mut counted: BTreeMap<u64, u32> = BTreeMap::new();
+    let coord = c.coordinator(2);
+    coord.resume(&[spec.id]).await.unwrap();
+    for _ in 0..2 {
+        coord.tick().await;
+        let (task, new) = c.work_one(&mut shards).await;
+        *counted.entry(task.index).or_default() += u32::from(new);
+    }
+
+    // Redis loses every key: entry, done set, unfinished index.
+    c.redis.delete_all().await.unwrap();
+    coord.tick().await;
+    let p = c.progress(spec.id).await;
+    assert_eq!(p.state, JobState::Running);
+    assert_eq!((p.shards_done, p.samples_done), (2, 4));
+    assert_eq!(c.redis.unfinished_jobs().await.unwrap(), vec![spec.id]);
+    assert_eq!(coord.active_jobs().await, vec![spec.id]);
+
+    for _ in 0..50 {
+        coord.tick().await;
+        if c.progress(spec.id).await.state.is_final() {
+            break;
+        }
+        let (task, new) = c.work_one(&mut shards).await;
+        *counted.entry(task.index).or_default() += u32::from(new);
+    }
+    let p = c.progress(spec.id).await;
+    assert_eq!(p.state, JobState::Succeeded);
+    assert_eq!((p.shards_done, p.samples_done), (6, 12));
+    assert_eq!(counted, (0..6).map(|i| (i, 1)).collect());
+    c.check_manifest(&spec).await;
+    drop(shards);
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_id_without_an_entry_is_rebuilt_from_its_spec_or_else_unknown() {
+    let c = cluster().await;
+    let spec = c.submit(4, 2).await;
+    c.redis.delete_all().await.unwrap();
+    let coord = c.coordinator(2);
+    assert!(coord.activate(spec.id).await.unwrap());
+    let p = c.progress(spec.id).await;
+    assert_eq!((p.state, p.shards_done), (JobState::Running, 0));
+    assert_eq!(coord.active_jobs().await, vec![spec.id]);
+    // No entry and no spec: nothing to run, an error that drops the id.
+    let err = coord.activate(JobId::new()).await.unwrap_err();
+    assert!(matches!(err, CoordinatorError::UnknownJob(_)), "{err}");
+    assert!(err.is_permanent());
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_rebuilds_each_kind_of_job_from_the_store() {
+    let c = cluster().await;
+    let coord = c.coordinator(10);
+    let reconciler = coord.reconciler().clone();
+    let mut shards = c.queue.consume_shards(1).await.unwrap();
+
+    // Succeeded through the coordinator (manifest written).
+    let succeeded = c.submit(4, 2).await;
+    coord.resume(&[succeeded.id]).await.unwrap();
+    coord.tick().await;
+    for _ in 0..2 {
+        c.work_one(&mut shards).await;
+    }
+    coord.tick().await;
+    assert_eq!(c.progress(succeeded.id).await.state, JobState::Succeeded);
+
+    // Cancelled (as the API does) while running: the coordinator, seeing
+    // it, writes the state marker.
+    let cancelled = c.submit(4, 2).await;
+    coord.resume(&[cancelled.id]).await.unwrap();
+    c.redis
+        .set_state(cancelled.id, JobState::Cancelled, None)
+        .await
+        .unwrap();
+    coord.tick().await;
+    assert!(coord.active_jobs().await.is_empty());
+    let marker = c
+        .store
+        .get(&c.layout.job_state(cancelled.id))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let marker: StateMarker = serde_json::from_slice(&marker).unwrap();
+    assert_eq!(
+        (marker.job, marker.state),
+        (cancelled.id, JobState::Cancelled)
+    );
+    // Drain what was published for it.
+    while tokio::time::timeout(Duration::from_millis(500), shards.next())
+        .await
+        .is_ok()
+    {}
+
+    // Every shard in the store, no manifest (the coordinator died before).
+    let complete = c.submit(6, 2).await;
+    // Some shards in the store, one of them never recorded done.
+    let partial = c.submit(8, 2).await;
+    for (spec, indices) in [(&complete, 0..3), (&partial, 1..3)] {
+        for i in indices {
+            let task = spec.shard(i);
+            c.store
+                .put(
+                    &c.layout.shard(spec.id, i),
+                    PutPayload::from(dummy_shard(&task)),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    c.redis.record_shard_done(partial.id, 1, 2).await.unwrap();
+    // Failed before markers existed: none in the store.
+    let failed = c.submit(4, 2).await;
+    c.redis
+        .set_state(failed.id, JobState::Failed, Some("shard 0: boom"))
+        .await
+        .unwrap();
+
+    // A dry run reports and changes nothing.
+    let before_keys = c.redis.unfinished_jobs().await.unwrap();
+    let dry = reconciler.reconcile_all(true).await.unwrap();
+    assert_eq!(dry.len(), 5);
+    assert!(c.manifest(complete.id).await.is_none());
+    assert_eq!(c.redis.unfinished_jobs().await.unwrap(), before_keys);
+    assert_eq!(c.redis.done_shards(partial.id).await.unwrap(), vec![1]);
+
+    // Redis loses every entry but `partial`'s and `failed`'s.
+    for spec in [&succeeded, &cancelled, &complete] {
+        c.redis.delete_job(spec).await.unwrap();
+    }
+    let outcomes: BTreeMap<JobId, Reconciled> = reconciler
+        .reconcile_all(false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(job, r)| (job, r.unwrap()))
+        .collect();
+    assert_eq!(outcomes.len(), 5);
+    let r = &outcomes[&succeeded.id];
+    assert_eq!(
+        (r.before, r.after, r.action),
+        (None, JobState::Succeeded, Action::Rebuilt)
+    );
+    let r = &outcomes[&cancelled.id];
+    assert_eq!(
+        (r.before, r.after, r.action),
+        (None, JobState::Cancelled, Action::Rebuilt)
+    );
+    let r = &outcomes[&complete.id];
+    assert_eq!((r.after, r.manifest_written), (JobState::Succeeded, true));
+    let r = &outcomes[&partial.id];
+    assert_eq!(
+        (r.before, r.after, r.action, r.shards_recorded),
+        (Some(JobState::Queued), JobState::Queued, Action::Merged, 1)
+    );
+    let r = &outcomes[&failed.id];
+    assert_eq!((r.after, r.action), (JobState::Failed, Action::Marked));
+
+    let p = c.progress(succeeded.id).await;
+    assert_eq!(
+        (p.state, p.shards_done, p.samples_done),
+        (JobState::Succeeded, 2, 4)
+    );
+    let p = c.progress(cancelled.id).await;
+    assert_eq!(p.state, JobState::Cancelled);
+    let p = c.progress(complete.id).await;
+    assert_eq!(
+        (p.state, p.shards_done, p.samples_done),
+        (JobState::Succeeded, 3, 6)
+    );
+    c.check_manifest(&complete).await;
+    assert_eq!(c.redis.done_shards(partial.id).await.unwrap(), vec![1, 2]);
+    assert_eq!(c.progress(partial.id).await.samples_done, 4);
+    assert!(c.store.head(&c.layout.job_state(failed.id)).await.is_ok());
+    // Only `partial` is left to run; a second pass changes nothing.
+    assert_eq!(c.redis.unfinished_jobs().await.unwrap(), vec![partial.id]);
+    let again = reconciler.reconcile_all(false).await.unwrap();
+    assert!(again
+        .iter()
+        .all(|(_, r)| r.as_ref().unwrap().action == Action::None));
+    drop(shards);
     c.cleanup().await;
 }

@@ -6,8 +6,8 @@
 //! | `upload-features F.npz` | streams AlphaFold features to `POST /v1/features`; prints `sha256 HEX  length L  bytes N` |
 //! | `submit ...` | uploads features if given a file, `POST /v1/jobs`; prints only the job id on stdout (`--wait` then waits) |
 //! | `status JOB` | state, samples, shards, rate, ETA, times and error of a job |
-//! | `wait JOB` | polls until the job is final: exit 0 when it succeeded, an error when it failed, was cancelled or `--timeout` passed |
-//! | `fetch JOB --out DIR` | downloads and verifies the result shards (resumable), or the whole ensemble as one PDB |
+//! | `wait JOB` | follows the job's event stream (polling if the stream breaks) until it is final: exit 0 when it succeeded, an error when it failed, was cancelled or `--timeout` passed |
+//! | `fetch JOB --out DIR` | downloads and verifies the result shards (resumable; the finished shards of a failed or cancelled job, said to be partial), or the whole ensemble as one PDB |
 //! | `cancel JOB` | `POST /v1/jobs/{id}/cancel`; prints the new state |
 //! | `jobs` | the tenant's jobs, newest first (`--all` follows the cursor) |
 //! | `models` | the models the service can sample with |
@@ -20,6 +20,7 @@
 //! otherwise. An API error ends the command with
 //! `error: MESSAGE (HTTP STATUS CODE)` and a non-zero exit status.
 
+mod events;
 mod http;
 mod render;
 mod transfer;
@@ -85,10 +86,11 @@ impl ClientOpts {
     }
 }
 
-/// How `wait` (and `submit --wait`) polls.
+/// How `wait` (and `submit --wait`) follows a job: its event stream, or
+/// status requests when the stream is unavailable or breaks.
 #[derive(Args, Debug, Clone)]
 pub struct WaitOpts {
-    /// Milliseconds between status requests (at least 100).
+    /// Milliseconds between status requests when polling (at least 100).
     #[arg(long, value_name = "MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(100..))]
     pub poll_ms: u64,
@@ -184,6 +186,9 @@ pub enum ClientCommand {
         /// Retries with the same key return the first submission's job instead of a new one.
         #[arg(long, value_name = "KEY")]
         idempotency_key: Option<String>,
+        /// http(s) URL that gets a signed POST of the job's view when it ends (a webhook).
+        #[arg(long, value_name = "URL")]
+        callback_url: Option<String>,
         /// Then wait until the job is final, as `digctl wait` does.
         #[arg(long)]
         wait: bool,
@@ -306,6 +311,7 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
             shard_size,
             name,
             idempotency_key,
+            callback_url,
             wait,
             wait_opts,
             json,
@@ -361,6 +367,7 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
                 model,
                 priority: priority.map(Priority::from),
                 shard_size,
+                callback_url,
             };
             let answer = api
                 .post(&["v1", "jobs"], Some(&request), idempotency_key.as_deref())
@@ -422,9 +429,16 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
                 FetchFormat::Npz => {
                     let started = Instant::now();
                     let f = transfer::fetch_npz(&api, job, &out, parallel as usize).await?;
+                    if let Some(p) = &f.partial {
+                        eprintln!(
+                            "job {job} {}: partial results, {} of {} shards ({} of {} samples)",
+                            p.state, f.shards, p.total_shards, p.samples, p.num_samples
+                        );
+                    }
                     println!(
-                        "wrote {} shards ({} downloaded, {} already present; {}) to {} and {} in {}",
+                        "wrote {} shards{} ({} downloaded, {} already present; {}) to {} and {} in {}",
                         f.shards,
+                        if f.partial.is_some() { " (partial)" } else { "" },
                         f.downloaded,
                         f.shards - f.downloaded,
                         human_bytes(f.bytes),
@@ -560,61 +574,65 @@ fn backoff(poll: Duration, failures: u32) -> Duration {
     (poll * 2u32.pow(failures.min(6))).min(Duration::from_secs(30))
 }
 
-/// Polls a job until it is final: its view when it succeeded, an error
-/// naming the state and the job's error otherwise, or on `--timeout`.
+/// What `wait` shows of a job: the bar (or log lines) and the last state.
+struct Watch {
+    job: JobId,
+    meter: Meter,
+    last_state: Option<JobState>,
+}
+
+impl Watch {
+    fn show(&mut self, view: &JobView) {
+        if self.last_state != Some(view.state) {
+            if !self.meter.is_bar() {
+                tracing::info!("job {}: {}", self.job, state_name(view.state));
+            }
+            self.last_state = Some(view.state);
+        }
+        self.meter.set_total(view.num_samples);
+        self.meter.set_position(view.samples_done);
+        self.meter.set_message(progress_message(view));
+    }
+
+    fn timed_out(&self, opts: &WaitOpts) -> anyhow::Error {
+        let job = self.job;
+        let state = self.last_state.map_or("unknown", state_name);
+        anyhow!(
+            "timed out after {} waiting for job {job} (last state: {state}); \
+             it keeps running: `digctl status {job}`",
+            human_duration(opts.timeout.unwrap_or(0) as f64)
+        )
+    }
+}
+
+/// Follows a job until it is final: its view when it succeeded, an error
+/// naming the state and the job's error otherwise, or on `--timeout`. The
+/// job's event stream first; if it cannot be opened or breaks, polling.
 async fn wait_for(api: &Api, job: JobId, opts: &WaitOpts) -> Result<JobView> {
-    let poll = Duration::from_millis(opts.poll_ms);
     let deadline = opts
         .timeout
         .map(|s| Instant::now() + Duration::from_secs(s));
-    let meter = Meter::new(None, Unit::Samples, &format!("job {job}"));
-    let mut last_state: Option<JobState> = None;
-    let mut failures = 0u32;
-    let outcome = loop {
-        let pause = match api.job(job).await {
-            Ok((view, _)) => {
-                failures = 0;
-                if last_state != Some(view.state) {
-                    if !meter.is_bar() {
-                        tracing::info!("job {job}: {}", state_name(view.state));
-                    }
-                    last_state = Some(view.state);
-                }
-                meter.set_total(view.num_samples);
-                meter.set_position(view.samples_done);
-                meter.set_message(progress_message(&view));
-                if view.state.is_final() {
-                    break Ok(view);
-                }
-                poll
-            }
-            Err(e) if is_transient(&e) && failures < MAX_TRANSIENT_FAILURES => {
-                failures += 1;
-                let pause = backoff(poll, failures);
-                tracing::warn!(
-                    "{e:#}; trying again in {:.1}s ({failures}/{MAX_TRANSIENT_FAILURES})",
-                    pause.as_secs_f64()
-                );
-                pause
-            }
-            Err(e) => break Err(e),
-        };
-        if let Some(deadline) = deadline {
-            let now = Instant::now();
-            if now >= deadline {
-                let state = last_state.map_or("unknown", state_name);
-                break Err(anyhow!(
-                    "timed out after {} waiting for job {job} (last state: {state}); \
-                     it keeps running: `digctl status {job}`",
-                    human_duration(opts.timeout.unwrap_or(0) as f64)
-                ));
-            }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-        } else {
-            tokio::time::sleep(pause).await;
+    let mut watch = Watch {
+        job,
+        meter: Meter::new(None, Unit::Samples, &format!("job {job}")),
+        last_state: None,
+    };
+    let streamed = {
+        let follow = events::follow(api, job, |view| watch.show(view));
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), follow).await.ok(),
+            None => Some(follow.await),
         }
     };
-    meter.finish();
+    let outcome = match streamed {
+        None => Err(watch.timed_out(opts)),
+        Some(Ok(view)) => Ok(view),
+        Some(Err(e)) => {
+            tracing::debug!("job {job}: {e:#}; polling instead");
+            poll_until_final(api, &mut watch, opts, deadline).await
+        }
+    };
+    watch.meter.finish();
     let view = outcome?;
     let took = run_time(&view)
         .map(|s| format!(" in {}", human_duration(s)))
@@ -632,6 +650,50 @@ async fn wait_for(api: &Api, job: JobId, opts: &WaitOpts) -> Result<JobView> {
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default()
         )),
+    }
+}
+
+/// Polls `GET /v1/jobs/{id}` every `--poll-ms` until the job is final,
+/// riding out transient failures.
+async fn poll_until_final(
+    api: &Api,
+    watch: &mut Watch,
+    opts: &WaitOpts,
+    deadline: Option<Instant>,
+) -> Result<JobView> {
+    let job = watch.job;
+    let poll = Duration::from_millis(opts.poll_ms);
+    let mut failures = 0u32;
+    loop {
+        let pause = match api.job(job).await {
+            Ok((view, _)) => {
+                failures = 0;
+                watch.show(&view);
+                if view.state.is_final() {
+                    return Ok(view);
+                }
+                poll
+            }
+            Err(e) if is_transient(&e) && failures < MAX_TRANSIENT_FAILURES => {
+                failures += 1;
+                let pause = backoff(poll, failures);
+                tracing::warn!(
+                    "{e:#}; trying again in {:.1}s ({failures}/{MAX_TRANSIENT_FAILURES})",
+                    pause.as_secs_f64()
+                );
+                pause
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(deadline) = deadline {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(watch.timed_out(opts));
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+        } else {
+            tokio::time::sleep(pause).await;
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //!
 //! The services: `api`, `coordinator`, `worker` (one process each, from one
 //! configuration) and `standalone` (all three in one process, no servers);
-//! `upload-model` and `api-key new` for operators.
+//! `upload-model`, `reconcile` and `api-key new` for operators.
 //!
 //! The client: `upload-features`, `submit`, `status`, `wait`, `fetch`,
 //! `cancel`, `jobs`, `models` against any API URL.
@@ -16,6 +16,7 @@ mod bench;
 mod client;
 mod device;
 mod progress;
+mod reconcile;
 mod sample;
 mod services;
 
@@ -74,6 +75,8 @@ enum Command {
     Standalone(services::StandaloneArgs),
     /// Upload a model directory to the object store under an id.
     UploadModel(services::UploadModelArgs),
+    /// Rebuild job progress in Redis from the object store (after Redis lost data).
+    Reconcile(reconcile::ReconcileArgs),
     /// API keys for tenants.
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
@@ -113,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(args) => services::worker(args),
         Command::Standalone(args) => services::standalone(args),
         Command::UploadModel(args) => services::upload_model_cmd(args),
+        Command::Reconcile(args) => reconcile::run(args),
         Command::ApiKey(ApiKeyCommand::New { tenant }) => {
             if !dig_api::is_valid_tenant(&tenant) {
                 anyhow::bail!(

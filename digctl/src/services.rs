@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dig_api::{ApiState, Limits, Tenants};
+use dig_api::{ApiState, Deliverer, Limits, Tenants, WebhookSecrets, WebhookSettings};
 use dig_common::config::Config;
 use dig_common::layout::ObjectLayout;
 use dig_common::progress::{MemoryProgress, ProgressStore, RedisProgress};
@@ -112,7 +112,13 @@ impl Backends {
         })
     }
 
-    fn api_state(&self, cfg: &Config, tenants: Tenants) -> ApiState {
+    fn api_state(
+        &self,
+        cfg: &Config,
+        tenants: Tenants,
+        webhook_secrets: WebhookSecrets,
+        shutdown: watch::Receiver<bool>,
+    ) -> ApiState {
         ApiState {
             queue: self.queue.clone(),
             store: self.store.clone(),
@@ -124,9 +130,25 @@ impl Backends {
                 max_num_samples: cfg.api.max_num_samples,
                 max_shard_size: cfg.api.max_shard_size,
                 default_model: cfg.api.default_model.clone(),
+                max_jobs_per_tenant: cfg.api.max_jobs_per_tenant,
+                max_queued_samples_per_tenant: cfg.api.max_queued_samples_per_tenant,
                 ..Limits::default()
             },
+            webhook_secrets,
+            shutdown,
         }
+    }
+
+    /// The webhook sender every API process runs (see `dig_api::webhooks`).
+    fn deliverer(&self, cfg: &Config, secrets: WebhookSecrets) -> Result<Deliverer> {
+        let settings = WebhookSettings {
+            max_attempts: cfg.api.webhook_max_attempts.max(1),
+            backoff: Duration::from_millis(cfg.api.webhook_backoff_ms.max(1)),
+            timeout: Duration::from_secs(cfg.api.webhook_timeout_secs.max(1)),
+            ..WebhookSettings::default()
+        };
+        Deliverer::new(self.progress.clone(), secrets, settings)
+            .context("cannot set up the webhook client")
     }
 
     fn coordinator(&self, cfg: &Config) -> Coordinator {
@@ -163,6 +185,8 @@ impl Backends {
                 cache_dir: cfg.worker.cache_dir.clone(),
                 max_attempts: cfg.worker.max_attempts.max(1),
                 heartbeat_secs: cfg.worker.heartbeat_secs,
+                shutdown_grace: Duration::from_secs(cfg.worker.shutdown_grace_secs),
+                ..WorkerSettings::default()
             },
         ))
     }
@@ -221,6 +245,20 @@ async fn serve_api(state: ApiState, listen: &str, mut stop: watch::Receiver<bool
     Ok(())
 }
 
+/// The webhook secrets of `api.webhook_secrets_file`; none when unset.
+fn load_webhook_secrets(cfg: &Config) -> Result<WebhookSecrets> {
+    let path = &cfg.api.webhook_secrets_file;
+    if path.as_os_str().is_empty() {
+        return Ok(WebhookSecrets::default());
+    }
+    WebhookSecrets::from_file(path).with_context(|| {
+        format!(
+            "cannot read the webhook secrets file {} (api.webhook_secrets_file: `TENANT SECRET` lines)",
+            path.display()
+        )
+    })
+}
+
 fn load_tenants(path: &Path) -> Result<Tenants> {
     let tenants = Tenants::from_file(path).with_context(|| {
         format!(
@@ -240,10 +278,22 @@ fn load_tenants(path: &Path) -> Result<Tenants> {
 pub fn api(args: ConfigArg) -> Result<()> {
     let cfg = args.load()?;
     let tenants = load_tenants(&cfg.api.keys_file)?;
+    let secrets = load_webhook_secrets(&cfg)?;
     runtime()?.block_on(async {
         let stop = shutdown_signal();
         let backends = Backends::distributed(&cfg).await?;
-        serve_api(backends.api_state(&cfg, tenants), &cfg.api.listen, stop).await
+        let deliverer = backends.deliverer(&cfg, secrets.clone())?;
+        let state = backends.api_state(&cfg, tenants, secrets, stop.clone());
+        let hooks_stop = stop.clone();
+        let hooks = tokio::spawn(async move { deliverer.run(hooks_stop).await });
+        let served = serve_api(state, &cfg.api.listen, stop).await;
+        if served.is_err() {
+            // No shutdown signal will come to stop it.
+            hooks.abort();
+        }
+        // After a signal it stops by itself, once an attempt under way ends.
+        let _ = hooks.await;
+        served
     })
 }
 
@@ -259,8 +309,28 @@ pub fn coordinator(args: ConfigArg) -> Result<()> {
     })
 }
 
-/// Picks up the jobs a previous coordinator was driving.
+/// Picks up the jobs a previous coordinator was driving. First makes the
+/// progress store agree with the object store, so that jobs Redis lost (a
+/// flush, a restore from an old snapshot) are rebuilt and resumed too.
 async fn resume(coordinator: &Coordinator, progress: &dyn ProgressStore) -> Result<()> {
+    match coordinator.reconcile().await {
+        Ok(outcomes) => {
+            let mut changed = 0;
+            for (job, outcome) in &outcomes {
+                match outcome {
+                    Ok(r) if r.action != dig_coordinator::Action::None => changed += 1,
+                    Ok(_) => {}
+                    Err(e) => warn!(%job, error = %e, "cannot reconcile job"),
+                }
+            }
+            info!(
+                jobs = outcomes.len(),
+                changed, "progress store reconciled with the object store"
+            );
+        }
+        // Not fatal: the jobs Redis still knows can run meanwhile.
+        Err(e) => warn!(error = %e, "cannot list the jobs in the object store; not reconciled"),
+    }
     let jobs = progress
         .unfinished_jobs()
         .await
@@ -273,6 +343,10 @@ async fn resume(coordinator: &Coordinator, progress: &dyn ProgressStore) -> Resu
     Ok(())
 }
 
+/// A worker until SIGTERM (or Ctrl-C): then it takes no more shards, lets the
+/// shard in progress finish for `worker.shutdown_grace_secs`, stops it past
+/// that at its next batch and requeues it, and exits 0. A second signal
+/// exits at once (the broker requeues the shard; its attempt stays counted).
 pub fn worker(args: ConfigArg) -> Result<()> {
     let cfg = args.load()?;
     runtime()?.block_on(async {
@@ -283,11 +357,31 @@ pub fn worker(args: ConfigArg) -> Result<()> {
             id = %cfg.worker_id(),
             device = %cfg.worker.device,
             batch = cfg.worker.batch_size,
+            shutdown_grace_secs = cfg.worker.shutdown_grace_secs,
             "worker started"
         );
+        tokio::spawn(exit_on_second_signal(stop.clone()));
         worker.run(stop).await?;
+        info!(id = %cfg.worker_id(), "worker exited cleanly");
         Ok(())
     })
+}
+
+/// Once `stop` is true, exits the process on the next SIGTERM or Ctrl-C.
+async fn exit_on_second_signal(mut stop: watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        return;
+    }
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    warn!("second signal: exiting now; the shard in progress goes back to the queue");
+    std::process::exit(130);
 }
 
 pub fn standalone(args: StandaloneArgs) -> Result<()> {
@@ -309,6 +403,7 @@ pub fn standalone(args: StandaloneArgs) -> Result<()> {
         None => default_keys(data)?,
     };
     let tenants = load_tenants(&keys_file)?;
+    let secrets = load_webhook_secrets(&cfg)?;
     runtime()?.block_on(async {
         let stop = shutdown_signal();
         let backends = Backends::with(
@@ -332,10 +427,13 @@ pub fn standalone(args: StandaloneArgs) -> Result<()> {
             keys = %keys_file.display(),
             "standalone: API, coordinator and worker in one process (in-process queue and progress, local store)"
         );
-        let api = serve_api(backends.api_state(&cfg, tenants), &cfg.api.listen, stop.clone());
+        let deliverer = backends.deliverer(&cfg, secrets.clone())?;
+        let state = backends.api_state(&cfg, tenants, secrets, stop.clone());
+        let api = serve_api(state, &cfg.api.listen, stop.clone());
         let coord = coordinator.run(stop.clone());
         let work = worker.run(stop.clone());
-        let (api, (), work) = tokio::join!(api, coord, work);
+        let hooks = deliverer.run(stop.clone());
+        let (api, (), work, ()) = tokio::join!(api, coord, work, hooks);
         api?;
         work?;
         Ok(())

@@ -124,14 +124,46 @@ pub fn sample_ensemble(
     batch_size: usize,
     tr_sigma_max: f64,
     sequence: &str,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> Ensemble {
+    let never = || false;
+    sample_ensemble_until(
+        sampler,
+        ctx,
+        init,
+        batch_size,
+        tr_sigma_max,
+        sequence,
+        progress,
+        &never,
+    )
+    .expect("never asked to stop")
+}
+
+/// [`sample_ensemble`] that asks `stop` before each batch and gives up,
+/// returning `None`, when it answers true: a caller can interrupt a long run
+/// at the next batch boundary (a cancelled job, a worker shutting down).
+/// Batches are the unit of work, so nothing of a stopped run is returned.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_ensemble_until(
+    sampler: &Sampler,
+    ctx: &ProteinContext,
+    init: &InitialPoses,
+    batch_size: usize,
+    tr_sigma_max: f64,
+    sequence: &str,
+    mut progress: impl FnMut(usize),
+    stop: &dyn Fn() -> bool,
+) -> Option<Ensemble> {
     let n = init.len();
     let l = ctx.len();
     let mut tr_out = Vec::with_capacity(n * l as usize * 3);
     let mut rot_out = Vec::with_capacity(n * l as usize * 9);
     let mut start = 0;
     while start < n {
+        if stop() {
+            return None;
+        }
         let end = (start + batch_size.max(1)).min(n);
         let (tr, rot) = init.batch(start..end, l, tr_sigma_max, ctx.device());
         let b = end - start;
@@ -145,10 +177,10 @@ pub fn sample_ensemble(
         );
         start = end;
     }
-    Ensemble {
+    Some(Ensemble {
         sequence: sequence.to_string(),
         sample_index: init.indices(),
         tr: tr_out,
         rot_mat: rot_out,
-    }
+    })
 }

@@ -72,7 +72,8 @@ impl Service {
         false
     }
 
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 }
@@ -179,7 +180,17 @@ impl Cluster {
 
     /// `digctl standalone` serving the fixture model; no servers needed.
     pub fn standalone(label: &str) -> (Cluster, Service) {
-        let c = Cluster::base(label, true);
+        Cluster::standalone_with(label, |_| {})
+    }
+
+    /// [`Cluster::standalone`] with the configuration changed by
+    /// `configure` (e.g. [`Cluster::set_env`]) before the process starts.
+    pub fn standalone_with(
+        label: &str,
+        configure: impl FnOnce(&mut Cluster),
+    ) -> (Cluster, Service) {
+        let mut c = Cluster::base(label, true);
+        configure(&mut c);
         let data = c.dir.path().join("data");
         let keys = c.dir.path().join("api-keys");
         let svc = c.spawn(
@@ -321,6 +332,45 @@ impl Cluster {
         String::from_utf8(out.stderr).unwrap()
     }
 
+    /// Runs `digctl` with this deployment's configuration (as an operator's
+    /// command such as `reconcile` would run), not as a client.
+    pub fn digctl_configured(&self, args: &[&str]) -> Output {
+        Command::new(digctl_path())
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("DIG_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    /// `GET path` on the API over a raw TCP connection: the status code and
+    /// the body (`None` when the API does not answer).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let addr = self.api_url.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .ok()?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).ok()?;
+        let code = reply.split_whitespace().nth(1)?.parse().ok()?;
+        let body = reply
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        Some((code, body))
+    }
+
+    /// [`Cluster::status`], or `None` while the API does not know the job
+    /// (e.g. between a Redis flush and the entry's rebuild).
+    pub fn try_status(&self, key: &str, job: &str) -> Option<serde_json::Value> {
+        let out = self.client(key, &["status", "--json", job]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
     /// Uploads the fixture features as tenant `key`; their SHA-256.
     pub fn upload_features(&self, key: &str) -> String {
         let out = self.client_ok(
@@ -351,9 +401,114 @@ impl Cluster {
         self.client_ok(key, &args).trim().to_string()
     }
 
-    /// The job's view from `digctl status --json`.
+    /// The job's view (`GET /v1/jobs/{id}`). A plain HTTP request rather
+    /// than `digctl status`: tests poll this, and a process that loads
+    /// libtorch per poll would take the CPU the workers need.
     pub fn status(&self, key: &str, job: &str) -> serde_json::Value {
-        serde_json::from_str(&self.client_ok(key, &["status", "--json", job])).unwrap()
+        let (status, body) = self.api_get(key, &format!("/v1/jobs/{job}"));
+        assert_eq!(status, 200, "GET /v1/jobs/{job}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// A GET to the API as `key`'s tenant: status code and body.
+    pub fn api_get(&self, key: &str, path: &str) -> (u16, String) {
+        let addr = self.api_url.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        write!(
+            s,
+            "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP reply: {head}"));
+        (status, body.to_string())
+    }
+
+    /// Writes a webhook secrets file (`TENANT SECRET` lines) and points
+    /// `api.webhook_secrets_file` of the services started from now on at it.
+    pub fn set_webhook_secrets(&mut self, lines: &str) {
+        let path = self.dir.path().join("webhook-secrets");
+        std::fs::write(&path, lines).unwrap();
+        self.set_env("DIG_API_WEBHOOK_SECRETS_FILE", path.to_str().unwrap());
+    }
+
+    /// Reads the job's event stream (`GET /v1/jobs/{job}/events`) as `key`'s
+    /// tenant over a raw HTTP/1.0 connection until the server closes it or
+    /// `timeout` passes: the HTTP status, the events `(name, data)` in order
+    /// of arrival, and whether the server closed the stream.
+    pub fn job_events(
+        &self,
+        key: &str,
+        job: &str,
+        timeout: Duration,
+    ) -> (u16, Vec<(String, serde_json::Value)>, bool) {
+        use std::io::BufRead;
+        let addr = self.api_url.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s.write_all(
+            format!(
+                "GET /v1/jobs/{job}/events HTTP/1.0\r\nHost: {addr}\r\n\
+                 Authorization: Bearer {key}\r\nAccept: text/event-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut reader = std::io::BufReader::new(s);
+        let (mut status, mut in_body, mut closed) = (0u16, false, false);
+        let (mut name, mut data) = (String::new(), String::new());
+        let mut events = Vec::new();
+        let mut line = String::new();
+        while Instant::now() < deadline {
+            // A read that times out keeps what it read in `line`.
+            match reader.read_line(&mut line) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => panic!("reading the event stream: {e}"),
+            }
+            if !line.ends_with('\n') {
+                continue;
+            }
+            let l = line.trim_end_matches(['\r', '\n']).to_string();
+            line.clear();
+            if status == 0 {
+                status = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+            } else if !in_body {
+                in_body = l.is_empty();
+            } else if l.is_empty() {
+                if !data.is_empty() {
+                    let value = serde_json::from_str(&data)
+                        .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {data}"));
+                    events.push((std::mem::take(&mut name), value));
+                }
+                data.clear();
+                name.clear();
+            } else if let Some(v) = l.strip_prefix("event:") {
+                name = v.trim_start().to_string();
+            } else if let Some(v) = l.strip_prefix("data:") {
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        (status, events, closed)
     }
 
     /// Polls until the job is final (or `timeout`); its last view.
@@ -451,6 +606,61 @@ impl Cluster {
     }
 }
 
+/// RabbitMQ stopped (`scripts/services.sh stop-rabbitmq`) until
+/// [`RabbitOutage::end`] or the drop of this guard (also on a panic) starts
+/// it again (`restart-rabbitmq`, which starts a stopped broker), so that a
+/// failing test never leaves the broker down for the tests after it. The
+/// script serialises itself with a lock in `.services/`, as the queue
+/// tests' restarts do; callers serialise their own tests around the outage.
+pub struct RabbitOutage {
+    down: bool,
+}
+
+impl RabbitOutage {
+    pub fn begin() -> RabbitOutage {
+        services_sh("stop-rabbitmq");
+        RabbitOutage { down: true }
+    }
+
+    /// Starts the broker and waits until it takes connections.
+    pub fn end(mut self) {
+        self.down = false;
+        services_sh("restart-rabbitmq");
+    }
+}
+
+impl Drop for RabbitOutage {
+    fn drop(&mut self) {
+        if self.down {
+            self.down = false;
+            let ok = Command::new(crate::repo_root().join("scripts/services.sh"))
+                .arg("restart-rabbitmq")
+                .stdin(Stdio::null())
+                .output()
+                .is_ok_and(|out| out.status.success());
+            if !ok && !std::thread::panicking() {
+                panic!("scripts/services.sh restart-rabbitmq failed");
+            }
+        }
+    }
+}
+
+/// Runs `scripts/services.sh COMMAND`; its output only shows when it fails.
+fn services_sh(command: &str) {
+    let out = Command::new(crate::repo_root().join("scripts/services.sh"))
+        .arg(command)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run scripts/services.sh {command}: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/services.sh {command} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn nanos() -> u32 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -484,6 +694,60 @@ impl Backends {
     pub async fn workers(&self) -> Vec<WorkerHeartbeat> {
         self.progress.workers().await.unwrap()
     }
+
+    /// The shard outputs of `job` in the store, as `(index, ensemble)` in
+    /// index order: what a job has written so far, manifest or not.
+    pub async fn shard_ensembles(&self, job: &str, sequence: &str) -> Vec<(u64, Ensemble)> {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = format!("{}/jobs/{job}/shards/", self.prefix);
+        let mut out = Vec::new();
+        for key in self.objects().await {
+            let Some(name) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            let index: u64 = name
+                .strip_suffix(".npz")
+                .and_then(|i| i.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected shard object {key}"));
+            let bytes = self
+                .store
+                .get(&object_store::path::Path::from(key.as_str()))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let path = dir.path().join(name);
+            std::fs::write(&path, &bytes).unwrap();
+            out.push((index, Ensemble::read_npz(&path, sequence).unwrap()));
+        }
+        out
+    }
+}
+
+/// Checks that `shards` hold samples of `reference` at most once each, with
+/// bit-identical frames: the part of a run a cancelled job got to write.
+/// Returns how many samples there were.
+pub fn assert_samples_within(shards: &[Ensemble], reference: &Ensemble) -> usize {
+    let l = reference.len_residues();
+    let mut seen = std::collections::BTreeSet::new();
+    for e in shards {
+        for (k, &i) in e.sample_index.iter().enumerate() {
+            assert!(seen.insert(i), "sample {i} appears more than once");
+            let r = reference
+                .sample_index
+                .iter()
+                .position(|&j| j == i)
+                .unwrap_or_else(|| panic!("sample {i} is not in the reference run"));
+            assert!(
+                e.tr[k * l * 3..(k + 1) * l * 3] == reference.tr[r * l * 3..(r + 1) * l * 3]
+                    && e.rot_mat[k * l * 9..(k + 1) * l * 9]
+                        == reference.rot_mat[r * l * 9..(r + 1) * l * 9],
+                "sample {i} differs from the local run"
+            );
+        }
+    }
+    seen.len()
 }
 
 /// `digctl sample` of the fixture model and features: the reference ensemble.

@@ -3,15 +3,67 @@
 //! output at its deterministic key, record completion in the progress store
 //! and only then ack. A crash anywhere before the ack redelivers the shard;
 //! the re-run writes identical bytes and the completion counts once.
+//!
+//! # Ending a shard early
+//!
+//! - **The job ended** (cancelled through the API, or failed, or finished by
+//!   a duplicate delivery): before sampling, the worker reads the job's
+//!   state and acks a shard of a final job without doing anything. While a
+//!   shard samples, a watcher reads the state every
+//!   [`WorkerSettings::cancel_poll`] and raises a [`StopFlag`] that the
+//!   sampler checks between batches; the shard is then acked, neither written
+//!   nor recorded. Shards finished earlier stay in the store.
+//! - **Shutdown** (SIGTERM to `digctl worker`): no new shard is taken; the
+//!   shard in progress may finish for [`WorkerSettings::shutdown_grace`],
+//!   after which the same flag stops it at its next batch and the delivery is
+//!   requeued for another worker. [`Worker::run`] then returns `Ok`.
+//!
+//! # Failures and attempts
+//!
+//! A failure is *transient* when the shard is not at fault and a later try
+//! can succeed unchanged: the object store unreachable or timing out
+//! (`object_store`'s `Generic` errors: connection failures, timeouts and 5xx
+//! once its own retries are spent), Redis unreachable, the broker
+//! disconnected, the local cache disk. Everything else is *permanent*: a
+//! missing spec, model or features object, unreadable data, a sampler error.
+//! See [`WorkerError::is_transient`].
+//!
+//! Attempts are counted in the progress store when an attempt *starts*
+//! ([`ProgressStore::start_attempt`]), before anything can go wrong, and
+//! taken back ([`ProgressStore::forgive_attempt`]) when the attempt ends for
+//! a reason that is not the shard's: a transient failure, a shutdown past
+//! its grace. Counting at the start is what makes a worker that dies
+//! mid-shard (SIGKILL, out of memory, a segfault in libtorch) count: it
+//! never gets to report anything, so its attempt stays counted, and a
+//! delivery whose counter is already past `max_attempts` is parked without
+//! being run again: a shard that kills every worker taking it cannot loop
+//! forever. (Counting only reported permanent failures instead would need a
+//! second counter for crashes; forgiving keeps one.) A transient failure
+//! requeues the shard at once and pauses this worker's consuming for a
+//! backoff (1 s doubling to 30 s, reset by the next shard handled), so other
+//! workers can take the shard meanwhile and an outage is not a hot loop.
+//! Permanent failures are retried until `max_attempts`, then the shard is
+//! parked (the parking queue) and its failure recorded with the reason,
+//! which fails the job.
+//!
+//! The price: a failure taken for transient that is in fact lasting (every
+//! worker's cache disk broken, a store answering every write with an error
+//! it files under `Generic`) is retried for as long as it lasts, at most
+//! every 30 s per worker and logged each time, instead of failing the job.
+//! And a worker killed at the end of a shutdown (the platform's deadline
+//! shorter than `shutdown_grace`, or a second signal) counts like a crash:
+//! keep the grace below Kubernetes' `terminationGracePeriodSeconds`.
 
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dig_common::job::{JobId, JobSpec, ShardTask};
 use dig_common::layout::ObjectLayout;
 use dig_common::progress::{ProgressStore, WorkerHeartbeat};
-use dig_common::queue::{ShardDelivery, ShardQueue};
+use dig_common::queue::{ShardDelivery, ShardQueue, ShardStream};
 use dig_common::store::FeatureStore;
 use dig_common::CommonError;
 use futures::StreamExt;
@@ -19,7 +71,7 @@ use object_store::{ObjectStore, PutPayload};
 use tch::Device;
 use tokio::sync::watch;
 
-use crate::shard::ShardSampler;
+use crate::shard::{ShardError, ShardSampler};
 
 /// What a worker needs to know besides its connections.
 #[derive(Debug, Clone)]
@@ -34,6 +86,33 @@ pub struct WorkerSettings {
     pub max_attempts: u32,
     /// Seconds between heartbeats; a worker is listed for three of them.
     pub heartbeat_secs: u64,
+    /// After shutdown is asked for, how long the shard in progress may run
+    /// on before it is stopped at a batch boundary and requeued.
+    pub shutdown_grace: Duration,
+    /// How often the job of the shard in progress is checked for a final
+    /// state (a cancellation).
+    pub cancel_poll: Duration,
+    /// Pause after a transient failure; doubles up to `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            id: "worker".into(),
+            device: Device::Cpu,
+            batch_size: 8,
+            pair_cache_bytes: 4096 << 20,
+            cache_dir: "dig-cache".into(),
+            max_attempts: 3,
+            heartbeat_secs: 10,
+            shutdown_grace: Duration::from_secs(60),
+            cancel_poll: Duration::from_secs(1),
+            retry_backoff: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The backing services a worker talks to.
@@ -53,9 +132,155 @@ pub enum WorkerError {
     #[error(transparent)]
     Store(#[from] object_store::Error),
     #[error(transparent)]
-    Shard(#[from] crate::shard::ShardError),
+    Shard(#[from] ShardError),
     #[error("{0}")]
     Other(String),
+    /// The shard was stopped before it was complete; nothing was written.
+    #[error("shard stopped: {0}")]
+    Stopped(StopReason),
+}
+
+impl WorkerError {
+    /// Whether the failure is not the shard's and a later try may succeed
+    /// as it is (see the module docs): such a failure is retried without
+    /// counting an attempt.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            WorkerError::Common(e) => common_is_transient(e),
+            WorkerError::Store(e) => store_is_transient(e),
+            WorkerError::Shard(_) | WorkerError::Other(_) => false,
+            // Not a failure at all; the caller decides what a stop means.
+            WorkerError::Stopped(_) => false,
+        }
+    }
+}
+
+fn common_is_transient(e: &CommonError) -> bool {
+    match e {
+        CommonError::Store(e) => store_is_transient(e),
+        CommonError::Progress(e) => redis_is_transient(e),
+        // The queue client already reconnects for 30 s before it reports a
+        // failure; whatever it reports is the broker's, not the shard's.
+        CommonError::Queue(_) => true,
+        // Local files are only the worker's cache: a full or broken disk
+        // is this worker's trouble, not the shard's.
+        CommonError::Io(_) => true,
+        CommonError::Invalid(_) | CommonError::NotFound(_) | CommonError::Other(_) => false,
+    }
+}
+
+/// `object_store` gives missing objects, refused credentials, conflicts and
+/// failed preconditions variants of their own; connection failures, timeouts,
+/// 5xx and throttling (after its own retries) all arrive as `Generic`.
+fn store_is_transient(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
+    )
+}
+
+/// Connection trouble and server states that pass (loading, failover) are
+/// transient; a command the server refuses (a script error, a wrong type)
+/// is not.
+fn redis_is_transient(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
+}
+
+/// Why a shard in progress was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Its job reached a final state (cancelled, failed or succeeded).
+    JobEnded,
+    /// The worker is shutting down and the grace period is over.
+    Shutdown,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::JobEnded => "its job has ended",
+            StopReason::Shutdown => "the worker is shutting down",
+        })
+    }
+}
+
+/// A request to stop the shard in progress at its next batch, shared between
+/// the watcher and the sampling thread. The first reason given sticks.
+#[derive(Debug, Clone, Default)]
+pub struct StopFlag(Arc<AtomicU8>);
+
+impl StopFlag {
+    const RUN: u8 = 0;
+    const JOB_ENDED: u8 = 1;
+    const SHUTDOWN: u8 = 2;
+
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks for a stop; whether this call was the first to ask.
+    pub fn request(&self, why: StopReason) -> bool {
+        let code = match why {
+            StopReason::JobEnded => Self::JOB_ENDED,
+            StopReason::Shutdown => Self::SHUTDOWN,
+        };
+        self.0
+            .compare_exchange(Self::RUN, code, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        match self.0.load(Ordering::SeqCst) {
+            Self::JOB_ENDED => Some(StopReason::JobEnded),
+            Self::SHUTDOWN => Some(StopReason::Shutdown),
+            _ => None,
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.reason().is_some()
+    }
+}
+
+/// Pauses after transient failures: `start` doubling to `max`.
+struct Backoff {
+    start: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(start: Duration, max: Duration) -> Self {
+        Backoff {
+            start,
+            max: max.max(start),
+            next: start,
+        }
+    }
+
+    fn next_pause(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (self.next * 2).min(self.max);
+        pause
+    }
+
+    fn reset(&mut self) {
+        self.next = self.start;
+    }
+}
+
+/// What the consumer does after a delivery.
+enum Next {
+    /// Take the next shard.
+    Continue,
+    /// A transient failure: pause consuming for a backoff first.
+    Backoff,
+    /// Shutting down: take nothing more.
+    Exit,
 }
 
 pub struct Worker {
@@ -113,95 +338,324 @@ impl Worker {
         Ok(())
     }
 
-    /// Beats every `heartbeat_secs` until `shutdown`; errors are logged,
-    /// not fatal (Redis may be briefly away).
-    async fn heartbeats(&self, mut shutdown: watch::Receiver<bool>) {
+    /// The shard being sampled, as `"{job}/{index}"` (what heartbeats say).
+    pub fn current_shard(&self) -> Option<String> {
+        self.status.lock().expect("status lock").shard.clone()
+    }
+
+    /// A heartbeat now, so that watchers see a shard start or end at once
+    /// rather than at the next beat; a failure waits for the next beat.
+    async fn beat_now(&self) {
+        if let Err(e) = self.beat().await {
+            tracing::debug!(worker = %self.settings.id, "heartbeat: {e}");
+        }
+    }
+
+    /// Beats every `heartbeat_secs`, for as long as it is polled; errors
+    /// are logged, not fatal (Redis may be briefly away).
+    async fn heartbeats(&self) -> Infallible {
         let mut every =
             tokio::time::interval(Duration::from_secs(self.settings.heartbeat_secs.max(1)));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = stopped(&mut shutdown) => return,
-                _ = every.tick() => {
-                    if let Err(e) = self.beat().await {
-                        tracing::warn!(worker = %self.settings.id, "heartbeat: {e}");
-                    }
-                }
+            every.tick().await;
+            if let Err(e) = self.beat().await {
+                tracing::warn!(worker = %self.settings.id, "heartbeat: {e}");
             }
         }
     }
 
-    /// Consumes shards until `shutdown` turns true (checked between shards),
-    /// publishing heartbeats meanwhile.
+    /// Consumes shards until `shutdown` turns true (or its sender is
+    /// dropped), publishing heartbeats meanwhile. A shard in progress at
+    /// shutdown finishes within [`WorkerSettings::shutdown_grace`] or goes
+    /// back to the queue; either way this returns `Ok` once it is settled.
     pub async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
-        let beats = self.heartbeats(shutdown.clone());
+        let beats = self.heartbeats();
         let consume = self.consume(shutdown);
         tokio::pin!(beats);
         tokio::select! {
-            // Heartbeats end only with shutdown, and so does consuming.
+            // Heartbeats go on while the last shard finishes, and end with it.
             r = consume => r,
-            _ = &mut beats => Ok(()),
+            never = &mut beats => match never {},
         }
     }
 
     async fn consume(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
-        let mut shards = self.ctx.queue.consume_shards(1).await?;
+        let id = &self.settings.id;
+        let mut backoff =
+            Backoff::new(self.settings.retry_backoff, self.settings.retry_backoff_max);
+        // The first subscription's failure is fatal (a wrong URL shows at
+        // start); later ones are retried.
+        let mut shards: Option<ShardStream> = Some(self.ctx.queue.consume_shards(1).await?);
         loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let stream = match &mut shards {
+                Some(stream) => stream,
+                None => match self.ctx.queue.consume_shards(1).await {
+                    Ok(stream) => shards.insert(stream),
+                    Err(e) => {
+                        let pause = backoff.next_pause();
+                        tracing::warn!(worker = %id, "cannot consume the shard queue: {e}; retrying in {pause:?}");
+                        if pause_unless_stopped(pause, &mut shutdown).await {
+                            break;
+                        }
+                        continue;
+                    }
+                },
+            };
             let delivery = tokio::select! {
-                _ = stopped(&mut shutdown) => return Ok(()),
-                next = shards.next() => match next {
+                biased;
+                _ = stopped(&mut shutdown) => break,
+                next = stream.next() => match next {
                     Some(Ok(d)) => d,
                     Some(Err(e)) => {
-                        tracing::warn!(worker = %self.settings.id, "shard queue: {e}; retrying");
+                        tracing::warn!(worker = %id, "shard queue: {e}; retrying");
                         continue;
                     }
                     None => return Ok(()),
                 },
             };
-            self.handle(delivery).await?;
+            match self.handle(delivery, &shutdown).await {
+                Next::Continue => backoff.reset(),
+                Next::Backoff => {
+                    // Unsubscribe for the pause: what the broker would hand
+                    // this worker meanwhile (the requeued shard included)
+                    // goes to the others.
+                    shards = None;
+                    let pause = backoff.next_pause();
+                    tracing::info!(worker = %id, "pausing {pause:?} after a transient failure");
+                    if pause_unless_stopped(pause, &mut shutdown).await {
+                        break;
+                    }
+                }
+                Next::Exit => break,
+            }
+        }
+        tracing::info!(worker = %id, "worker stopped: no shard in progress");
+        Ok(())
+    }
+
+    /// Runs one delivery to its end and settles it; never fails (a failure
+    /// to settle is logged: the broker redelivers what was not settled).
+    async fn handle(&self, delivery: ShardDelivery, shutdown: &watch::Receiver<bool>) -> Next {
+        let task = delivery.task;
+        let (job, shard) = (task.job, task.index);
+        if *shutdown.borrow() {
+            // Taken just as the shutdown came: not started, so not counted.
+            settle(&task, "requeue", delivery.requeue().await);
+            return Next::Exit;
+        }
+        match self.ctx.progress.get(job).await {
+            Ok(Some(p)) if p.state.is_final() => {
+                tracing::info!(%job, shard, state = ?p.state, "job has ended; shard skipped");
+                settle(&task, "ack", delivery.ack().await);
+                return Next::Continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let e = WorkerError::from(e);
+                if e.is_transient() {
+                    return self.retry_later(delivery, false, &e).await;
+                }
+                // An unreadable entry: let the attempt decide.
+                tracing::warn!(%job, shard, "cannot read the job's state: {e}");
+            }
+        }
+        let attempt = match self.ctx.progress.start_attempt(job, shard).await {
+            Ok(a) => a,
+            Err(e) => return self.retry_later(delivery, false, &e.into()).await,
+        };
+        let max = self.settings.max_attempts;
+        if attempt > max {
+            // The last allowed attempt started and never reported back (a
+            // reported failure would have parked the shard, a transient one
+            // been forgiven): its worker died. Running it again may kill
+            // this one too.
+            let reason = format!(
+                "gave up after {} attempts, the last of which ended without a result \
+                 (the worker running it died: killed, out of memory, crashed?)",
+                attempt - 1
+            );
+            return self.give_up(delivery, attempt, &reason).await;
+        }
+
+        let stop = StopFlag::new();
+        let result = {
+            let watcher = self.watch(&task, &stop, shutdown.clone());
+            tokio::pin!(watcher);
+            tokio::select! {
+                r = self.process_until(&task, &stop) => r,
+                never = &mut watcher => match never {},
+            }
+        };
+        match result {
+            Ok(()) => {
+                settle(&task, "ack", delivery.ack().await);
+                Next::Continue
+            }
+            Err(WorkerError::Stopped(StopReason::JobEnded)) => {
+                tracing::info!(%job, shard, "job has ended; shard stopped unwritten");
+                settle(&task, "ack", delivery.ack().await);
+                Next::Continue
+            }
+            Err(WorkerError::Stopped(StopReason::Shutdown)) => {
+                self.forgive(&task).await;
+                let requeued = delivery.requeue().await;
+                if requeued.is_ok() {
+                    tracing::warn!(%job, shard, "shard stopped at shutdown and requeued for another worker");
+                }
+                settle(&task, "requeue", requeued);
+                Next::Exit
+            }
+            Err(e) if e.is_transient() => self.retry_later(delivery, true, &e).await,
+            Err(e) if attempt >= max => self.give_up(delivery, attempt, &e.to_string()).await,
+            Err(e) => {
+                tracing::warn!(%job, shard, attempt, "shard failed, will retry: {e}");
+                settle(&task, "requeue", delivery.requeue().await);
+                Next::Continue
+            }
         }
     }
 
-    async fn handle(&self, delivery: ShardDelivery) -> Result<(), WorkerError> {
+    /// A transient failure: takes the attempt back (if one was counted),
+    /// requeues the shard and asks for a pause.
+    async fn retry_later(&self, delivery: ShardDelivery, counted: bool, e: &WorkerError) -> Next {
         let task = delivery.task;
-        let attempt = self
+        tracing::warn!(job = %task.job, shard = task.index, "transient failure, shard requeued (no attempt counted): {e}");
+        if counted {
+            self.forgive(&task).await;
+        }
+        settle(&task, "requeue", delivery.requeue().await);
+        Next::Backoff
+    }
+
+    /// Takes back the attempt at `task`; a failure leaves it counted.
+    async fn forgive(&self, task: &ShardTask) {
+        if let Err(e) = self
             .ctx
             .progress
-            .start_attempt(task.job, task.index)
-            .await?;
-        match self.process(&task).await {
-            Ok(()) => delivery.ack().await?,
-            Err(e) if attempt >= self.settings.max_attempts => {
-                let reason = e.to_string();
-                tracing::error!(job = %task.job, shard = task.index, attempt, "shard failed for good: {reason}");
-                self.ctx.queue.park_shard(&task, &reason).await?;
-                self.ctx
-                    .progress
-                    .record_shard_failed(task.job, task.index, &reason)
-                    .await?;
-                delivery.ack().await?;
+            .forgive_attempt(task.job, task.index)
+            .await
+        {
+            tracing::warn!(job = %task.job, shard = task.index, "cannot take the attempt back, it stays counted: {e}");
+        }
+    }
+
+    /// Parks the shard, records its failure (which fails the job), acks.
+    async fn give_up(&self, delivery: ShardDelivery, attempt: u32, reason: &str) -> Next {
+        let task = delivery.task;
+        tracing::error!(job = %task.job, shard = task.index, attempt, "shard failed for good: {reason}");
+        // The verdict could not be parked or recorded: deliver the shard
+        // again later, when the same failure can be.
+        if let Err(e) = self.ctx.queue.park_shard(&task, reason).await {
+            return self.retry_later(delivery, true, &e.into()).await;
+        }
+        if let Err(e) = self
+            .ctx
+            .progress
+            .record_shard_failed(task.job, task.index, reason)
+            .await
+        {
+            let e = WorkerError::from(e);
+            if e.is_transient() {
+                return self.retry_later(delivery, true, &e).await;
             }
-            Err(e) => {
-                tracing::warn!(job = %task.job, shard = task.index, attempt, "shard failed, will retry: {e}");
-                delivery.requeue().await?;
+            // An unknown job, say: there is no job left to fail.
+            tracing::warn!(job = %task.job, shard = task.index, "cannot record the failure: {e}");
+        }
+        settle(&task, "ack", delivery.ack().await);
+        Next::Continue
+    }
+
+    /// Runs beside a shard: raises `stop` when the job reaches a final state
+    /// (polled every `cancel_poll`) or when the shutdown grace is over.
+    async fn watch(
+        &self,
+        task: &ShardTask,
+        stop: &StopFlag,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Infallible {
+        let (job, shard) = (task.job, task.index);
+        let mut poll =
+            tokio::time::interval(self.settings.cancel_poll.max(Duration::from_millis(10)));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.tick().await; // immediate; the state was read just before
+        let mut grace_over: Option<tokio::time::Instant> = None;
+        loop {
+            if stop.is_set() {
+                return std::future::pending().await;
+            }
+            let grace = async {
+                match grace_over {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = poll.tick() => match self.ctx.progress.get(job).await {
+                    Ok(Some(p)) if p.state.is_final() => {
+                        tracing::info!(%job, shard, state = ?p.state, "job has ended; stopping its shard at the next batch");
+                        stop.request(StopReason::JobEnded);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(%job, "cannot read the job's state: {e}"),
+                },
+                _ = stopped(&mut shutdown), if grace_over.is_none() => {
+                    let grace = self.settings.shutdown_grace;
+                    tracing::info!(
+                        worker = %self.settings.id,
+                        %job,
+                        shard,
+                        grace_secs = grace.as_secs_f64(),
+                        "shutting down: taking no more shards, letting the shard in progress finish"
+                    );
+                    grace_over = Some(tokio::time::Instant::now() + grace);
+                }
+                _ = grace => {
+                    tracing::warn!(
+                        worker = %self.settings.id,
+                        %job,
+                        shard,
+                        "shutdown grace is over: stopping the shard at the next batch"
+                    );
+                    stop.request(StopReason::Shutdown);
+                }
             }
         }
-        Ok(())
     }
 
     /// Samples one shard and records it; idempotent.
     pub async fn process(&self, task: &ShardTask) -> Result<(), WorkerError> {
+        self.process_until(task, &StopFlag::new()).await
+    }
+
+    /// [`Worker::process`] that gives up with [`WorkerError::Stopped`] at the
+    /// first batch boundary after `stop` is raised, writing and recording
+    /// nothing. A shard sampled completely is still written, unless its job
+    /// ended meanwhile.
+    pub async fn process_until(
+        &self,
+        task: &ShardTask,
+        stop: &StopFlag,
+    ) -> Result<(), WorkerError> {
         let spec = self.spec(task.job).await?;
         let model_dir = self.local_model(&spec.model).await?;
         let features = self.local_features(&spec.features_sha256).await?;
+        if let Some(why) = stop.reason() {
+            return Err(WorkerError::Stopped(why));
+        }
         self.status.lock().expect("status lock").shard =
             Some(format!("{}/{}", task.job, task.index));
+        self.beat_now().await;
         let started = Instant::now();
         let sampler = self.sampler.clone();
-        let (spec2, task2) = (spec.clone(), *task);
+        let (spec2, task2, stop2) = (spec.clone(), *task, stop.clone());
         let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, WorkerError> {
             let mut sampler = sampler.lock().expect("sampler lock");
-            let ensemble = sampler.sample(&spec2, &task2, &model_dir, &features)?;
+            let ensemble =
+                sampler.sample_until(&spec2, &task2, &model_dir, &features, &|| stop2.is_set())?;
             ensemble
                 .npz_bytes()
                 .map_err(|e| WorkerError::Other(e.to_string()))
@@ -220,7 +674,18 @@ impl Worker {
                 };
             }
         }
-        let bytes = bytes??;
+        self.beat_now().await;
+        let bytes = match bytes? {
+            Err(WorkerError::Shard(ShardError::Stopped)) => {
+                let why = stop.reason().unwrap_or(StopReason::Shutdown);
+                return Err(WorkerError::Stopped(why));
+            }
+            other => other?,
+        };
+        if stop.reason() == Some(StopReason::JobEnded) {
+            // Complete, but nobody wants it any more.
+            return Err(WorkerError::Stopped(StopReason::JobEnded));
+        }
         // Identical bytes on a re-run: overwriting is harmless.
         self.ctx
             .store
@@ -295,6 +760,22 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
 }
 
+/// Sleeps for `pause`; true if shutdown came first.
+async fn pause_unless_stopped(pause: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = stopped(shutdown) => true,
+        _ = tokio::time::sleep(pause) => false,
+    }
+}
+
+/// Logs a delivery that could not be settled: the broker delivers it again
+/// (to this worker or another), and shards are idempotent.
+fn settle(task: &ShardTask, verb: &str, result: dig_common::Result<()>) {
+    if let Err(e) = result {
+        tracing::warn!(job = %task.job, shard = task.index, "cannot {verb} the delivery, it will come again: {e}");
+    }
+}
+
 /// `cpu`, `cuda:0`, ...: how heartbeats name a device.
 pub fn device_name(device: Device) -> String {
     match device {
@@ -313,4 +794,83 @@ async fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WorkerError> 
         .await
         .map_err(CommonError::from)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boxed(msg: &str) -> Box<dyn std::error::Error + Send + Sync> {
+        msg.into()
+    }
+
+    #[test]
+    fn outages_are_transient_and_bad_data_is_not() {
+        let generic = || object_store::Error::Generic {
+            store: "S3",
+            source: boxed("error sending request: operation timed out"),
+        };
+        let not_found = || object_store::Error::NotFound {
+            path: "jobs/x/spec.json".into(),
+            source: boxed("404"),
+        };
+        let transient = [
+            WorkerError::Store(generic()),
+            WorkerError::Common(CommonError::Store(generic())),
+            WorkerError::Common(CommonError::Io(std::io::Error::other("disk full"))),
+            WorkerError::Common(CommonError::Progress(redis::RedisError::from(
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            ))),
+            WorkerError::Common(CommonError::Progress(redis::RedisError::from(
+                std::io::Error::from(std::io::ErrorKind::TimedOut),
+            ))),
+        ];
+        for e in &transient {
+            assert!(e.is_transient(), "{e:?}");
+        }
+        let permanent = [
+            WorkerError::Store(not_found()),
+            WorkerError::Common(CommonError::Store(not_found())),
+            WorkerError::Store(object_store::Error::PermissionDenied {
+                path: "x".into(),
+                source: boxed("403"),
+            }),
+            WorkerError::Common(CommonError::NotFound("features f00".into())),
+            WorkerError::Common(CommonError::Invalid("bad".into())),
+            WorkerError::Common(CommonError::Progress(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "bad reply",
+            )))),
+            WorkerError::Other("job x: unreadable spec".into()),
+            WorkerError::Shard(ShardError::Invalid {
+                job: "x".into(),
+                index: 0,
+                message: "sequence".into(),
+            }),
+            WorkerError::Stopped(StopReason::Shutdown),
+        ];
+        for e in &permanent {
+            assert!(!e.is_transient(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn the_first_stop_reason_sticks() {
+        let stop = StopFlag::new();
+        assert_eq!(stop.reason(), None);
+        let seen_by_sampler = stop.clone();
+        assert!(stop.request(StopReason::JobEnded));
+        assert!(!stop.request(StopReason::Shutdown));
+        assert_eq!(seen_by_sampler.reason(), Some(StopReason::JobEnded));
+        assert!(seen_by_sampler.is_set());
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let pauses: Vec<u64> = (0..7).map(|_| b.next_pause().as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 30, 30]);
+        b.reset();
+        assert_eq!(b.next_pause(), Duration::from_secs(1));
+    }
 }

@@ -8,7 +8,10 @@
 //!
 //! [`consumer::Worker`] is the queue consumer around it: take a shard, fetch
 //! the model and features once into a local cache, sample, write the shard's
-//! output at its deterministic key, record completion, then ack.
+//! output at its deterministic key, record completion, then ack. It skips or
+//! stops (at a batch boundary) the shards of jobs that ended (cancelled),
+//! finishes or requeues its shard on shutdown, and retries transient
+//! failures without spending the shard's attempts (see its module docs).
 
 pub mod consumer;
 pub mod shard;

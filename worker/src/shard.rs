@@ -5,7 +5,7 @@ use std::path::Path;
 
 use dig_common::job::{JobSpec, ShardTask};
 use dig_model::features::{check_sequence, Features};
-use dig_model::pipeline::{sample_ensemble, InitialPoses};
+use dig_model::pipeline::{sample_ensemble_until, InitialPoses};
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
 use dig_model::{DigModel, ProteinContext, Sampler, Schedule};
@@ -21,6 +21,10 @@ pub enum ShardError {
         index: u64,
         message: String,
     },
+    /// The caller's stop check said stop, at a batch boundary; nothing of
+    /// the shard is kept.
+    #[error("sampling stopped before the shard was complete")]
+    Stopped,
 }
 
 /// Cache hits and misses, for metrics and tests.
@@ -86,6 +90,20 @@ impl ShardSampler {
         model_dir: &Path,
         features_path: &Path,
     ) -> Result<Ensemble, ShardError> {
+        self.sample_until(spec, task, model_dir, features_path, &|| false)
+    }
+
+    /// [`ShardSampler::sample`] that asks `stop` before each batch and
+    /// returns [`ShardError::Stopped`] once it answers true. The model and
+    /// protein stay cached, so the next shard pays nothing extra.
+    pub fn sample_until(
+        &mut self,
+        spec: &JobSpec,
+        task: &ShardTask,
+        model_dir: &Path,
+        features_path: &Path,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Ensemble, ShardError> {
         let invalid = |message: String| ShardError::Invalid {
             job: spec.id.to_string(),
             index: task.index,
@@ -124,7 +142,7 @@ impl ShardSampler {
             seed: spec.seed,
             indices: (task.start..task.end).collect(),
         };
-        Ok(sample_ensemble(
+        sample_ensemble_until(
             &sampler,
             ctx,
             &init,
@@ -132,6 +150,8 @@ impl ShardSampler {
             cfg.tr_sigma_max,
             &sequence,
             |_| {},
-        ))
+            stop,
+        )
+        .ok_or(ShardError::Stopped)
     }
 }

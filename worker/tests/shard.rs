@@ -29,6 +29,7 @@ fn spec(n: u64, shard: u64) -> JobSpec {
         priority: Priority::Interactive,
         shard_size: shard,
         created_at: 0,
+        callback_url: None,
     }
 }
 

@@ -329,6 +329,8 @@ pub struct SubmitRequest {
     pub priority: Option<Priority>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 /// `POST /v1/jobs` answer (202, or the full view on an idempotent replay).
@@ -367,6 +369,20 @@ pub struct JobView {
     pub finished_at: Option<u64>,
     pub samples_per_sec: Option<f64>,
     pub eta_seconds: Option<f64>,
+    /// Present for jobs submitted with a `callback_url`.
+    #[serde(default)]
+    pub webhook: Option<WebhookView>,
+}
+
+/// The `webhook` of a job view.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WebhookView {
+    pub url: String,
+    /// `pending`, `delivered` or `failed`.
+    pub state: String,
+    #[serde(default)]
+    pub attempts: u32,
+    pub last_error: Option<String>,
 }
 
 /// `GET /v1/jobs` answer.
@@ -497,6 +513,12 @@ mod tests {
         let v: JobView = serde_json::from_value(lean).unwrap();
         assert_eq!(v.num_samples, 0);
         assert_eq!(v.samples_per_sec, None);
+        assert!(v.webhook.is_none());
+        let hooked = serde_json::json!({"id": id, "state": "succeeded", "webhook": {
+            "url": "https://x.org/h", "state": "delivered", "attempts": 2, "last_error": "HTTP 500"}});
+        let v: JobView = serde_json::from_value(hooked).unwrap();
+        let w = v.webhook.unwrap();
+        assert_eq!((w.state.as_str(), w.attempts), ("delivered", 2));
     }
 
     #[test]
@@ -511,6 +533,7 @@ mod tests {
             model: None,
             priority: Some(Priority::Bulk),
             shard_size: None,
+            callback_url: None,
         };
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(

@@ -146,6 +146,21 @@ pub fn job_summary(v: &JobView) -> String {
     if let Some(e) = &v.error {
         lines.push(format!("error     {e}"));
     }
+    if let Some(w) = &v.webhook {
+        let attempts = if w.attempts == 1 {
+            "attempt"
+        } else {
+            "attempts"
+        };
+        let mut line = format!(
+            "webhook   {} ({} {attempts}) {}",
+            w.state, w.attempts, w.url
+        );
+        if let Some(e) = w.last_error.as_ref().filter(|_| w.state != "delivered") {
+            line.push_str(&format!(": {e}"));
+        }
+        lines.push(line);
+    }
     lines.join("\n")
 }
 
@@ -389,6 +404,7 @@ mod tests {
             finished_at: None,
             samples_per_sec: Some(12.345),
             eta_seconds: Some(309.0),
+            webhook: None,
         }
     }
 
@@ -415,6 +431,19 @@ mod tests {
         assert!(s.contains("error     shard 3: out of memory"), "{s}");
         assert!(s.contains("took      1m 30s"), "{s}");
         assert!(!s.contains("eta"), "{s}");
+        assert!(!s.contains("webhook"), "{s}");
+
+        v.webhook = Some(super::super::http::WebhookView {
+            url: "https://lab.example.org/h".into(),
+            state: "pending".into(),
+            attempts: 1,
+            last_error: Some("HTTP 500 Internal Server Error".into()),
+        });
+        let s = job_summary(&v);
+        assert!(
+            s.contains("webhook   pending (1 attempt) https://lab.example.org/h: HTTP 500"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -232,12 +232,27 @@ pub struct Fetched {
     pub shards: usize,
     pub downloaded: usize,
     pub bytes: u64,
+    /// Set when the manifest is partial (`"complete": false`).
+    pub partial: Option<Partial>,
 }
 
-/// Downloads a succeeded job's shards into `out/shards/{index:06}.npz`,
+/// The results of a failed or cancelled job.
+pub struct Partial {
+    /// The job's final state (`failed`, `cancelled`).
+    pub state: String,
+    /// The shards the job had.
+    pub total_shards: u64,
+    /// Samples in the fetched shards.
+    pub samples: u64,
+    /// Samples the job asked for.
+    pub num_samples: u64,
+}
+
+/// Downloads a finished job's shards into `out/shards/{index:06}.npz`,
 /// verifying each against the manifest and keeping ones already there;
 /// `out/manifest.json` is written last, so its presence marks a complete
-/// download.
+/// download (of the shards the manifest lists: a failed or cancelled job's
+/// manifest has `"complete": false` and lists the shards it finished).
 pub async fn fetch_npz(api: &Api, job: JobId, out: &Path, parallel: usize) -> Result<Fetched> {
     let job_s = job.to_string();
     let url = api.url(&["v1", "jobs", &job_s, "results"]);
@@ -248,6 +263,19 @@ pub async fn fetch_npz(api: &Api, job: JobId, out: &Path, parallel: usize) -> Re
     let manifest: Manifest = serde_json::from_slice(&raw)
         .with_context(|| format!("the results manifest of job {job} is not valid"))?;
     check_manifest(&manifest, job)?;
+    let partial = match is_complete(&raw) {
+        // Servers before partial manifests sent no flag: complete.
+        Some(true) | None => None,
+        Some(false) => {
+            let (view, _) = api.job(job).await?;
+            Some(Partial {
+                state: super::render::state_name(view.state).to_string(),
+                total_shards: view.shards.total,
+                samples: manifest.shards.iter().map(|s| s.end - s.start).sum(),
+                num_samples: manifest.num_samples,
+            })
+        }
+    };
 
     let shards_dir = out.join("shards");
     tokio::fs::create_dir_all(&shards_dir)
@@ -291,7 +319,16 @@ pub async fn fetch_npz(api: &Api, job: JobId, out: &Path, parallel: usize) -> Re
             .filter(|o| **o == Outcome::Downloaded)
             .count(),
         bytes: total_bytes,
+        partial,
     })
+}
+
+/// The manifest's `complete` flag, if it has one.
+fn is_complete(raw: &[u8]) -> Option<bool> {
+    serde_json::from_slice::<Value>(raw)
+        .ok()?
+        .get("complete")?
+        .as_bool()
 }
 
 async fn fetch_shard(
@@ -443,6 +480,16 @@ mod tests {
             ..m
         };
         assert!(check_manifest(&bad, job).is_err());
+    }
+
+    #[test]
+    fn manifests_say_whether_they_are_complete() {
+        assert_eq!(
+            is_complete(br#"{"complete": false, "shards": []}"#),
+            Some(false)
+        );
+        assert_eq!(is_complete(br#"{"complete": true}"#), Some(true));
+        assert_eq!(is_complete(br#"{"job": "x"}"#), None);
     }
 
     #[test]
