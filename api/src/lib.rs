@@ -47,8 +47,10 @@
 //! so at most 9999 samples and 9999 residues fit; beyond that the PDB routes
 //! answer 422 and the npz is the way.
 
+mod batches;
 mod error;
 pub mod events;
+mod metrics;
 mod models;
 mod openapi;
 pub mod pdb;
@@ -108,6 +110,8 @@ pub struct Limits {
     /// Most samples one tenant may have waiting: `num_samples -
     /// samples_done` summed over its unfinished jobs, the new one included.
     pub max_queued_samples_per_tenant: u64,
+    /// Most entries in one batch.
+    pub max_batch_entries: usize,
     /// How often an event stream reads its job.
     pub events_poll: Duration,
     /// Longest silence on an event stream before a keep-alive comment.
@@ -125,8 +129,9 @@ impl Default for Limits {
             default_page: 50,
             max_page: 500,
             ready_timeout: Duration::from_secs(3),
-            max_jobs_per_tenant: 1000,
+            max_jobs_per_tenant: 20_000,
             max_queued_samples_per_tenant: 10_000_000,
+            max_batch_entries: 10_000,
             events_poll: Duration::from_millis(500),
             events_keep_alive: Duration::from_secs(15),
         }
@@ -176,12 +181,20 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/models", get(models::list_models))
         .route("/v1/jobs", post(submit_job).get(list_jobs))
+        .route(
+            "/v1/batches",
+            post(batches::submit_batch).layer(DefaultBodyLimit::max(batches::MAX_BODY_BYTES)),
+        )
+        .route("/v1/batches/{id}", get(batches::get_batch))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel_batch))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/results", get(results::get_results))
         .route("/v1/jobs/{id}/results.pdb", get(results::get_results_pdb))
         .route("/v1/jobs/{id}/results/{shard}", get(results::get_shard))
+        // Request counts and latencies by route template (`metrics.rs`).
+        .layer(axum::middleware::from_fn(metrics::track))
         .with_state(Arc::new(state))
 }
 
@@ -312,7 +325,7 @@ async fn owned_features(st: &ApiState, tenant: &str, sha: &str) -> ApiResult<u64
 /// A job request.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SubmitJob {
+pub(crate) struct SubmitJob {
     /// A name for people, at most 200 characters.
     name: Option<String>,
     /// One-letter amino-acid codes (`ACDEFGHIKLMNPQRSTVWYX`), as long as the features.
@@ -330,7 +343,7 @@ struct SubmitJob {
     /// A model listed by `GET /v1/models`; the service's default when absent.
     model: Option<String>,
     #[schema(value_type = Option<PrioritySchema>)]
-    priority: Option<Priority>,
+    pub(crate) priority: Option<Priority>,
     /// Samples per shard; sized from the protein and the steps when absent.
     #[schema(minimum = 1)]
     shard_size: Option<u64>,
@@ -352,14 +365,14 @@ fn is_valid_model_name(m: &str) -> bool {
 
 /// Where to find a job and its results.
 #[derive(Serialize, ToSchema)]
-struct JobLinks {
+pub(crate) struct JobLinks {
     #[serde(rename = "self")]
     #[schema(rename = "self")]
     this: String,
     results: String,
 }
 
-fn links(id: JobId) -> JobLinks {
+pub(crate) fn links(id: JobId) -> JobLinks {
     JobLinks {
         this: format!("/v1/jobs/{id}"),
         results: format!("/v1/jobs/{id}/results"),
@@ -447,7 +460,7 @@ struct JobList {
     next_cursor: Option<JobId>,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -510,7 +523,7 @@ pub(crate) async fn full_view(st: &ApiState, id: JobId, p: &JobProgress) -> ApiR
 }
 
 /// 429 for a submission past a tenant limit.
-fn limit_error(tenant: &str, refused: LimitExceeded) -> ApiError {
+pub(crate) fn limit_error(tenant: &str, refused: LimitExceeded) -> ApiError {
     let message = match refused {
         LimitExceeded::Jobs { unfinished, limit } => {
             let jobs = if unfinished == 1 { "job" } else { "jobs" };
@@ -527,8 +540,63 @@ fn limit_error(tenant: &str, refused: LimitExceeded) -> ApiError {
     ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_exceeded", message)
 }
 
+/// What [`validate`] looked up in the object store, kept so that the
+/// entries of a batch that share features or a model cost one lookup.
+#[derive(Default)]
+pub(crate) struct Lookups {
+    features: std::collections::HashMap<String, Result<u64, ApiError>>,
+    models: std::collections::HashMap<String, Result<(), ApiError>>,
+}
+
+fn copy_err(e: &ApiError) -> ApiError {
+    ApiError::new(e.status, e.code, e.message.clone())
+}
+
+impl Lookups {
+    async fn features(&mut self, st: &ApiState, tenant: &str, sha: &str) -> ApiResult<u64> {
+        if let Some(r) = self.features.get(sha) {
+            return r.as_ref().map(|l| *l).map_err(copy_err);
+        }
+        let r = owned_features(st, tenant, sha).await;
+        // An internal error is not remembered: it may be passing.
+        if r.as_ref().is_err_and(|e| e.status.is_server_error()) {
+            return r;
+        }
+        let copy = r.as_ref().map(|l| *l).map_err(copy_err);
+        self.features.insert(sha.to_string(), r);
+        copy
+    }
+
+    async fn model(&mut self, st: &ApiState, model: &str) -> ApiResult<()> {
+        if let Some(r) = self.models.get(model) {
+            return r.as_ref().map(|_| ()).map_err(copy_err);
+        }
+        let r = match st
+            .store
+            .head(&st.layout.model_file(model, "config.json"))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unknown_model",
+                format!("model: unknown model '{model}'"),
+            )),
+            Err(e) => return Err(ApiError::internal(e)),
+        };
+        let copy = r.as_ref().map(|_| ()).map_err(copy_err);
+        self.models.insert(model.to_string(), r);
+        copy
+    }
+}
+
 /// Checks a submission against the limits and the store; the spec to run.
-async fn validate(st: &ApiState, tenant: &str, req: SubmitJob) -> ApiResult<JobSpec> {
+pub(crate) async fn validate(
+    st: &ApiState,
+    tenant: &str,
+    req: SubmitJob,
+    lookups: &mut Lookups,
+) -> ApiResult<JobSpec> {
     let lim = &st.limits;
     if let Some(name) = &req.name {
         if name.chars().count() > 200 {
@@ -584,28 +652,14 @@ async fn validate(st: &ApiState, tenant: &str, req: SubmitJob) -> ApiResult<JobS
     if !is_valid_model_name(&model) {
         return Err(ApiError::invalid(format!("model: invalid name '{model}'")));
     }
-    let length = owned_features(st, tenant, &req.features_sha256).await?;
+    let length = lookups.features(st, tenant, &req.features_sha256).await?;
     let seq_len = req.sequence.chars().count() as u64;
     if seq_len != length {
         return Err(ApiError::invalid(format!(
             "sequence length {seq_len} does not match the features' length {length}"
         )));
     }
-    match st
-        .store
-        .head(&st.layout.model_file(&model, "config.json"))
-        .await
-    {
-        Ok(_) => {}
-        Err(object_store::Error::NotFound { .. }) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "unknown_model",
-                format!("model: unknown model '{model}'"),
-            ))
-        }
-        Err(e) => return Err(ApiError::internal(e)),
-    }
+    lookups.model(st, &model).await?;
     let steps_for_size = req.steps.map(|s| s as u64).unwrap_or(lim.default_steps);
     Ok(JobSpec {
         id: JobId::new(),
@@ -656,20 +710,9 @@ async fn submit_job(
         .map_err(|e| ApiError::invalid(format!("invalid job request: {e}")))?;
     let idem = match headers.get("idempotency-key") {
         None => None,
-        Some(v) => {
-            let k = v
-                .to_str()
-                .ok()
-                .filter(|k| {
-                    !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic())
-                })
-                .ok_or_else(|| {
-                    ApiError::invalid("Idempotency-Key: 1 to 255 visible ASCII characters")
-                })?;
-            Some(k.to_string())
-        }
+        Some(v) => Some(idempotency_key(v)?),
     };
-    let spec = validate(&st, &tenant, req).await?;
+    let spec = validate(&st, &tenant, req, &mut Lookups::default()).await?;
     let id = spec.id;
     if let Some(key) = &idem {
         let bound = st.progress.idempotent_job(&tenant, key, id).await?;
@@ -717,6 +760,15 @@ async fn submit_job(
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
+/// The value of an `Idempotency-Key` header, checked.
+pub(crate) fn idempotency_key(v: &axum::http::HeaderValue) -> ApiResult<String> {
+    v.to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .ok_or_else(|| ApiError::invalid("Idempotency-Key: 1 to 255 visible ASCII characters"))
+}
+
 /// Spec object, progress entry (within the tenant's `caps`), jobs queue: in
 /// that order, undoing the earlier steps when a later one fails or the caps
 /// refuse the job.
@@ -761,7 +813,7 @@ async fn undo(
     ApiError::internal(e)
 }
 
-fn parse_id(id: &str) -> ApiResult<JobId> {
+pub(crate) fn parse_id(id: &str) -> ApiResult<JobId> {
     id.parse()
         .map_err(|_| ApiError::not_found(format!("job {id} not found")))
 }
@@ -797,7 +849,7 @@ async fn get_job(
     Ok(Json(full_view(&st, job, &p).await?))
 }
 
-fn already_final(job: JobId, state: JobState) -> ApiError {
+pub(crate) fn already_final(job: JobId, state: JobState) -> ApiError {
     let what = match state {
         JobState::Succeeded => "succeeded",
         JobState::Failed => "failed",

@@ -51,6 +51,9 @@ pub(crate) async fn openapi_json() -> impl IntoResponse {
         crate::models::list_models,
         crate::submit_job,
         crate::list_jobs,
+        crate::batches::submit_batch,
+        crate::batches::get_batch,
+        crate::batches::cancel_batch,
         crate::get_job,
         crate::events::job_events,
         crate::cancel_job,
@@ -65,6 +68,7 @@ pub(crate) async fn openapi_json() -> impl IntoResponse {
         (name = "features", description = "Protein features"),
         (name = "models", description = "Models available to jobs"),
         (name = "jobs", description = "Sampling jobs"),
+        (name = "batches", description = "Many jobs submitted, followed and cancelled together"),
         (name = "results", description = "Samples of finished shards and jobs"),
     )
 )]

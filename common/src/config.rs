@@ -39,7 +39,14 @@ use crate::error::{CommonError, Result};
 use crate::store::{StoreConfig, StoreKind};
 
 /// The variables under `DIG_` that are not settings (the CLI's own).
-const NOT_SETTINGS: &[&str] = &["DIG_CONFIG", "DIG_LOG", "DIG_API_URL", "DIG_API_KEY"];
+/// `DIG_LOG_FORMAT` (`json` or `text`) is read by the logging set-up.
+const NOT_SETTINGS: &[&str] = &[
+    "DIG_CONFIG",
+    "DIG_LOG",
+    "DIG_LOG_FORMAT",
+    "DIG_API_URL",
+    "DIG_API_KEY",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -54,6 +61,7 @@ pub struct Config {
     pub api: ApiSection,
     pub coordinator: CoordinatorSection,
     pub worker: WorkerSection,
+    pub metrics: MetricsSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -132,6 +140,8 @@ pub struct ApiSection {
     pub spool_dir: PathBuf,
     /// Most unfinished (queued or running) jobs of one tenant.
     pub max_jobs_per_tenant: u64,
+    /// Most entries (jobs) in one `POST /v1/batches`.
+    pub max_batch_entries: u64,
     /// Most samples one tenant may have waiting: the sum of
     /// `num_samples - samples_done` over its unfinished jobs.
     pub max_queued_samples_per_tenant: u64,
@@ -154,6 +164,11 @@ pub struct CoordinatorSection {
     pub window_per_job: u64,
     /// How often the coordinator looks at every running job, ms.
     pub poll_interval_ms: u64,
+    /// Fair share: most shards of one tenant and one priority published and
+    /// not yet done, at least; the coordinator raises it to twice the live
+    /// workers divided among the tenants with work of that priority, so a
+    /// lone tenant still keeps every worker busy.
+    pub tenant_window: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -189,6 +204,7 @@ impl Default for Config {
             api: ApiSection::default(),
             coordinator: CoordinatorSection::default(),
             worker: WorkerSection::default(),
+            metrics: MetricsSection::default(),
         }
     }
 }
@@ -234,7 +250,8 @@ impl Default for ApiSection {
             max_shard_size: 100_000,
             default_model: "dig-protein".into(),
             spool_dir: PathBuf::new(),
-            max_jobs_per_tenant: 1000,
+            max_jobs_per_tenant: 20_000,
+            max_batch_entries: 10_000,
             max_queued_samples_per_tenant: 10_000_000,
             webhook_secrets_file: PathBuf::new(),
             webhook_max_attempts: 12,
@@ -249,6 +266,26 @@ impl Default for CoordinatorSection {
         CoordinatorSection {
             window_per_job: 8,
             poll_interval_ms: 500,
+            tenant_window: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where `digctl coordinator` and `digctl worker` serve `GET /metrics`
+    /// (Prometheus text format) and `GET /healthz`; port 0 picks a free
+    /// port (logged as `metrics listening on http://ADDR`); empty: no
+    /// listener. The API (and `digctl standalone`) serves `/metrics` on
+    /// `api.listen` instead.
+    pub listen: String,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            listen: "127.0.0.1:9100".into(),
         }
     }
 }
@@ -449,6 +486,8 @@ mod tests {
                 ("DIG_STORE_S3_ENDPOINT", "http://s3:8333"),
                 ("DIG_API_KEYS_FILE", "/etc/dig/keys"),
                 ("DIG_LOG", "debug"),
+                ("DIG_LOG_FORMAT", "json"),
+                ("DIG_METRICS_LISTEN", "0.0.0.0:9100"),
                 ("DIG_TEST_AMQP", "ignored"),
                 ("HOME", "/root"),
             ]),
@@ -461,6 +500,7 @@ mod tests {
         assert_eq!(c.worker.batch_size, 16);
         assert_eq!(c.worker.device, "cuda");
         assert_eq!(c.api.keys_file, PathBuf::from("/etc/dig/keys"));
+        assert_eq!(c.metrics.listen, "0.0.0.0:9100");
         // Untouched sections keep their defaults.
         assert_eq!(c.coordinator, CoordinatorSection::default());
     }
@@ -511,10 +551,11 @@ mod tests {
             "DIG_COORDINATOR_WINDOW_PER_JOB",
             "DIG_WORKER_HEARTBEAT_SECS",
             "DIG_WORKER_SHUTDOWN_GRACE_SECS",
+            "DIG_METRICS_LISTEN",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing");
         }
-        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 13 + 2 + 8);
+        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 13 + 2 + 8 + 1);
     }
 
     #[test]

@@ -73,6 +73,10 @@ impl ObjectLayout {
     pub fn job_state(&self, job: JobId) -> Path {
         self.path(format!("jobs/{job}/state.json"))
     }
+    /// A batch's record: its tenant and jobs (`POST /v1/batches`).
+    pub fn batch(&self, batch: JobId) -> Path {
+        self.path(format!("batches/{batch}.json"))
+    }
     /// The folder of every job's folder, for listing the jobs.
     pub fn jobs_dir(&self) -> Path {
         self.path("jobs".to_string())

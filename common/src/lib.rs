@@ -9,13 +9,15 @@
 //! - [`keys`]: the one place that knows Redis keys;
 //! - [`store`]: object store (S3 or local files) and content-addressed features;
 //! - [`queue`]: shard queue (RabbitMQ or in-process);
-//! - [`progress`]: job state and counters (Redis or in-memory).
+//! - [`progress`]: job state and counters (Redis or in-memory);
+//! - [`metrics`]: the process's Prometheus registry and the services' metrics.
 
 pub mod config;
 pub mod error;
 pub mod job;
 pub mod keys;
 pub mod layout;
+pub mod metrics;
 pub mod progress;
 pub mod queue;
 pub mod store;

@@ -315,6 +315,11 @@ pub trait ProgressStore: Send + Sync {
     /// and leaves it when it reaches a final state.
     async fn unfinished_jobs(&self) -> Result<Vec<JobId>>;
 
+    /// How many jobs of all tenants are in each state, every state listed
+    /// (for metrics). Visits every job the store lists (Redis: in pipelined
+    /// batches), so callers ask every few seconds, not per request.
+    async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>>;
+
     /// Deletes everything of this store (every key of the prefix): for tests.
     async fn delete_all(&self) -> Result<()>;
 }
@@ -1311,6 +1316,37 @@ impl ProgressStore for RedisProgress {
         Ok(jobs)
     }
 
+    async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>> {
+        // Every job is in its tenant's sorted set: `{p}:jobs:{tenant}`.
+        let sets = self
+            .scan(&self.pattern(&format!("{}*", self.keys.tenant_jobs(""))))
+            .await?;
+        let mut conn = self.conn.clone();
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        for set in sets {
+            let ids: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&set)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await?;
+            for batch in ids.chunks(500) {
+                let mut pipe = redis::pipe();
+                for id in batch {
+                    pipe.hget(format!("{}{id}", self.keys.job_prefix()), "state");
+                }
+                let states: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+                for state in states.into_iter().flatten() {
+                    *counts.entry(state).or_default() += 1;
+                }
+            }
+        }
+        Ok(ALL_STATES
+            .into_iter()
+            .map(|s| (s, counts.get(&state_name(s)).copied().unwrap_or(0)))
+            .collect())
+    }
+
     async fn delete_all(&self) -> Result<()> {
         let keys = self.scan(&self.pattern(&self.keys.all())).await?;
         let mut conn = self.conn.clone();
@@ -1791,6 +1827,21 @@ impl ProgressStore for MemoryProgress {
             .collect();
         jobs.sort();
         Ok(jobs)
+    }
+
+    async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>> {
+        let inner = self.lock();
+        Ok(ALL_STATES
+            .into_iter()
+            .map(|state| {
+                let n = inner
+                    .jobs
+                    .values()
+                    .filter(|e| e.progress.as_ref().is_some_and(|p| p.state == state))
+                    .count();
+                (state, n as u64)
+            })
+            .collect())
     }
 
     async fn delete_all(&self) -> Result<()> {

@@ -116,6 +116,7 @@ behaviours!(
     webhook_attempts_are_recorded_until_delivered_or_given_up,
     delete_job_forgets_usage_and_webhook,
     rebuild_recreates_a_lost_webhook_and_usage,
+    jobs_are_counted_by_state_across_tenants,
 );
 
 async fn delete_job_undoes_a_creation(store: Store) {
@@ -996,4 +997,47 @@ async fn rebuild_recreates_a_lost_webhook_and_usage(store: Store) {
     let c = store.claim_webhooks(now, now + 60_000, 10).await.unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].delivery, s.id.to_string());
+}
+
+async fn jobs_are_counted_by_state_across_tenants(store: Store) {
+    let count = |counts: Vec<(JobState, u64)>| -> Vec<u64> {
+        let order = [
+            JobState::Queued,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+        ];
+        assert_eq!(
+            counts.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            order,
+            "every state, in order"
+        );
+        counts.into_iter().map(|(_, n)| n).collect()
+    };
+    assert_eq!(count(store.count_jobs_by_state().await.unwrap()), [0; 5]);
+    let jobs: Vec<JobSpec> = (0..5)
+        .map(|i| spec(if i % 2 == 0 { "acme" } else { "other" }, 10, 5, 100 + i))
+        .collect();
+    for s in &jobs {
+        store.create_job(s).await.unwrap();
+    }
+    for (s, state) in jobs[1..].iter().zip([
+        JobState::Running,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Cancelled,
+    ]) {
+        store.set_state(s.id, state, None).await.unwrap();
+    }
+    assert_eq!(
+        count(store.count_jobs_by_state().await.unwrap()),
+        [1, 2, 1, 0, 1]
+    );
+    // A job undone is counted no more.
+    store.delete_job(&jobs[0]).await.unwrap();
+    assert_eq!(
+        count(store.count_jobs_by_state().await.unwrap()),
+        [0, 2, 1, 0, 1]
+    );
 }

@@ -37,6 +37,11 @@ pub struct CoordinatorSettings {
     pub window_per_job: u64,
     /// How often every active job is looked at.
     pub poll_interval: Duration,
+    /// Fair share: most shards of one tenant and one priority outstanding
+    /// at a time, at least; raised to twice the live workers shared among
+    /// the tenants with jobs of that priority (see [`Coordinator::tick`]).
+    /// 0 is taken as 1.
+    pub tenant_window: u64,
 }
 
 /// What the coordinator knows of a job it drives.
@@ -47,12 +52,16 @@ struct ActiveJob {
     /// Every shard below this index was published (or seen done) since the
     /// job was activated, so a step looks for new work from here on only.
     next: u64,
+    /// Whether the job's state was `queued` when last looked at.
+    queued: bool,
 }
 
-/// What one step did to a job.
+/// What looking at a job found.
 enum Step {
-    /// Still running: keep it active.
-    Running,
+    /// Still running, these shards done: it may get more published.
+    Running(BTreeSet<u64>),
+    /// Still running, nothing to publish this pass (just rebuilt).
+    Wait,
     /// Ended (succeeded, failed, cancelled or gone): forget it.
     Finished,
 }
@@ -147,9 +156,9 @@ impl Coordinator {
             return Ok(false);
         }
         let spec = self.reconciler.load_spec(job).await?;
-        self.progress
-            .set_state(job, JobState::Running, None)
-            .await?;
+        // The job stays queued until its first shard is published (a bulk
+        // batch's jobs wait their turn); it is in the unfinished set since
+        // its creation, so a restart finds it either way.
         let mut active = self.active.lock().await;
         // An active job keeps its in-flight set: rebuilding it would
         // republish what is queued already.
@@ -159,6 +168,7 @@ impl Coordinator {
                 spec,
                 in_flight: BTreeSet::new(),
                 next: 0,
+                queued: true,
             }
         });
         Ok(true)
@@ -188,20 +198,86 @@ impl Coordinator {
         Ok(())
     }
 
-    /// One pass over the active jobs. A job whose step fails (a backing
-    /// service unreachable) stays active and is tried again next pass.
+    /// One pass over the active jobs: each is looked at (finished, failed,
+    /// ended elsewhere, rebuilt), then shards are published within two
+    /// bounds. Per job, at most `window_per_job` outstanding. Per tenant and
+    /// priority (fair share), at most the tenant window: `tenant_window`, or
+    /// twice the live workers divided by the tenants with active jobs of that
+    /// priority if that is more, so one tenant's thousands of jobs cannot
+    /// fill the queue ahead of another tenant's, while a lone tenant still
+    /// keeps every worker busy. Interactive jobs are served before bulk ones
+    /// (their shards also carry the higher queue priority), older jobs
+    /// before newer ones. A job whose step fails (a backing service
+    /// unreachable) stays active and is tried again next pass.
     pub async fn tick(&self) {
         let mut active = self.active.lock().await;
         let mut finished = Vec::new();
+        let mut ready = Vec::new();
         for (&job, state) in active.iter_mut() {
             match self.step(job, state).await {
-                Ok(Step::Running) => {}
+                Ok(Step::Running(done)) => ready.push((job, done)),
+                Ok(Step::Wait) => {}
                 Ok(Step::Finished) => finished.push(job),
                 Err(e) => warn!(%job, error = %e, "job step failed; retrying next poll"),
             }
         }
         for job in finished {
             active.remove(&job);
+        }
+        if ready.is_empty() {
+            return;
+        }
+
+        // What each tenant has outstanding, per priority, and how many
+        // tenants share each priority.
+        let mut outstanding: BTreeMap<(u8, &str), u64> = BTreeMap::new();
+        for a in active.values() {
+            *outstanding
+                .entry((a.spec.priority.amqp(), a.spec.tenant.as_str()))
+                .or_default() += a.in_flight.len() as u64;
+        }
+        let mut tenants: BTreeMap<u8, u64> = BTreeMap::new();
+        for &(priority, _) in outstanding.keys() {
+            *tenants.entry(priority).or_default() += 1;
+        }
+        let workers = match self.progress.workers().await {
+            Ok(w) => w.len() as u64,
+            Err(e) => {
+                debug!(error = %e, "cannot count the live workers");
+                0
+            }
+        };
+        let cap = |priority: u8| {
+            let sharing = tenants.get(&priority).copied().unwrap_or(1).max(1);
+            self.settings
+                .tenant_window
+                .max(1)
+                .max((2 * workers).div_ceil(sharing))
+        };
+        let mut budgets: BTreeMap<(u8, String), u64> = outstanding
+            .iter()
+            .map(|(&(p, t), &n)| ((p, t.to_string()), cap(p).saturating_sub(n)))
+            .collect();
+
+        // Interactive first, then by age (job ids are time-ordered).
+        ready.sort_by_key(|(job, _)| {
+            let spec = &active[job].spec;
+            (std::cmp::Reverse(spec.priority.amqp()), *job)
+        });
+        for (job, done) in ready {
+            let Some(state) = active.get_mut(&job) else {
+                continue;
+            };
+            let key = (state.spec.priority.amqp(), state.spec.tenant.clone());
+            let budget = budgets.get(&key).copied().unwrap_or(0);
+            match self.publish(job, state, &done, budget).await {
+                Ok(n) => {
+                    if let Some(b) = budgets.get_mut(&key) {
+                        *b = b.saturating_sub(n);
+                    }
+                }
+                Err(e) => warn!(%job, error = %e, "cannot publish shards; retrying next poll"),
+            }
         }
     }
 
@@ -226,7 +302,7 @@ impl Coordinator {
             // (a shard queued twice is harmless, a shard never redone is not).
             active.in_flight.clear();
             active.next = 0;
-            return Ok(Step::Running);
+            return Ok(Step::Wait);
         };
         if progress.state.is_final() {
             // Cancelled (or ended by another coordinator): publish no more.
@@ -249,21 +325,45 @@ impl Coordinator {
 
         let done: BTreeSet<u64> = self.progress.done_shards(job).await?.into_iter().collect();
         active.in_flight.retain(|i| !done.contains(i));
+        active.queued = progress.state == JobState::Queued;
+        Ok(Step::Running(done))
+    }
+
+    /// Publishes shards of the job not done and not outstanding, at most
+    /// `budget` of them and up to the job's window; the number published.
+    /// A queued job becomes running with its first shard.
+    async fn publish(
+        &self,
+        job: JobId,
+        active: &mut ActiveJob,
+        done: &BTreeSet<u64>,
+        budget: u64,
+    ) -> Result<u64> {
+        let n = active.spec.num_shards();
         let window = self.settings.window_per_job.max(1);
-        while (active.in_flight.len() as u64) < window && active.next < n {
+        let mut published = 0;
+        while (active.in_flight.len() as u64) < window && published < budget && active.next < n {
             let index = active.next;
             if !done.contains(&index) {
+                if active.queued {
+                    self.progress
+                        .set_state(job, JobState::Running, None)
+                        .await?;
+                    active.queued = false;
+                    info!(%job, "job started");
+                }
                 self.queue
                     .publish_shard(&active.spec.shard(index), active.spec.priority)
                     .await?;
                 active.in_flight.insert(index);
+                published += 1;
                 debug!(%job, index, "shard published");
             }
             // Advanced only once published: a failed publish retries the
             // same shard next pass.
             active.next += 1;
         }
-        Ok(Step::Running)
+        Ok(published)
     }
 
     /// Every shard is done: write the manifest, then mark the job succeeded.

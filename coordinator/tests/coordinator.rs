@@ -34,6 +34,8 @@ fn env(name: &str) -> String {
 struct CountingQueue {
     inner: Arc<RabbitQueue>,
     published: Mutex<Vec<u64>>,
+    /// Every publication: job, shard, priority.
+    tasks: Mutex<Vec<(JobId, u64, Priority)>>,
 }
 
 impl CountingQueue {
@@ -47,6 +49,10 @@ impl ShardQueue for CountingQueue {
     async fn publish_shard(&self, task: &ShardTask, priority: Priority) -> dig_common::Result<()> {
         self.inner.publish_shard(task, priority).await?;
         self.published.lock().unwrap().push(task.index);
+        self.tasks
+            .lock()
+            .unwrap()
+            .push((task.job, task.index, priority));
         Ok(())
     }
     async fn publish_job(&self, job: JobId) -> dig_common::Result<()> {
@@ -100,6 +106,7 @@ async fn cluster() -> Cluster {
         queue: Arc::new(CountingQueue {
             inner: Arc::new(rabbit),
             published: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
         }),
         redis: Arc::new(redis),
         store,
@@ -118,15 +125,27 @@ impl Cluster {
             CoordinatorSettings {
                 window_per_job: window,
                 poll_interval: Duration::from_millis(50),
+                tenant_window: 16,
             },
         )
     }
 
     /// Stores a job's spec and its queued progress entry, as the api does.
     async fn submit(&self, num_samples: u64, shard_size: u64) -> JobSpec {
+        self.submit_as("lab", Priority::Interactive, num_samples, shard_size)
+            .await
+    }
+
+    async fn submit_as(
+        &self,
+        tenant: &str,
+        priority: Priority,
+        num_samples: u64,
+        shard_size: u64,
+    ) -> JobSpec {
         let spec = JobSpec {
             id: JobId::new(),
-            tenant: "lab".into(),
+            tenant: tenant.into(),
             name: None,
             sequence: "MKTAYIAKQRQISFVKSHFSRQLE".into(),
             features_sha256: "0".repeat(64),
@@ -134,7 +153,7 @@ impl Cluster {
             seed: 5,
             steps: Some(10),
             model: "dig-small".into(),
-            priority: Priority::Interactive,
+            priority,
             shard_size,
             created_at: 0,
             callback_url: None,
@@ -249,12 +268,18 @@ async fn a_window_of_three_bounds_outstanding_shards_and_the_job_gets_a_manifest
     assert_eq!(spec.num_shards(), 10);
     let coord = c.coordinator(3);
     coord.resume(&[spec.id]).await.unwrap();
-    assert_eq!(c.progress(spec.id).await.state, JobState::Running);
+    // Queued until its first shard is published.
+    assert_eq!(c.progress(spec.id).await.state, JobState::Queued);
 
     let mut shards = c.queue.consume_shards(1).await.unwrap();
     let mut done = BTreeSet::new();
-    for _ in 0..10 {
+    for i in 0..10 {
         coord.tick().await;
+        if i == 0 {
+            let p = c.progress(spec.id).await;
+            assert_eq!(p.state, JobState::Running);
+            assert!(p.started_at.is_some());
+        }
         // Exactly the window (or what is left) is outstanding after a tick.
         assert_eq!(
             outstanding(&c.queue.published(), &done),
@@ -589,5 +614,78 @@ async fn reconcile_rebuilds_each_kind_of_job_from_the_store() {
         .iter()
         .all(|(_, r)| r.as_ref().unwrap().action == Action::None));
     drop(shards);
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_share_bounds_each_tenant_and_serves_interactive_jobs_first() {
+    let c = cluster().await;
+    // Lab A: 6 bulk jobs of 4 shards; lab B: one bulk job; then lab A's
+    // interactive job, submitted last.
+    let mut a_bulk = Vec::new();
+    for _ in 0..6 {
+        a_bulk.push(c.submit_as("lab-a", Priority::Bulk, 8, 2).await);
+    }
+    let b_bulk = c.submit_as("lab-b", Priority::Bulk, 8, 2).await;
+    let a_live = c.submit_as("lab-a", Priority::Interactive, 4, 2).await;
+    // Window 3 per job, tenant window 16 (no live workers to raise it).
+    let coord = c.coordinator(3);
+    let mut ids: Vec<JobId> = a_bulk.iter().map(|s| s.id).collect();
+    ids.extend([b_bulk.id, a_live.id]);
+    coord.resume(&ids).await.unwrap();
+    coord.tick().await;
+
+    let tasks = c.queue.tasks.lock().unwrap().clone();
+    let count =
+        |pred: &dyn Fn(&(JobId, u64, Priority)) -> bool| tasks.iter().filter(|t| pred(t)).count();
+    // The interactive job first, whole (2 shards, within its window).
+    assert_eq!(
+        &tasks[..2],
+        &[
+            (a_live.id, 0, Priority::Interactive),
+            (a_live.id, 1, Priority::Interactive)
+        ]
+    );
+    // Lab A's bulk work is capped at the tenant window: 16 of its 24 shards,
+    // oldest jobs first (window 3 each: 3+3+3+3+3+1).
+    let a_ids: BTreeSet<JobId> = a_bulk.iter().map(|s| s.id).collect();
+    assert_eq!(count(&|t| a_ids.contains(&t.0)), 16);
+    let per_job: Vec<usize> = a_bulk.iter().map(|s| count(&|t| t.0 == s.id)).collect();
+    assert_eq!(per_job, vec![3, 3, 3, 3, 3, 1]);
+    // Lab B, submitted after all of them, is not starved: its window is out.
+    assert_eq!(count(&|t| t.0 == b_bulk.id), 3);
+    // Jobs that got no shard are still queued; the others run.
+    assert_eq!(c.progress(a_bulk[5].id).await.state, JobState::Running);
+    assert_eq!(c.progress(b_bulk.id).await.state, JobState::Running);
+    assert_eq!(tasks.len(), 2 + 16 + 3);
+
+    // Nothing done yet: another tick publishes nothing more.
+    coord.tick().await;
+    assert_eq!(c.queue.tasks.lock().unwrap().len(), 21);
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_job_beyond_the_tenant_window_stays_queued() {
+    let c = cluster().await;
+    let first = c.submit_as("lab-a", Priority::Bulk, 40, 2).await; // 20 shards
+    let second = c.submit_as("lab-a", Priority::Bulk, 4, 2).await;
+    let coord = Coordinator::new(
+        c.queue.clone(),
+        c.store.clone(),
+        c.layout.clone(),
+        c.redis.clone(),
+        CoordinatorSettings {
+            window_per_job: 20,
+            poll_interval: Duration::from_millis(50),
+            tenant_window: 5,
+        },
+    );
+    coord.resume(&[first.id, second.id]).await.unwrap();
+    coord.tick().await;
+    let tasks = c.queue.tasks.lock().unwrap().clone();
+    assert_eq!(tasks.len(), 5);
+    assert!(tasks.iter().all(|t| t.0 == first.id));
+    assert_eq!(c.progress(second.id).await.state, JobState::Queued);
     c.cleanup().await;
 }

@@ -131,6 +131,7 @@ impl Backends {
                 max_shard_size: cfg.api.max_shard_size,
                 default_model: cfg.api.default_model.clone(),
                 max_jobs_per_tenant: cfg.api.max_jobs_per_tenant,
+                max_batch_entries: usize::try_from(cfg.api.max_batch_entries).unwrap_or(usize::MAX),
                 max_queued_samples_per_tenant: cfg.api.max_queued_samples_per_tenant,
                 ..Limits::default()
             },
@@ -160,6 +161,7 @@ impl Backends {
             CoordinatorSettings {
                 window_per_job: cfg.coordinator.window_per_job,
                 poll_interval: Duration::from_millis(cfg.coordinator.poll_interval_ms.max(10)),
+                tenant_window: cfg.coordinator.tenant_window,
             },
         )
     }
