@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use dig_api::{new_api_key, router, ApiState, Limits, Tenants};
-use dig_common::job::{JobId, JobSpec, JobState};
+use dig_common::job::{JobId, JobSpec, JobState, Priority};
 use dig_common::layout::ObjectLayout;
 use dig_common::progress::{ProgressStore, RedisProgress};
 use dig_common::queue::{JobStream, RabbitQueue, ShardQueue};
@@ -665,6 +665,9 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/jobs/{id}/results", &["get"]),
     ("/v1/jobs/{id}/results.pdb", &["get"]),
     ("/v1/jobs/{id}/results/{shard}", &["get"]),
+    ("/v1/batches", &["post"]),
+    ("/v1/batches/{id}", &["get"]),
+    ("/v1/batches/{id}/cancel", &["post"]),
 ];
 
 #[tokio::test]
@@ -1307,5 +1310,261 @@ async fn jobs_list_filters_by_state_across_pages() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(message(&v).contains("unknown state 'done'"), "{v}");
+    c.cleanup().await;
+}
+
+impl Ctx {
+    async fn submit_batch(
+        &self,
+        key: &str,
+        body: &Value,
+        idem: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(k) = idem {
+            headers.push(("idempotency-key", k));
+        }
+        self.json(
+            "POST",
+            "/v1/batches",
+            Some(key),
+            &headers,
+            Body::from(body.to_string()),
+        )
+        .await
+    }
+
+    /// Nothing of any job or batch exists: no object, no progress entry,
+    /// no listing of either tenant.
+    async fn assert_nothing_created(&self) {
+        assert_eq!(self.keys_under("jobs").await, Vec::<String>::new());
+        assert_eq!(self.keys_under("batches").await, Vec::<String>::new());
+        for tenant in ["lab-a", "lab-b"] {
+            assert_eq!(
+                self.redis.list_jobs(tenant, 10, None).await.unwrap(),
+                Vec::<JobId>::new()
+            );
+        }
+        assert_eq!(
+            self.redis.unfinished_jobs().await.unwrap(),
+            Vec::<JobId>::new()
+        );
+    }
+}
+
+fn ids_of(v: &Value) -> Vec<JobId> {
+    v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_all_or_nothing_aggregated_and_cancelled_whole() {
+    let c = ctx().await;
+    let mut jobs = c.queue.consume_jobs().await.unwrap();
+    let (_, f) = c.upload(&c.key_a).await;
+    let entry = |samples: u64| {
+        let mut b = valid_job();
+        b["features_sha256"] = f["sha256"].clone();
+        b["num_samples"] = json!(samples);
+        b
+    };
+
+    // Two bad entries of five: 400 naming both by index, nothing created.
+    let mut bad_model = entry(2);
+    bad_model["model"] = json!("no-such-model");
+    let body =
+        json!({"name": "proteome", "jobs": [entry(2), entry(0), entry(3), bad_model, entry(1)]});
+    let (s, v) = c.submit_batch(&c.key_a, &body, Some("b-1")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_batch");
+    let entries = v["error"]["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{v}");
+    assert_eq!(
+        (entries[0]["index"].as_u64(), entries[1]["index"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert!(
+        entries[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("num_samples"),
+        "{v}"
+    );
+    assert_eq!(entries[1]["code"], "unknown_model");
+    assert!(message(&v).starts_with("2 of 5 entries are invalid"), "{v}");
+    // Whole-request errors.
+    let (s, v) = c.submit_batch(&c.key_a, &json!({"jobs": []}), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(message(&v).contains("1 to 10000 entries"), "{v}");
+    let (s, v) = c
+        .submit_batch(&c.key_a, &json!({"jobs": [entry(1)], "colour": 1}), None)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(message(&v).contains("colour"), "{v}");
+    c.assert_nothing_created().await;
+    assert_eq!(next_job(&mut jobs, Duration::from_millis(500)).await, None);
+
+    // Three good entries (the key was not used up by the refusal).
+    let mut live = entry(4);
+    live["priority"] = json!("interactive");
+    let body = json!({"name": "proteome", "jobs": [entry(2), live, entry(3)]});
+    let (s, v) = c.submit_batch(&c.key_a, &body, Some("b-1")).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let batch = v["id"].as_str().unwrap().to_string();
+    let ids = ids_of(&v);
+    assert_eq!(ids.len(), 3);
+    assert_eq!(v["links"]["self"], format!("/v1/batches/{batch}"));
+    // Queued in entry order, each once; bulk unless the entry said otherwise.
+    for &id in &ids {
+        assert_eq!(next_job(&mut jobs, Duration::from_secs(5)).await, Some(id));
+    }
+    assert_eq!(next_job(&mut jobs, Duration::from_millis(500)).await, None);
+    let mut priorities = Vec::new();
+    for &id in &ids {
+        let spec: JobSpec = serde_json::from_slice(
+            &c.store
+                .get(&c.layout.job_spec(id))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        priorities.push(spec.priority);
+    }
+    assert_eq!(
+        priorities,
+        [Priority::Bulk, Priority::Interactive, Priority::Bulk]
+    );
+
+    // Aggregated view.
+    let uri = format!("/v1/batches/{batch}");
+    let (s, v) = c
+        .json("GET", &uri, Some(&c.key_a), &[], Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (
+            v["state"].as_str(),
+            v["num_jobs"].as_u64(),
+            v["num_samples"].as_u64()
+        ),
+        (Some("queued"), Some(3), Some(9))
+    );
+    assert_eq!(v["jobs_by_state"]["queued"], 3);
+    assert_eq!(ids_of(&v), ids);
+    // Another tenant sees nothing; a repeat with the key answers the batch.
+    let (s, _) = c
+        .json("GET", &uri, Some(&c.key_b), &[], Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = c.submit_batch(&c.key_a, &body, Some("b-1")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["id"].as_str(), Some(batch.as_str()));
+    assert_eq!(c.redis.list_jobs("lab-a", 10, None).await.unwrap().len(), 3);
+
+    // One job runs and succeeds, one runs; then the batch is cancelled: the
+    // finished job keeps its state, the others are cancelled.
+    c.redis
+        .set_state(ids[0], JobState::Running, None)
+        .await
+        .unwrap();
+    c.redis.record_shard_done(ids[0], 0, 2).await.unwrap();
+    c.redis
+        .set_state(ids[0], JobState::Succeeded, None)
+        .await
+        .unwrap();
+    c.redis
+        .set_state(ids[1], JobState::Running, None)
+        .await
+        .unwrap();
+    let (_, v) = c
+        .json("GET", &uri, Some(&c.key_a), &[], Body::empty())
+        .await;
+    assert_eq!(
+        (v["state"].as_str(), v["samples_done"].as_u64()),
+        (Some("running"), Some(2))
+    );
+    assert_eq!(v["finished_at"], Value::Null);
+    let cancel = format!("{uri}/cancel");
+    let (s, v) = c
+        .json("POST", &cancel, Some(&c.key_a), &[], Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "cancelled");
+    assert_eq!(
+        (
+            v["jobs_by_state"]["succeeded"].as_u64(),
+            v["jobs_by_state"]["cancelled"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    assert!(v["finished_at"].as_u64().is_some(), "{v}");
+    for (&id, want) in ids.iter().zip([
+        JobState::Succeeded,
+        JobState::Cancelled,
+        JobState::Cancelled,
+    ]) {
+        assert_eq!(c.redis.get(id).await.unwrap().unwrap().state, want);
+    }
+    let (s, v) = c
+        .json("POST", &cancel, Some(&c.key_a), &[], Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(message(&v).contains("has ended (cancelled)"), "{v}");
+    let (s, _) = c
+        .json("POST", &cancel, Some(&c.key_b), &[], Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    drop(jobs);
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_batch_past_the_tenant_limits_is_refused_whole() {
+    let c = ctx_with(64 << 20, |st| st.limits.max_jobs_per_tenant = 2).await;
+    let (_, f) = c.upload(&c.key_a).await;
+    let mut e = valid_job();
+    e["features_sha256"] = f["sha256"].clone();
+    let (s, v) = c
+        .submit_batch(&c.key_a, &json!({"jobs": [e, e, e]}), None)
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["code"], "limit_exceeded");
+    assert!(
+        message(&v).contains("has 0 unfinished jobs; the batch's 3 more would pass the limit of 2"),
+        "{v}"
+    );
+    c.assert_nothing_created().await;
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_batch_that_cannot_be_queued_is_undone_whole() {
+    let c = ctx_with(64 << 20, |st| {
+        st.queue = Arc::new(JobsQueueDown(st.queue.clone()));
+    })
+    .await;
+    let (_, f) = c.upload(&c.key_a).await;
+    let mut e = valid_job();
+    e["features_sha256"] = f["sha256"].clone();
+    let body = json!({"jobs": [e, e, e, e]});
+    let (s, v) = c.submit_batch(&c.key_a, &body, Some("again")).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    c.assert_nothing_created().await;
+    // The key is free again.
+    let fresh = JobId::new();
+    assert_eq!(
+        c.redis
+            .idempotent_job("lab-a", "batch:again", fresh)
+            .await
+            .unwrap(),
+        fresh
+    );
     c.cleanup().await;
 }

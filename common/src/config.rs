@@ -555,7 +555,7 @@ mod tests {
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing");
         }
-        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 13 + 2 + 8 + 1);
+        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 14 + 3 + 8 + 1);
     }
 
     #[test]

@@ -22,12 +22,13 @@ use dig_common::job::{JobId, JobSpec, JobState};
 use dig_common::layout::ObjectLayout;
 use dig_common::progress::{JobProgress, ProgressStore};
 use dig_common::queue::{JobDelivery, JobStream, ShardQueue};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use object_store::ObjectStore;
 use tokio::sync::{watch, Mutex};
 use tracing::{debug, error, info, warn};
 
 use crate::error::{CoordinatorError, Result};
+use crate::metrics::{ClusterMetrics, ShardAges};
 use crate::reconcile::{Reconciled, Reconciler};
 
 #[derive(Debug, Clone)]
@@ -74,6 +75,10 @@ pub struct Coordinator {
     /// A tokio mutex: a step awaits the backing services while holding it,
     /// and `tick` and job activation must not interleave on one job.
     active: Mutex<BTreeMap<JobId, ActiveJob>>,
+    /// Publication times of outstanding shards, for metrics.
+    shard_ages: Arc<ShardAges>,
+    /// Passes made, for the occasional look at every waiting job.
+    ticks: std::sync::atomic::AtomicU64,
 }
 
 impl Coordinator {
@@ -90,7 +95,19 @@ impl Coordinator {
             progress,
             settings,
             active: Mutex::new(BTreeMap::new()),
+            shard_ages: Arc::default(),
+            ticks: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The cluster-wide metrics this coordinator exports (run its
+    /// [`ClusterMetrics::run`] beside [`Coordinator::run`]).
+    pub fn cluster_metrics(&self) -> ClusterMetrics {
+        ClusterMetrics::new(
+            self.queue.clone(),
+            self.progress.clone(),
+            self.shard_ages.clone(),
+        )
     }
 
     /// The jobs being driven, ascending.
@@ -210,35 +227,34 @@ impl Coordinator {
     /// before newer ones. A job whose step fails (a backing service
     /// unreachable) stays active and is tried again next pass.
     pub async fn tick(&self) {
+        let tick = self
+            .ticks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut active = self.active.lock().await;
         let mut finished = Vec::new();
         let mut ready = Vec::new();
-        for (&job, state) in active.iter_mut() {
-            match self.step(job, state).await {
-                Ok(Step::Running(done)) => ready.push((job, done)),
-                Ok(Step::Wait) => {}
-                Ok(Step::Finished) => finished.push(job),
-                Err(e) => warn!(%job, error = %e, "job step failed; retrying next poll"),
-            }
-        }
-        for job in finished {
-            active.remove(&job);
-        }
-        if ready.is_empty() {
-            return;
+        // Jobs under way first: their outstanding shards set the budgets.
+        let (started, mut waiting): (Vec<JobId>, Vec<JobId>) =
+            active.keys().copied().partition(|j| !active[j].queued);
+        for job in started {
+            let state = active.get_mut(&job).expect("listed above");
+            self.look(job, state, &mut ready, &mut finished).await;
         }
 
         // What each tenant has outstanding, per priority, and how many
-        // tenants share each priority.
-        let mut outstanding: BTreeMap<(u8, &str), u64> = BTreeMap::new();
-        for a in active.values() {
+        // tenants share each priority (queued jobs count as sharing).
+        let mut outstanding: BTreeMap<(u8, String), u64> = BTreeMap::new();
+        for (job, a) in active.iter() {
+            if finished.contains(job) {
+                continue;
+            }
             *outstanding
-                .entry((a.spec.priority.amqp(), a.spec.tenant.as_str()))
+                .entry((a.spec.priority.amqp(), a.spec.tenant.clone()))
                 .or_default() += a.in_flight.len() as u64;
         }
         let mut tenants: BTreeMap<u8, u64> = BTreeMap::new();
-        for &(priority, _) in outstanding.keys() {
-            *tenants.entry(priority).or_default() += 1;
+        for (priority, _) in outstanding.keys() {
+            *tenants.entry(*priority).or_default() += 1;
         }
         let workers = match self.progress.workers().await {
             Ok(w) => w.len() as u64,
@@ -255,15 +271,42 @@ impl Coordinator {
                 .max((2 * workers).div_ceil(sharing))
         };
         let mut budgets: BTreeMap<(u8, String), u64> = outstanding
-            .iter()
-            .map(|(&(p, t), &n)| ((p, t.to_string()), cap(p).saturating_sub(n)))
+            .into_iter()
+            .map(|((p, t), n)| ((p, t), cap(p).saturating_sub(n)))
             .collect();
 
+        // Jobs not started yet are looked at (two Redis calls each) only
+        // while their tenant has room, and every 20th pass regardless (to
+        // notice a cancellation): a bulk batch of thousands waiting costs
+        // next to nothing per pass.
+        let order = |job: &JobId, active: &BTreeMap<JobId, ActiveJob>| {
+            (std::cmp::Reverse(active[job].spec.priority.amqp()), *job)
+        };
+        waiting.sort_by_key(|j| order(j, &active));
+        let mut room: BTreeMap<(u8, String), u64> = budgets.clone();
+        for job in waiting {
+            let state = active.get_mut(&job).expect("listed above");
+            let key = (state.spec.priority.amqp(), state.spec.tenant.clone());
+            let left = room.get(&key).copied().unwrap_or(0);
+            if left == 0 && tick % 20 != 0 {
+                continue;
+            }
+            // Reserve what this job could take, so later jobs of the same
+            // tenant are only looked at while room remains.
+            let want = self
+                .settings
+                .window_per_job
+                .max(1)
+                .min(state.spec.num_shards());
+            room.insert(key, left.saturating_sub(want));
+            self.look(job, state, &mut ready, &mut finished).await;
+        }
+        for job in &finished {
+            active.remove(job);
+        }
+
         // Interactive first, then by age (job ids are time-ordered).
-        ready.sort_by_key(|(job, _)| {
-            let spec = &active[job].spec;
-            (std::cmp::Reverse(spec.priority.amqp()), *job)
-        });
+        ready.sort_by_key(|(job, _)| order(job, &active));
         for (job, done) in ready {
             let Some(state) = active.get_mut(&job) else {
                 continue;
@@ -278,6 +321,23 @@ impl Coordinator {
                 }
                 Err(e) => warn!(%job, error = %e, "cannot publish shards; retrying next poll"),
             }
+        }
+    }
+
+    /// One [`step`](Self::step), its outcome sorted into `ready` (to
+    /// publish for) or `finished` (to forget).
+    async fn look(
+        &self,
+        job: JobId,
+        state: &mut ActiveJob,
+        ready: &mut Vec<(JobId, BTreeSet<u64>)>,
+        finished: &mut Vec<JobId>,
+    ) {
+        match self.step(job, state).await {
+            Ok(Step::Running(done)) => ready.push((job, done)),
+            Ok(Step::Wait) => {}
+            Ok(Step::Finished) => finished.push(job),
+            Err(e) => warn!(%job, error = %e, "job step failed; retrying next poll"),
         }
     }
 
@@ -356,6 +416,7 @@ impl Coordinator {
                     .publish_shard(&active.spec.shard(index), active.spec.priority)
                     .await?;
                 active.in_flight.insert(index);
+                self.shard_ages.published(job, index);
                 published += 1;
                 debug!(%job, index, "shard published");
             }
@@ -412,7 +473,21 @@ impl Coordinator {
                 }
                 _ = poll.tick() => self.tick().await,
                 delivery = next_job(&mut jobs) => match delivery {
-                    Some(Ok(delivery)) => self.accept(delivery).await,
+                    Some(Ok(delivery)) => {
+                        // Take what else has arrived too, activating up to
+                        // 32 at once: a batch's thousands of ids would
+                        // otherwise wait one poll (or one spec read) each.
+                        let mut arrived = vec![delivery];
+                        while arrived.len() < 1000 {
+                            match next_job(&mut jobs).now_or_never() {
+                                Some(Some(Ok(d))) => arrived.push(d),
+                                _ => break,
+                            }
+                        }
+                        futures::stream::iter(arrived)
+                            .for_each_concurrent(32, |d| self.accept(d))
+                            .await;
+                    }
                     // The stream keeps reconnecting by itself.
                     Some(Err(e)) => warn!(error = %e, "jobs queue"),
                     None => jobs = None,

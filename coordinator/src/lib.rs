@@ -30,9 +30,11 @@
 mod coordinator;
 mod error;
 mod manifest;
+mod metrics;
 mod reconcile;
 
 pub use coordinator::{Coordinator, CoordinatorSettings};
 pub use error::{CoordinatorError, Result};
 pub use manifest::{Manifest, ManifestShard};
+pub use metrics::{ClusterMetrics, ShardAges};
 pub use reconcile::{Action, Reconciled, Reconciler, StateMarker};

@@ -15,6 +15,7 @@
 mod bench;
 mod client;
 mod device;
+mod metrics_http;
 mod progress;
 mod reconcile;
 mod sample;

@@ -239,11 +239,30 @@ async fn serve_api(state: ApiState, listen: &str, mut stop: watch::Receiver<bool
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     info!("API listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, dig_api::router(state))
+    // One registry per process: standalone's coordinator and worker metrics too.
+    let app = dig_api::router(state).merge(crate::metrics_http::routes());
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await?;
+    Ok(())
+}
+
+/// How often the coordinator reads the cluster-wide figures of its metrics
+/// (jobs by state, queue depth, live workers) from Redis and the broker.
+const METRICS_REFRESH: Duration = Duration::from_secs(5);
+
+/// Binds `metrics.listen` (unless empty) and serves `/metrics` there in the
+/// background until `stop`: the coordinator's and the worker's exporter.
+async fn serve_metrics(cfg: &Config, stop: watch::Receiver<bool>) -> Result<()> {
+    if let Some(listener) = crate::metrics_http::bind(&cfg.metrics.listen).await? {
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics_http::serve(listener, stop).await {
+                warn!(error = %e, "the metrics listener failed");
+            }
+        });
+    }
     Ok(())
 }
 
@@ -303,8 +322,12 @@ pub fn coordinator(args: ConfigArg) -> Result<()> {
     let cfg = args.load()?;
     runtime()?.block_on(async {
         let stop = shutdown_signal();
+        serve_metrics(&cfg, stop.clone()).await?;
         let backends = Backends::distributed(&cfg).await?;
         let coordinator = backends.coordinator(&cfg);
+        let cluster = coordinator.cluster_metrics();
+        let cluster_stop = stop.clone();
+        tokio::spawn(async move { cluster.run(METRICS_REFRESH, cluster_stop).await });
         resume(&coordinator, backends.progress.as_ref()).await?;
         coordinator.run(stop).await;
         Ok(())
@@ -353,6 +376,7 @@ pub fn worker(args: ConfigArg) -> Result<()> {
     let cfg = args.load()?;
     runtime()?.block_on(async {
         let stop = shutdown_signal();
+        serve_metrics(&cfg, stop.clone()).await?;
         let backends = Backends::distributed(&cfg).await?;
         let worker = backends.worker(&cfg)?;
         info!(
@@ -433,9 +457,11 @@ pub fn standalone(args: StandaloneArgs) -> Result<()> {
         let state = backends.api_state(&cfg, tenants, secrets, stop.clone());
         let api = serve_api(state, &cfg.api.listen, stop.clone());
         let coord = coordinator.run(stop.clone());
+        let cluster = coordinator.cluster_metrics();
+        let cluster = cluster.run(METRICS_REFRESH, stop.clone());
         let work = worker.run(stop.clone());
         let hooks = deliverer.run(stop.clone());
-        let (api, (), work, ()) = tokio::join!(api, coord, work, hooks);
+        let (api, (), work, (), ()) = tokio::join!(api, coord, work, hooks, cluster);
         api?;
         work?;
         Ok(())

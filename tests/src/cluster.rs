@@ -142,6 +142,11 @@ impl Cluster {
             ("DIG_WORKER_HEARTBEAT_SECS".into(), "1".into()),
             ("DIG_WORKER_BATCH_SIZE".into(), "5".into()),
             ("DIG_API_DEFAULT_MODEL".into(), MODEL.into()),
+            // Coordinator and worker metrics on any free port (several
+            // services per host); `Service::metrics_addr` finds it.
+            ("DIG_METRICS_LISTEN".into(), "127.0.0.1:0".into()),
+            // Tests read the logs as text (`job=... shard=...`).
+            ("DIG_LOG_FORMAT".into(), "text".into()),
         ];
         if standalone {
             // Point the distributed settings at closed ports: the embedded
@@ -417,6 +422,30 @@ impl Cluster {
         write!(
             s,
             "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP reply: {head}"));
+        (status, body.to_string())
+    }
+
+    /// A POST of the JSON `body` to the API as `key`'s tenant: status code
+    /// and body.
+    pub fn api_post(&self, key: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
+        let addr = self.api_url.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let body = body.to_string();
+        write!(
+            s,
+            "POST {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
         )
         .unwrap();
         let mut reply = String::new();
@@ -810,4 +839,94 @@ pub fn assert_same_samples(shards: &[Ensemble], reference: &Ensemble) {
         "samples not present exactly once (index, count): {:?}",
         &wrong[..wrong.len().min(20)]
     );
+}
+
+impl Service {
+    /// The address (`127.0.0.1:PORT`) of the service's metrics listener,
+    /// from its `metrics listening on http://ADDR` log line (`DIG_METRICS_LISTEN`
+    /// is port 0 in tests); waits up to a minute for the line.
+    pub fn metrics_addr(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            if let Some(addr) = log.lines().find_map(|l| {
+                let (_, rest) = l.split_once("metrics listening on http://")?;
+                let end = rest
+                    .find(|c: char| {
+                        !(c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+                    })
+                    .unwrap_or(rest.len());
+                Some(rest[..end].to_string())
+            }) {
+                return addr;
+            }
+            if let Some(status) = self.exited() {
+                panic!(
+                    "{} exited ({status}) before serving metrics; log:\n{log}",
+                    self.name
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} logged no metrics address; log:\n{log}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// `GET path` on `addr` (`HOST:PORT`) over a raw HTTP/1.0 connection: the
+/// status code and the body; `None` when nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    let code = reply.split_whitespace().nth(1)?.parse().ok()?;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Some((code, body))
+}
+
+/// One sample of a Prometheus text exposition: name, labels (in the order
+/// written), value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// The samples of a Prometheus text exposition (`# ` lines skipped).
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), Vec::new()),
+            Some((name, rest)) => {
+                let rest = rest.strip_suffix('}').unwrap_or(rest);
+                let mut labels = Vec::new();
+                // Label values here hold no `",` sequence (routes, ids, states).
+                for pair in rest.split("\",").filter(|p| !p.is_empty()) {
+                    if let Some((k, v)) = pair.split_once("=\"") {
+                        labels.push((k.to_string(), v.trim_end_matches('"').to_string()));
+                    }
+                }
+                (name.to_string(), labels)
+            }
+        };
+        out.push((name, labels, value));
+    }
+    out
 }

@@ -62,6 +62,7 @@ use std::time::{Duration, Instant};
 
 use dig_common::job::{JobId, JobSpec, ShardTask};
 use dig_common::layout::ObjectLayout;
+use dig_common::metrics;
 use dig_common::progress::{ProgressStore, WorkerHeartbeat};
 use dig_common::queue::{ShardDelivery, ShardQueue, ShardStream};
 use dig_common::store::FeatureStore;
@@ -70,6 +71,7 @@ use futures::StreamExt;
 use object_store::{ObjectStore, PutPayload};
 use tch::Device;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::shard::{ShardError, ShardSampler};
 
@@ -306,6 +308,12 @@ impl Worker {
             settings.batch_size,
             settings.pair_cache_bytes,
         );
+        // The worker's series exist from the start, at zero.
+        let m = metrics::worker();
+        m.samples_generated
+            .with_label_values(&[settings.id.as_str()])
+            .inc_by(0);
+        m.busy.set(0);
         Worker {
             ctx,
             settings,
@@ -335,6 +343,7 @@ impl Worker {
             .progress
             .heartbeat(&self.settings.id, &info, ttl)
             .await?;
+        metrics::worker().heartbeats.inc();
         Ok(())
     }
 
@@ -417,7 +426,10 @@ impl Worker {
                     None => return Ok(()),
                 },
             };
-            match self.handle(delivery, &shutdown).await {
+            // Every line logged about the shard carries its job and index.
+            let span =
+                tracing::info_span!("shard", job = %delivery.task.job, shard = delivery.task.index);
+            match self.handle(delivery, &shutdown).instrument(span).await {
                 Next::Continue => backoff.reset(),
                 Next::Backoff => {
                     // Unsubscribe for the pause: what the broker would hand
@@ -510,8 +522,13 @@ impl Worker {
                 Next::Exit
             }
             Err(e) if e.is_transient() => self.retry_later(delivery, true, &e).await,
-            Err(e) if attempt >= max => self.give_up(delivery, attempt, &e.to_string()).await,
+            Err(e) if attempt >= max => {
+                metrics::worker().shards_failed.inc();
+                self.give_up(delivery, attempt, &e.to_string()).await
+            }
             Err(e) => {
+                metrics::worker().shards_failed.inc();
+                metrics::worker().shards_retried.inc();
                 tracing::warn!(%job, shard, attempt, "shard failed, will retry: {e}");
                 settle(&task, "requeue", delivery.requeue().await);
                 Next::Continue
@@ -523,6 +540,8 @@ impl Worker {
     /// requeues the shard and asks for a pause.
     async fn retry_later(&self, delivery: ShardDelivery, counted: bool, e: &WorkerError) -> Next {
         let task = delivery.task;
+        metrics::worker().shards_failed.inc();
+        metrics::worker().shards_retried.inc();
         tracing::warn!(job = %task.job, shard = task.index, "transient failure, shard requeued (no attempt counted): {e}");
         if counted {
             self.forgive(&task).await;
@@ -552,6 +571,7 @@ impl Worker {
         if let Err(e) = self.ctx.queue.park_shard(&task, reason).await {
             return self.retry_later(delivery, true, &e.into()).await;
         }
+        metrics::worker().shards_dead_lettered.inc();
         if let Err(e) = self
             .ctx
             .progress
@@ -640,6 +660,7 @@ impl Worker {
         task: &ShardTask,
         stop: &StopFlag,
     ) -> Result<(), WorkerError> {
+        let delivered = Instant::now();
         let spec = self.spec(task.job).await?;
         let model_dir = self.local_model(&spec.model).await?;
         let features = self.local_features(&spec.features_sha256).await?;
@@ -648,23 +669,28 @@ impl Worker {
         }
         self.status.lock().expect("status lock").shard =
             Some(format!("{}/{}", task.job, task.index));
+        metrics::worker().busy.set(1);
         self.beat_now().await;
         let started = Instant::now();
         let sampler = self.sampler.clone();
         let (spec2, task2, stop2) = (spec.clone(), *task, stop.clone());
-        let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, WorkerError> {
-            let mut sampler = sampler.lock().expect("sampler lock");
-            let ensemble =
-                sampler.sample_until(&spec2, &task2, &model_dir, &features, &|| stop2.is_set())?;
-            ensemble
-                .npz_bytes()
-                .map_err(|e| WorkerError::Other(e.to_string()))
-        })
-        .await
-        .map_err(|e| WorkerError::Other(format!("sampling task panicked: {e}")));
+        let bytes =
+            tokio::task::spawn_blocking(move || -> Result<(usize, Vec<u8>), WorkerError> {
+                let mut sampler = sampler.lock().expect("sampler lock");
+                let ensemble =
+                    sampler
+                        .sample_until(&spec2, &task2, &model_dir, &features, &|| stop2.is_set())?;
+                let bytes = ensemble
+                    .npz_bytes()
+                    .map_err(|e| WorkerError::Other(e.to_string()))?;
+                Ok((ensemble.len_residues(), bytes))
+            })
+            .await
+            .map_err(|e| WorkerError::Other(format!("sampling task panicked: {e}")));
         {
             let mut st = self.status.lock().expect("status lock");
             st.shard = None;
+            metrics::worker().busy.set(0);
             if bytes.as_ref().is_ok_and(|b| b.is_ok()) {
                 let rate = task.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 st.samples_per_sec = if st.samples_per_sec == 0.0 {
@@ -675,7 +701,7 @@ impl Worker {
             }
         }
         self.beat_now().await;
-        let bytes = match bytes? {
+        let (residues, bytes) = match bytes? {
             Err(WorkerError::Shard(ShardError::Stopped)) => {
                 let why = stop.reason().unwrap_or(StopReason::Shutdown);
                 return Err(WorkerError::Stopped(why));
@@ -700,6 +726,14 @@ impl Worker {
             .record_shard_done(task.job, task.index, task.len())
             .await?;
         tracing::info!(job = %task.job, shard = task.index, samples = task.len(), new, "shard done");
+        let m = metrics::worker();
+        m.shards_completed.inc();
+        m.samples_generated
+            .with_label_values(&[self.settings.id.as_str()])
+            .inc_by(task.len());
+        m.shard_duration
+            .with_label_values(&[metrics::length_bucket(residues)])
+            .observe(delivered.elapsed().as_secs_f64());
         Ok(())
     }
 

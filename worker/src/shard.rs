@@ -2,8 +2,10 @@
 //! across shards.
 
 use std::path::Path;
+use std::time::Instant;
 
 use dig_common::job::{JobSpec, ShardTask};
+use dig_common::metrics;
 use dig_model::features::{check_sequence, Features};
 use dig_model::pipeline::{sample_ensemble_until, InitialPoses};
 use dig_model::so3::So3Tables;
@@ -70,8 +72,10 @@ impl ShardSampler {
     fn model(&mut self, model_id: &str, model_dir: &Path) -> Result<&DigModel, ShardError> {
         if self.model.as_ref().is_some_and(|(id, _)| id == model_id) {
             self.stats.model_hits += 1;
+            metrics::worker().model_cache_hits.inc();
         } else {
             self.stats.model_misses += 1;
+            metrics::worker().model_cache_misses.inc();
             self.protein = None;
             self.model = Some((
                 model_id.to_string(),
@@ -118,8 +122,10 @@ impl ShardSampler {
             .is_some_and(|p| p.sha256 == spec.features_sha256)
         {
             self.stats.protein_hits += 1;
+            metrics::worker().feature_cache_hits.inc();
         } else {
             self.stats.protein_misses += 1;
+            metrics::worker().feature_cache_misses.inc();
             self.protein = None; // free the old context before building the new one
             let features = Features::from_npz(features_path)?;
             features.validate(&cfg)?;
@@ -142,6 +148,12 @@ impl ShardSampler {
             seed: spec.seed,
             indices: (task.start..task.end).collect(),
         };
+        // Seconds per step: the time between step completions (a batch's
+        // first step also carries the batch's set-up).
+        let step_seconds = metrics::worker()
+            .sampler_step
+            .with_label_values(&[metrics::length_bucket(ctx.len() as usize)]);
+        let mut last_step = Instant::now();
         sample_ensemble_until(
             &sampler,
             ctx,
@@ -149,7 +161,10 @@ impl ShardSampler {
             self.batch_size,
             cfg.tr_sigma_max,
             &sequence,
-            |_| {},
+            |_| {
+                step_seconds.observe(last_step.elapsed().as_secs_f64());
+                last_step = Instant::now();
+            },
             stop,
         )
         .ok_or(ShardError::Stopped)
