@@ -41,6 +41,7 @@ lint: setup
 # .services/env, which the tests read from the environment.
 services: setup
 	scripts/services.sh >/dev/null
+	scripts/deploy-tools.sh
 
 test: lint services
 	cargo build -p digctl

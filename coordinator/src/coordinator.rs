@@ -288,7 +288,7 @@ impl Coordinator {
             let state = active.get_mut(&job).expect("listed above");
             let key = (state.spec.priority.amqp(), state.spec.tenant.clone());
             let left = room.get(&key).copied().unwrap_or(0);
-            if left == 0 && tick % 20 != 0 {
+            if left == 0 && !tick.is_multiple_of(20) {
                 continue;
             }
             // Reserve what this job could take, so later jobs of the same

@@ -11,6 +11,7 @@
 //! | `cancel JOB` | `POST /v1/jobs/{id}/cancel`; prints the new state |
 //! | `jobs` | the tenant's jobs, newest first (`--all` follows the cursor) |
 //! | `models` | the models the service can sample with |
+//! | `batch submit FILE` | many jobs in one all-or-nothing call (`POST /v1/batches`); `batch status`, `batch wait`, `batch cancel` ([`batch`]) |
 //!
 //! Every command takes `--api URL` (or `DIG_API_URL`; default
 //! `http://127.0.0.1:8080`) and needs a tenant key, `--api-key KEY` or
@@ -20,6 +21,7 @@
 //! otherwise. An API error ends the command with
 //! `error: MESSAGE (HTTP STATUS CODE)` and a non-zero exit status.
 
+mod batch;
 mod events;
 mod http;
 mod render;
@@ -257,6 +259,9 @@ pub enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Many jobs at once: submit a batch file, follow it, cancel it.
+    #[command(subcommand)]
+    Batch(batch::BatchCommand),
     /// List the models the service can sample with.
     Models {
         #[command(flatten)]
@@ -283,6 +288,7 @@ fn print_json(v: &Value) -> Result<()> {
 
 async fn execute(cmd: ClientCommand) -> Result<()> {
     match cmd {
+        ClientCommand::Batch(cmd) => batch::run(cmd).await,
         ClientCommand::UploadFeatures { opts, file, json } => {
             let api = opts.connect()?;
             let up = transfer::upload_features(&api, &file).await?;

@@ -216,3 +216,111 @@ fn a_500_entry_batch_completes_after_an_interactive_job_submitted_later() {
     drop((api, coordinator, w1, w2));
     rt.block_on(c.cleanup());
 }
+
+/// `digctl batch submit | status | wait | cancel` on a distributed cluster:
+/// a batch file naming a local features file, refused whole with every bad
+/// entry listed, then accepted, waited for and summed up.
+#[test]
+fn digctl_batch_commands_submit_follow_and_refuse() {
+    std::env::set_var("OMP_NUM_THREADS", "1");
+    let mut c = Cluster::distributed("batch-cli");
+    c.set_env("DIG_WORKER_BATCH_SIZE", &BATCH.to_string());
+    c.upload_model();
+    let api = c.start_api();
+    let coordinator = c.start_coordinator();
+    let worker = c.start_worker();
+    let features = dig_tests::fixture("features.npz");
+    let dir = c.dir.path();
+    std::fs::copy(&features, dir.join("p1.npz")).unwrap();
+    let line = |samples: i64, seed: u64| {
+        json!({"sequence": SEQUENCE, "features": "p1.npz", "num_samples": samples,
+               "seed": seed, "steps": STEPS, "shard_size": 2})
+        .to_string()
+    };
+
+    // Entries 1 and 3 are bad: refused whole, both named, nothing created.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        format!(
+            "# three proteins\n{}\n{}\n{}\n{}\n",
+            line(2, 1),
+            line(0, 2),
+            line(2, 3),
+            json!({"sequence": "MKTAY", "features": "p1.npz", "num_samples": 1})
+        ),
+    )
+    .unwrap();
+    let err = c.client_err(&c.key_a, &["batch", "submit", bad.to_str().unwrap()]);
+    assert!(err.contains("2 of 4 entries are invalid"), "{err}");
+    assert!(err.contains("entry 1: num_samples"), "{err}");
+    assert!(err.contains("entry 3: sequence length 5"), "{err}");
+    let (_, jobs) = c.api_get(&c.key_a, "/v1/jobs");
+    assert_eq!(
+        serde_json::from_str::<Value>(&jobs).unwrap()["jobs"],
+        json!([]),
+        "a refused batch created jobs"
+    );
+
+    let good = dir.join("good.jsonl");
+    std::fs::write(
+        &good,
+        format!("{}\n{}\n{}\n", line(2, 1), line(4, 2), line(2, 1)),
+    )
+    .unwrap();
+    let out = c.client_ok(
+        &c.key_a,
+        &["batch", "submit", good.to_str().unwrap(), "--name", "three"],
+    );
+    let batch = out.trim().to_string();
+    c.client_ok(
+        &c.key_a,
+        &[
+            "batch",
+            "wait",
+            &batch,
+            "--poll-secs",
+            "1",
+            "--timeout",
+            "300",
+        ],
+    );
+    let status = c.client_ok(&c.key_a, &["batch", "status", &batch]);
+    assert!(status.contains("state     succeeded"), "{status}");
+    assert!(status.contains("jobs      3 (3 succeeded)"), "{status}");
+    assert!(status.contains("samples   8 of 8"), "{status}");
+    assert!(status.contains("name      three"), "{status}");
+    let v: Value =
+        serde_json::from_str(&c.client_ok(&c.key_a, &["batch", "status", "--json", &batch]))
+            .unwrap();
+    let ids: Vec<String> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect();
+    // Entries 0 and 2 are the same request: the same samples.
+    let first = c.fetch(&c.key_a, &ids[0]);
+    let third = c.fetch(&c.key_a, &ids[2]);
+    let reference = local_sample(c.dir.path(), 2, 1, STEPS, BATCH);
+    assert_same_samples(&first, &reference);
+    assert_same_samples(&third, &reference);
+    assert_same_samples(
+        &c.fetch(&c.key_a, &ids[1]),
+        &local_sample(c.dir.path(), 4, 2, STEPS, BATCH),
+    );
+    // Nothing left to cancel; another tenant does not see it.
+    let err = c.client_err(&c.key_a, &["batch", "cancel", &batch]);
+    assert!(
+        err.contains("has ended (succeeded)") && err.contains("409"),
+        "{err}"
+    );
+    let err = c.client_err(&c.key_b, &["batch", "status", &batch]);
+    assert!(err.contains("not found") && err.contains("404"), "{err}");
+    drop((api, coordinator, worker));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(c.cleanup());
+}

@@ -31,6 +31,8 @@ pub struct ApiError {
     /// `None` when the answer was not the API's JSON envelope.
     pub code: Option<String>,
     pub message: String,
+    /// A refused batch's invalid entries: `(index, message)`.
+    pub entries: Vec<(u64, String)>,
 }
 
 impl ApiError {
@@ -45,11 +47,26 @@ impl ApiError {
         struct Inner {
             code: Option<String>,
             message: Option<String>,
+            #[serde(default)]
+            entries: Vec<Entry>,
         }
+        #[derive(Deserialize)]
+        struct Entry {
+            index: u64,
+            message: String,
+        }
+        let mut entries = Vec::new();
         let reason = status.canonical_reason().unwrap_or("request failed");
         let (code, mut message) = match serde_json::from_slice::<Envelope>(body) {
             Ok(Envelope { error }) => (
-                error.code.filter(|c| !c.is_empty()),
+                {
+                    entries = error
+                        .entries
+                        .into_iter()
+                        .map(|e| (e.index, e.message))
+                        .collect();
+                    error.code.filter(|c| !c.is_empty())
+                },
                 error
                     .message
                     .filter(|m| !m.trim().is_empty())
@@ -74,6 +91,7 @@ impl ApiError {
             status: status.as_u16(),
             code,
             message,
+            entries,
         }
     }
 
@@ -87,9 +105,13 @@ impl ApiError {
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.code {
-            Some(code) => write!(f, "{} (HTTP {} {code})", self.message, self.status),
-            None => write!(f, "{} (HTTP {})", self.message, self.status),
+            Some(code) => write!(f, "{} (HTTP {} {code})", self.message, self.status)?,
+            None => write!(f, "{} (HTTP {})", self.message, self.status)?,
         }
+        for (index, message) in &self.entries {
+            write!(f, "\n  entry {index}: {message}")?;
+        }
+        Ok(())
     }
 }
 
