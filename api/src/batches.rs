@@ -59,6 +59,13 @@ pub(crate) struct SubmitBatch {
     /// The jobs, each what `POST /v1/jobs` takes; `priority` defaults to
     /// `bulk` here.
     jobs: Vec<SubmitJob>,
+    /// An http(s) URL that gets one signed `POST` of the batch's view
+    /// (without the per-job list) when every job of the batch is final
+    /// (`X-Dig-Event: batch.succeeded`, `batch.failed` or
+    /// `batch.cancelled`); needs a webhook secret for the tenant, as a
+    /// job's `callback_url` does. Entries may have their own.
+    #[schema(max_length = 2048, example = "https://lab.example.org/hooks/dig-batch")]
+    callback_url: Option<String>,
 }
 
 /// What the object store keeps of a batch.
@@ -69,6 +76,8 @@ struct BatchRecord {
     name: Option<String>,
     created_at: u64,
     jobs: Vec<JobId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    callback_url: Option<String>,
 }
 
 /// One invalid entry of a refused batch.
@@ -175,9 +184,13 @@ pub(crate) struct BatchView {
     created_at: u64,
     /// Unix seconds the last job ended; null until every job is final.
     finished_at: Option<u64>,
-    /// Every job, in entry order.
+    /// Every job, in entry order (left out of the batch's webhook body).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     jobs: Vec<BatchJobView>,
     links: BatchLinks,
+    /// The batch's webhook, when it was submitted with a `callback_url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook: Option<crate::WebhookView>,
 }
 
 /// The state of a batch from its jobs' states.
@@ -234,6 +247,15 @@ pub(crate) async fn submit_batch(
             return Err(ApiError::invalid("name: at most 200 characters"));
         }
     }
+    if let Some(url) = &req.callback_url {
+        crate::webhooks::check_callback_url(url).map_err(ApiError::invalid)?;
+        if st.webhook_secrets.get(&tenant).is_none() {
+            return Err(ApiError::invalid(format!(
+                "callback_url: no webhook secret is configured for tenant {tenant}, so its \
+                 webhooks cannot be signed; ask the operator to add one (api.webhook_secrets_file)"
+            )));
+        }
+    }
     let max = st.limits.max_batch_entries;
     if req.jobs.is_empty() || req.jobs.len() > max {
         return Err(ApiError::invalid(format!(
@@ -283,6 +305,7 @@ pub(crate) async fn submit_batch(
         name: req.name,
         created_at: now_secs(),
         jobs: specs.iter().map(|s| s.id).collect(),
+        callback_url: req.callback_url,
     };
     let id = batch.id;
     // Batch keys live beside job keys; the prefix keeps them apart.
@@ -376,6 +399,7 @@ enum Done {
     Specs,
     Record,
     Progress,
+    Webhook,
 }
 
 async fn create_steps(
@@ -434,6 +458,13 @@ async fn create_steps(
         .buffer_unordered(CONCURRENCY)
         .try_collect::<Vec<()>>()
         .await?;
+    if let Some(url) = &batch.callback_url {
+        done.push(Done::Webhook);
+        st.progress
+            .register_batch_webhook(batch.id, url)
+            .await
+            .map_err(|e| format!("batch webhook: {e}"))?;
+    }
     // In entry order, so that a batch's jobs start in the order given.
     for spec in specs {
         st.queue
@@ -446,6 +477,11 @@ async fn create_steps(
 
 /// Deletes what a failed batch submission created.
 async fn undo(st: &ApiState, batch: &BatchRecord, specs: &[JobSpec], done: &[Done]) {
+    if done.contains(&Done::Webhook) {
+        if let Err(e) = st.progress.forget_batch(batch.id).await {
+            tracing::error!(batch = %batch.id, error = %e, "cannot delete the webhook of a failed batch");
+        }
+    }
     if done.contains(&Done::Progress) {
         let progress = st.progress.clone();
         futures::stream::iter(specs.to_vec())
@@ -515,9 +551,56 @@ async fn progress_of(st: &ApiState, jobs: &[JobId]) -> ApiResult<Vec<Option<JobP
 }
 
 async fn view(st: &ApiState, record: BatchRecord) -> ApiResult<BatchView> {
+    let has_webhook = record.callback_url.is_some();
+    let id = record.id;
     let progress = progress_of(st, &record.jobs).await?;
-    Ok(aggregate(record, progress))
+    let mut view = aggregate(record, progress);
+    if has_webhook {
+        view.webhook = st.progress.webhook(id).await?.map(crate::WebhookView::from);
+    }
+    Ok(view)
 }
+
+/// A batch's webhook body and event when the batch has ended: its view
+/// without the per-job list; `None` while it is under way.
+pub(crate) async fn ended_body(
+    store: &dyn object_store::ObjectStore,
+    layout: &dig_common::layout::ObjectLayout,
+    progress: &std::sync::Arc<dyn dig_common::progress::ProgressStore>,
+    batch: JobId,
+) -> Result<Option<(String, JobState, String)>, String> {
+    let bytes = store
+        .get(&layout.batch(batch))
+        .await
+        .map_err(|e| format!("cannot read batch {batch}: {e}"))?
+        .bytes()
+        .await
+        .map_err(|e| format!("cannot read batch {batch}: {e}"))?;
+    let record: BatchRecord =
+        serde_json::from_slice(&bytes).map_err(|e| format!("batch {batch}: {e}"))?;
+    let tenant = record.tenant.clone();
+    let jobs: Vec<JobProgressOpt> = {
+        let p = progress.clone();
+        futures::stream::iter(record.jobs.clone())
+            .map(move |job| {
+                let p = p.clone();
+                async move { p.get(job).await }
+            })
+            .buffered(CONCURRENCY * 4)
+            .try_collect()
+            .await
+            .map_err(|e| format!("cannot read the batch's jobs: {e}"))?
+    };
+    let mut view = aggregate(record, jobs);
+    if !view.state.is_final() {
+        return Ok(None);
+    }
+    view.jobs.clear();
+    let body = serde_json::to_string(&view).map_err(|e| e.to_string())?;
+    Ok(Some((body, view.state, tenant)))
+}
+
+type JobProgressOpt = Option<JobProgress>;
 
 fn aggregate(record: BatchRecord, progress: Vec<Option<JobProgress>>) -> BatchView {
     let mut counts = StateCounts::default();
@@ -563,6 +646,7 @@ fn aggregate(record: BatchRecord, progress: Vec<Option<JobProgress>>) -> BatchVi
         finished_at,
         jobs,
         links: batch_links(record.id),
+        webhook: None,
     }
 }
 

@@ -26,6 +26,13 @@
 //! whichever. The schedule survives restarts; a sender that dies during an
 //! attempt leaves the webhook to be claimed again when its lease ends.
 //!
+//! Batches (`POST /v1/batches` with a `callback_url`) have a webhook too,
+//! kept under the batch's id: the batch is watched in the progress store,
+//! a deliverer built [`Deliverer::with_batches`] looks every
+//! [`BATCH_CHECK_INTERVAL`] whether each watched batch has ended and then
+//! makes its webhook due; the body is the batch's view without its per-job
+//! list, the event `batch.succeeded` (`batch.failed`, `batch.cancelled`).
+//!
 //! Semantics: **at least once**. A receiver may see the same delivery twice
 //! (a sender died after the receiver answered, or the answer was lost) and
 //! must deduplicate by `X-Dig-Delivery`. Every attempt sends the same bytes:
@@ -37,8 +44,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dig_common::job::JobState;
+use dig_common::layout::ObjectLayout;
 use dig_common::progress::{now_ms, ProgressStore, WebhookAttempt, WebhookClaim};
 use hmac::{Hmac, Mac};
+use object_store::ObjectStore;
 use sha2::Sha256;
 use tokio::sync::watch;
 
@@ -193,7 +202,14 @@ pub struct Deliverer {
     secrets: WebhookSecrets,
     settings: WebhookSettings,
     client: reqwest::Client,
+    /// Where batch records are, for batch webhooks ([`Deliverer::with_batches`]).
+    batches: Option<(Arc<dyn ObjectStore>, ObjectLayout)>,
+    /// When the watched batches were last looked at.
+    batches_checked: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How often a deliverer looks whether watched batches have ended.
+pub const BATCH_CHECK_INTERVAL: Duration = Duration::from_secs(3);
 
 impl Deliverer {
     pub fn new(
@@ -213,7 +229,40 @@ impl Deliverer {
             secrets,
             settings,
             client,
+            batches: None,
+            batches_checked: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Also sends batch webhooks: looks every [`BATCH_CHECK_INTERVAL`]
+    /// whether a watched batch (one submitted with a `callback_url`) has
+    /// ended, then makes its webhook due; its body is the batch's view
+    /// without the per-job list, its event `batch.succeeded` (`batch.failed`,
+    /// `batch.cancelled`).
+    pub fn with_batches(mut self, store: Arc<dyn ObjectStore>, layout: ObjectLayout) -> Self {
+        self.batches = Some((store, layout));
+        self
+    }
+
+    /// Makes the webhooks of watched batches that have ended due. Returns
+    /// how many ended.
+    pub async fn check_batches(&self) -> dig_common::Result<usize> {
+        let Some((store, layout)) = &self.batches else {
+            return Ok(0);
+        };
+        let mut ended = 0;
+        for batch in self.progress.watched_batches().await? {
+            match crate::batches::ended_body(store.as_ref(), layout, &self.progress, batch).await {
+                Ok(Some(_)) => {
+                    self.progress.batch_ended(batch).await?;
+                    tracing::info!(%batch, "batch ended; its webhook is due");
+                    ended += 1;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%batch, error = %e, "cannot look at a watched batch"),
+            }
+        }
+        Ok(ended)
     }
 
     /// Sends due webhooks every `poll` until `stop` turns true (or its
@@ -224,6 +273,19 @@ impl Deliverer {
                 biased;
                 _ = stop.wait_for(|s| *s) => break,
                 _ = tokio::time::sleep(self.settings.poll) => {}
+            }
+            let due = {
+                let mut last = self.batches_checked.lock().expect("lock");
+                let due = last.is_none_or(|t| t.elapsed() >= BATCH_CHECK_INTERVAL);
+                if due {
+                    *last = Some(std::time::Instant::now());
+                }
+                due
+            };
+            if due && self.batches.is_some() {
+                if let Err(e) = self.check_batches().await {
+                    tracing::warn!(error = %e, "cannot look at the watched batches");
+                }
             }
             loop {
                 match self.deliver_due().await {
@@ -298,30 +360,43 @@ impl Deliverer {
             .progress
             .get(job)
             .await
-            .map_err(|e| format!("cannot read the job: {e}"))?
-            .ok_or_else(|| format!("job {job} no longer exists"))?;
-        let secret = self.secrets.get(&progress.tenant).ok_or_else(|| {
-            format!(
-                "no webhook secret is configured for tenant {}",
-                progress.tenant
-            )
-        })?;
+            .map_err(|e| format!("cannot read the job: {e}"))?;
+        // A job's webhook, or else a batch's (same id space, same store).
+        let (tenant, event, fresh) = match (progress, &self.batches) {
+            (Some(p), _) => {
+                let view = crate::job_view(job, &p);
+                let json = serde_json::to_string(&view).map_err(|e| e.to_string())?;
+                (p.tenant, format!("job.{}", state_word(p.state)), json)
+            }
+            (None, Some((store, layout))) => {
+                match crate::batches::ended_body(store.as_ref(), layout, &self.progress, job).await
+                {
+                    Ok(Some((body, state, tenant))) => {
+                        (tenant, format!("batch.{}", state_word(state)), body)
+                    }
+                    Ok(None) => return Err(format!("batch {job} has not ended")),
+                    Err(e) => return Err(e),
+                }
+            }
+            (None, None) => return Err(format!("job {job} no longer exists")),
+        };
+        let secret = self
+            .secrets
+            .get(&tenant)
+            .ok_or_else(|| format!("no webhook secret is configured for tenant {tenant}"))?;
         let body = match &claim.body {
             Some(body) => body.clone(),
-            None => {
-                let view = crate::job_view(job, &progress);
-                let json = serde_json::to_string(&view).map_err(|e| e.to_string())?;
-                self.progress
-                    .fix_webhook_body(job, &json)
-                    .await
-                    .map_err(|e| format!("cannot store the body: {e}"))?
-            }
+            None => self
+                .progress
+                .fix_webhook_body(job, &fresh)
+                .await
+                .map_err(|e| format!("cannot store the body: {e}"))?,
         };
         let response = self
             .client
             .post(&claim.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("X-Dig-Event", format!("job.{}", state_word(progress.state)))
+            .header("X-Dig-Event", event)
             .header("X-Dig-Delivery", &claim.delivery)
             .header("X-Dig-Signature", signature(secret, body.as_bytes()))
             .body(body)

@@ -67,6 +67,10 @@ impl RedisKeys {
     pub fn job_webhook(&self, job: JobId) -> String {
         format!("{}:job:{job}:webhook", self.prefix)
     }
+    /// Batches with a webhook whose end is awaited.
+    pub fn watched_batches(&self) -> String {
+        format!("{}:batches:watched", self.prefix)
+    }
     pub fn webhooks_pending(&self) -> String {
         format!("{}:webhooks:pending", self.prefix)
     }

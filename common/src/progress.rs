@@ -320,6 +320,21 @@ pub trait ProgressStore: Send + Sync {
     /// batches), so callers ask every few seconds, not per request.
     async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>>;
 
+    /// Gives batch `batch` a pending webhook to `url` (kept like a job's,
+    /// under the batch's id) and lists the batch among those whose end is
+    /// awaited ([`ProgressStore::watched_batches`]). Idempotent.
+    async fn register_batch_webhook(&self, batch: JobId, url: &str) -> Result<()>;
+
+    /// The batches registered and not ended yet, ascending.
+    async fn watched_batches(&self) -> Result<Vec<JobId>>;
+
+    /// The batch has ended: its pending webhook becomes due now and the
+    /// batch leaves the watched set (atomically).
+    async fn batch_ended(&self, batch: JobId) -> Result<()>;
+
+    /// Forgets a batch's webhook and watch (undoing a failed submission).
+    async fn forget_batch(&self, batch: JobId) -> Result<()>;
+
     /// Deletes everything of this store (every key of the prefix): for tests.
     async fn delete_all(&self) -> Result<()>;
 }
@@ -1347,6 +1362,85 @@ impl ProgressStore for RedisProgress {
             .collect())
     }
 
+    async fn register_batch_webhook(&self, batch: JobId, url: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .webhook_rebuild
+            .key(self.keys.job_webhook(batch))
+            .key(self.keys.webhooks_pending())
+            .arg(batch.to_string())
+            .arg(url)
+            .arg(delivery_id(batch))
+            .arg(0)
+            .arg(now_ms())
+            .invoke_async(&mut conn)
+            .await?;
+        let _: i64 = redis::cmd("SADD")
+            .arg(self.keys.watched_batches())
+            .arg(batch.to_string())
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn watched_batches(&self) -> Result<Vec<JobId>> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.watched_batches())
+            .query_async(&mut conn)
+            .await?;
+        let mut batches = ids
+            .iter()
+            .map(|id| {
+                id.parse().map_err(|_| {
+                    CommonError::Other(format!("bad batch id {id:?} among the watched"))
+                })
+            })
+            .collect::<Result<Vec<JobId>>>()?;
+        batches.sort();
+        Ok(batches)
+    }
+
+    async fn batch_ended(&self, batch: JobId) -> Result<()> {
+        let mut conn = self.conn.clone();
+        // Due first: a crash in between leaves the batch watched, and the
+        // next look makes it due again (ZADD NX changes nothing then).
+        let _: i64 = self
+            .scripts
+            .webhook_rebuild
+            .key(self.keys.job_webhook(batch))
+            .key(self.keys.webhooks_pending())
+            .arg(batch.to_string())
+            .arg("")
+            .arg(delivery_id(batch))
+            .arg(1)
+            .arg(now_ms())
+            .invoke_async(&mut conn)
+            .await?;
+        let _: i64 = redis::cmd("SREM")
+            .arg(self.keys.watched_batches())
+            .arg(batch.to_string())
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn forget_batch(&self, batch: JobId) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let () = redis::pipe()
+            .atomic()
+            .srem(self.keys.watched_batches(), batch.to_string())
+            .ignore()
+            .del(self.keys.job_webhook(batch))
+            .ignore()
+            .zrem(self.keys.webhooks_pending(), batch.to_string())
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     async fn delete_all(&self) -> Result<()> {
         let keys = self.scan(&self.pattern(&self.keys.all())).await?;
         let mut conn = self.conn.clone();
@@ -1385,6 +1479,8 @@ struct Inner {
     workers: HashMap<String, (WorkerHeartbeat, Instant)>,
     /// Due webhooks: job -> Unix ms of the next attempt (or lease end).
     pending_webhooks: HashMap<JobId, u64>,
+    /// Batches with a webhook whose end is awaited.
+    watched_batches: BTreeSet<JobId>,
 }
 
 impl Inner {
@@ -1842,6 +1938,46 @@ impl ProgressStore for MemoryProgress {
                 (state, n as u64)
             })
             .collect())
+    }
+
+    async fn register_batch_webhook(&self, batch: JobId, url: &str) -> Result<()> {
+        let mut inner = self.lock();
+        // A batch's webhook lives in an entry without progress, as in Redis
+        // under the batch's id.
+        let entry = inner.jobs.entry(batch).or_default();
+        if entry.webhook.is_none() {
+            entry.webhook = Some((new_webhook(batch, url), None));
+        }
+        inner.watched_batches.insert(batch);
+        Ok(())
+    }
+
+    async fn watched_batches(&self) -> Result<Vec<JobId>> {
+        Ok(self.lock().watched_batches.iter().copied().collect())
+    }
+
+    async fn batch_ended(&self, batch: JobId) -> Result<()> {
+        let mut inner = self.lock();
+        let pending = inner
+            .jobs
+            .get(&batch)
+            .and_then(|e| e.webhook.as_ref())
+            .is_some_and(|(w, _)| w.state == WebhookState::Pending);
+        if pending {
+            inner.pending_webhooks.entry(batch).or_insert_with(now_ms);
+        }
+        inner.watched_batches.remove(&batch);
+        Ok(())
+    }
+
+    async fn forget_batch(&self, batch: JobId) -> Result<()> {
+        let mut inner = self.lock();
+        inner.watched_batches.remove(&batch);
+        inner.pending_webhooks.remove(&batch);
+        if inner.jobs.get(&batch).is_some_and(|e| e.progress.is_none()) {
+            inner.jobs.remove(&batch);
+        }
+        Ok(())
     }
 
     async fn delete_all(&self) -> Result<()> {

@@ -117,6 +117,7 @@ behaviours!(
     delete_job_forgets_usage_and_webhook,
     rebuild_recreates_a_lost_webhook_and_usage,
     jobs_are_counted_by_state_across_tenants,
+    batch_webhooks_are_watched_then_due_once_and_forgettable,
 );
 
 async fn delete_job_undoes_a_creation(store: Store) {
@@ -1040,4 +1041,67 @@ async fn jobs_are_counted_by_state_across_tenants(store: Store) {
         count(store.count_jobs_by_state().await.unwrap()),
         [0, 2, 1, 0, 1]
     );
+}
+
+async fn batch_webhooks_are_watched_then_due_once_and_forgettable(store: Store) {
+    let batch = JobId::new();
+    let other = JobId::new();
+    store
+        .register_batch_webhook(batch, "https://acme.example.org/batch")
+        .await
+        .unwrap();
+    // Registering again changes nothing.
+    store
+        .register_batch_webhook(batch, "https://elsewhere.example.org/")
+        .await
+        .unwrap();
+    store
+        .register_batch_webhook(other, "https://acme.example.org/other")
+        .await
+        .unwrap();
+    let mut both = vec![batch, other];
+    both.sort();
+    assert_eq!(store.watched_batches().await.unwrap(), both);
+    let w = store.webhook(batch).await.unwrap().unwrap();
+    assert_eq!(
+        (w.url.as_str(), w.state, w.attempts),
+        ("https://acme.example.org/batch", WebhookState::Pending, 0)
+    );
+    // Not due while the batch runs.
+    let now = now_ms();
+    assert!(store
+        .claim_webhooks(now, now + 60_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    store.batch_ended(batch).await.unwrap();
+    assert_eq!(store.watched_batches().await.unwrap(), vec![other]);
+    let now = now_ms();
+    let claims = store.claim_webhooks(now, now + 60_000, 10).await.unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(
+        (claims[0].job, claims[0].attempt, claims[0].delivery.clone()),
+        (batch, 1, batch.to_string())
+    );
+    store
+        .record_webhook_attempt(batch, WebhookAttempt::Delivered)
+        .await
+        .unwrap();
+    // Ended again (a second look): a delivered webhook is not due again.
+    store.batch_ended(batch).await.unwrap();
+    assert!(store
+        .claim_webhooks(now_ms(), now_ms() + 60_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.webhook(batch).await.unwrap().unwrap().state,
+        WebhookState::Delivered
+    );
+    // A batch is not a job: no progress, not counted.
+    assert!(store.get(batch).await.unwrap().is_none());
+    // Forgotten: neither watched nor with a webhook.
+    store.forget_batch(other).await.unwrap();
+    assert!(store.watched_batches().await.unwrap().is_empty());
+    assert!(store.webhook(other).await.unwrap().is_none());
 }

@@ -149,6 +149,7 @@ impl Backends {
             ..WebhookSettings::default()
         };
         Deliverer::new(self.progress.clone(), secrets, settings)
+            .map(|d| d.with_batches(self.store.clone(), self.layout.clone()))
             .context("cannot set up the webhook client")
     }
 

@@ -563,3 +563,90 @@ fn a_cancelled_jobs_finished_shards_are_fetched_as_partial_results_standalone() 
     assert!(svc.exited().is_none(), "standalone exited:\n{}", svc.log());
     assert!(svc.terminate(Duration::from_secs(30)), "{}", svc.log());
 }
+
+/// A batch with a `callback_url` gets one signed POST when its last job
+/// ends: event `batch.succeeded`, delivery id the batch's, the body the
+/// batch's view without the per-job list; its view shows it delivered.
+#[test]
+fn a_batch_webhook_is_sent_once_when_every_job_has_ended() {
+    let _serial = serial();
+    let hooks = Receiver::start(vec![200]);
+    let mut c = Cluster::distributed("batch-hook");
+    c.set_webhook_secrets(&format!("lab-a {SECRET_A}\n"));
+    let svcs = started(&mut c);
+    let sha = c.upload_features(&c.key_a);
+    let entry = |seed: u64| {
+        serde_json::json!({"sequence": dig_tests::cluster::SEQUENCE, "features_sha256": sha,
+            "num_samples": 5, "seed": seed, "steps": 5, "shard_size": 5})
+    };
+    // Lab B has no webhook secret: its batch with a callback is refused.
+    let sha_b = c.upload_features(&c.key_b);
+    let mut b_entry = entry(1);
+    b_entry["features_sha256"] = sha_b.clone().into();
+    let (status, body) = c.api_post(
+        &c.key_b,
+        "/v1/batches",
+        &serde_json::json!({"jobs": [b_entry], "callback_url": hooks.url}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("no webhook secret is configured for tenant lab-b"),
+        "{body}"
+    );
+
+    let (status, body) = c.api_post(
+        &c.key_a,
+        "/v1/batches",
+        &serde_json::json!({"name": "hooked", "jobs": [entry(1), entry(2), entry(3)],
+                            "callback_url": hooks.url}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let batch = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/v1/batches/{batch}");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let view = loop {
+        let (s, b) = c.api_get(&c.key_a, &path);
+        assert_eq!(s, 200, "{b}");
+        let v: Value = serde_json::from_str(&b).unwrap();
+        if v["state"] == "succeeded" && v["webhook"]["state"] != "pending" {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "batch or webhook unfinished: {} {}\n{}",
+            v["state"],
+            v["webhook"],
+            logs(&svcs)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(view["webhook"]["state"], "delivered", "{}", view["webhook"]);
+    assert_eq!(view["webhook"]["attempts"], 1);
+    std::thread::sleep(Duration::from_secs(4));
+    let got = hooks.requests();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let r = &got[0];
+    assert_eq!(r.path, "/hooks/dig");
+    assert_eq!(r.headers["x-dig-event"], "batch.succeeded");
+    assert_eq!(r.headers["x-dig-delivery"], batch);
+    assert_eq!(
+        r.headers["x-dig-signature"],
+        format!("sha256={}", hmac_hex(SECRET_A, &r.body))
+    );
+    let sent: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(sent["id"], batch.as_str());
+    assert_eq!(sent["state"], "succeeded");
+    assert_eq!(sent["name"], "hooked");
+    assert_eq!(sent["jobs_by_state"]["succeeded"], 3);
+    assert_eq!(sent["samples_done"], 15);
+    assert!(
+        sent.get("jobs").is_none(),
+        "the per-job list was sent: {sent}"
+    );
+    assert!(sent.get("webhook").is_none(), "{sent}");
+    drop(svcs);
+    runtime().block_on(c.cleanup());
+}
