@@ -192,6 +192,10 @@ pub struct WorkerSection {
     /// stopped at a batch boundary and requeued. Keep it below the
     /// platform's kill deadline (Kubernetes' terminationGracePeriodSeconds).
     pub shutdown_grace_secs: u64,
+    /// CPU threads libtorch uses for one forward pass; 0: its default (one
+    /// per core). Set it when several workers (or other busy processes)
+    /// share the cores: OpenMP threads waiting on each other spin.
+    pub threads: u64,
 }
 
 impl Default for Config {
@@ -301,6 +305,7 @@ impl Default for WorkerSection {
             max_attempts: 3,
             heartbeat_secs: 10,
             shutdown_grace_secs: 60,
+            threads: 0,
         }
     }
 }
@@ -552,10 +557,13 @@ mod tests {
             "DIG_WORKER_HEARTBEAT_SECS",
             "DIG_WORKER_SHUTDOWN_GRACE_SECS",
             "DIG_METRICS_LISTEN",
+            "DIG_WORKER_THREADS",
+            "DIG_API_MAX_BATCH_ENTRIES",
+            "DIG_COORDINATOR_TENANT_WINDOW",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing");
         }
-        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 14 + 3 + 8 + 1);
+        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 14 + 3 + 9 + 1);
     }
 
     #[test]

@@ -195,6 +195,15 @@ impl Backends {
     }
 }
 
+/// Applies `worker.threads` (0: libtorch's default).
+fn set_threads(cfg: &Config) {
+    if cfg.worker.threads > 0 {
+        let n = i32::try_from(cfg.worker.threads).unwrap_or(i32::MAX);
+        tch::set_num_threads(n);
+        info!(threads = n, "libtorch threads set (worker.threads)");
+    }
+}
+
 /// A URL with its password (if any) replaced, for messages.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -380,6 +389,7 @@ pub fn worker(args: ConfigArg) -> Result<()> {
         serve_metrics(&cfg, stop.clone()).await?;
         let backends = Backends::distributed(&cfg).await?;
         let worker = backends.worker(&cfg)?;
+        set_threads(&cfg);
         info!(
             id = %cfg.worker_id(),
             device = %cfg.worker.device,
@@ -449,6 +459,7 @@ pub fn standalone(args: StandaloneArgs) -> Result<()> {
         }
         let coordinator = backends.coordinator(&cfg);
         let worker = backends.worker(&cfg)?;
+        set_threads(&cfg);
         info!(
             data = %data.display(),
             keys = %keys_file.display(),
