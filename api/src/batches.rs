@@ -732,7 +732,20 @@ pub(crate) async fn cancel_batch(
         .try_collect::<Vec<()>>()
         .await?;
     tracing::info!(batch = %id, %tenant, jobs = open.len(), "batch cancelled");
-    Ok(Json(view(&st, record).await?))
+    let view = view(&st, record).await?;
+    // State markers of the jobs this call cancelled (those still cancelled;
+    // one that ended meanwhile keeps its own end).
+    let open: std::collections::HashSet<JobId> = open.into_iter().collect();
+    let cancelled: Vec<JobId> = view
+        .jobs
+        .iter()
+        .filter(|j| j.state == Some(JobState::Cancelled) && open.contains(&j.id))
+        .map(|j| j.id)
+        .collect();
+    futures::stream::iter(cancelled)
+        .for_each_concurrent(CONCURRENCY, |job| crate::write_cancel_marker(&st, job))
+        .await;
+    Ok(Json(view))
 }
 
 fn aggregate_counts(progress: &[Option<JobProgress>]) -> StateCounts {

@@ -902,8 +902,34 @@ async fn cancel_job(
     if p.state != JobState::Cancelled {
         return Err(already_final(job, p.state));
     }
+    write_cancel_marker(&st, job).await;
     tracing::info!(%job, %tenant, "job cancelled");
     Ok(Json(full_view(&st, job, &p).await?))
+}
+
+/// Writes the cancelled job's state marker (`jobs/{id}/state.json`), so that
+/// the cancellation survives the progress store losing its data before a
+/// coordinator saw it. A failure is logged only: the coordinator writes the
+/// same marker when it sees the job cancelled.
+pub(crate) async fn write_cancel_marker(st: &ApiState, job: JobId) {
+    let marker = dig_common::job::StateMarker {
+        job,
+        state: JobState::Cancelled,
+        error: None,
+        written_at: now_secs(),
+    };
+    let result = match serde_json::to_vec_pretty(&marker) {
+        Ok(json) => st
+            .store
+            .put(&st.layout.job_state(job), PutPayload::from(json))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = result {
+        tracing::warn!(%job, error = %e, "cannot write the cancelled job's state marker; the coordinator will");
+    }
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -887,6 +887,12 @@ async fn cancel_stops_a_job_once() {
             c.redis.get(id).await.unwrap().unwrap().state,
             JobState::Cancelled
         );
+        // The API writes the state marker itself: a Redis loss before any
+        // coordinator saw the cancel still rebuilds the job as cancelled.
+        let marker = c.store.get(&c.layout.job_state(id)).await.unwrap();
+        let m: dig_common::job::StateMarker =
+            serde_json::from_slice(&marker.bytes().await.unwrap()).unwrap();
+        assert_eq!((m.job, m.state, m.error), (id, JobState::Cancelled, None));
     }
     let (s, v) = c
         .json("POST", &cancel(queued), Some(&c.key_a), &[], Body::empty())
@@ -1511,6 +1517,20 @@ async fn a_batch_is_all_or_nothing_aggregated_and_cancelled_whole() {
         JobState::Cancelled,
     ]) {
         assert_eq!(c.redis.get(id).await.unwrap().unwrap().state, want);
+    }
+    // Each job this cancel ended has its state marker (a Redis loss keeps
+    // it cancelled); the succeeded one has none.
+    for (&id, marked) in ids.iter().zip([false, true, true]) {
+        match c.store.get(&c.layout.job_state(id)).await {
+            Ok(r) => {
+                assert!(marked, "job {id} got a marker");
+                let m: dig_common::job::StateMarker =
+                    serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+                assert_eq!((m.job, m.state), (id, JobState::Cancelled));
+            }
+            Err(object_store::Error::NotFound { .. }) => assert!(!marked, "job {id}: no marker"),
+            Err(e) => panic!("{e}"),
+        }
     }
     let (s, v) = c
         .json("POST", &cancel, Some(&c.key_a), &[], Body::empty())

@@ -195,3 +195,17 @@ mod tests {
         assert_eq!(a.to_string().parse::<JobId>().unwrap(), a);
     }
 }
+
+/// `jobs/{id}/state.json`: how a job that did not succeed ended (written by
+/// the coordinator when it fails a job or sees it cancelled, and by the API
+/// when it cancels one), so that progress rebuilt from the object store
+/// keeps the job's end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateMarker {
+    pub job: JobId,
+    /// `failed` or `cancelled`.
+    pub state: JobState,
+    pub error: Option<String>,
+    /// Unix seconds the marker was written.
+    pub written_at: u64,
+}

@@ -38,6 +38,7 @@
 //! running and is sampled to the end: more work than needed, never a wrong
 //! result.
 
+pub use dig_common::job::StateMarker;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -47,23 +48,12 @@ use dig_common::layout::ObjectLayout;
 use dig_common::progress::{JobProgress, ProgressStore};
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStore, PutPayload};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tracing::{error, info};
 
 use crate::error::{CoordinatorError, Result};
 use crate::manifest::{Manifest, ManifestShard};
-
-/// `jobs/{id}/state.json`: how a job that did not succeed ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StateMarker {
-    pub job: JobId,
-    /// `failed` or `cancelled`.
-    pub state: JobState,
-    pub error: Option<String>,
-    /// Unix seconds the marker was written.
-    pub written_at: u64,
-}
 
 /// What [`Reconciler::reconcile_job`] did (or, in a dry run, would do).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
