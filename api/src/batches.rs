@@ -248,7 +248,8 @@ pub(crate) async fn submit_batch(
         }
     }
     if let Some(url) = &req.callback_url {
-        crate::webhooks::check_callback_url(url).map_err(ApiError::invalid)?;
+        crate::webhooks::check_callback_url(url, st.limits.allow_private_callbacks)
+            .map_err(ApiError::invalid)?;
         if st.webhook_secrets.get(&tenant).is_none() {
             return Err(ApiError::invalid(format!(
                 "callback_url: no webhook secret is configured for tenant {tenant}, so its \

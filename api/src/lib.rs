@@ -112,6 +112,9 @@ pub struct Limits {
     pub max_queued_samples_per_tenant: u64,
     /// Most entries in one batch.
     pub max_batch_entries: usize,
+    /// Whether callback URLs may name loopback, private or link-local
+    /// addresses (`api.webhook_allow_private`).
+    pub allow_private_callbacks: bool,
     /// How often an event stream reads its job.
     pub events_poll: Duration,
     /// Longest silence on an event stream before a keep-alive comment.
@@ -132,6 +135,7 @@ impl Default for Limits {
             max_jobs_per_tenant: 20_000,
             max_queued_samples_per_tenant: 10_000_000,
             max_batch_entries: 10_000,
+            allow_private_callbacks: false,
             events_poll: Duration::from_millis(500),
             events_keep_alive: Duration::from_secs(15),
         }
@@ -640,7 +644,8 @@ pub(crate) async fn validate(
         }
     }
     if let Some(url) = &req.callback_url {
-        webhooks::check_callback_url(url).map_err(ApiError::invalid)?;
+        webhooks::check_callback_url(url, st.limits.allow_private_callbacks)
+            .map_err(ApiError::invalid)?;
         if st.webhook_secrets.get(tenant).is_none() {
             return Err(ApiError::invalid(format!(
                 "callback_url: no webhook secret is configured for tenant {tenant}, so its \

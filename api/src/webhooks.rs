@@ -39,6 +39,7 @@
 //! the body is fixed in the store at the first attempt.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -155,6 +156,10 @@ pub struct WebhookSettings {
     pub poll: Duration,
     /// Most webhooks claimed (and sent concurrently) per look.
     pub batch: usize,
+    /// Whether webhooks may go to loopback, private and link-local
+    /// addresses (`api.webhook_allow_private`; off: such URLs are refused
+    /// and names resolving only to them fail).
+    pub allow_private: bool,
 }
 
 impl Default for WebhookSettings {
@@ -166,6 +171,7 @@ impl Default for WebhookSettings {
             timeout: Duration::from_secs(10),
             poll: Duration::from_millis(500),
             batch: 32,
+            allow_private: false,
         }
     }
 }
@@ -222,8 +228,13 @@ impl Deliverer {
             .connect_timeout(settings.timeout)
             // A redirect is a failed attempt: a POST must not wander off.
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("dig-cluster-webhook/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("dig-cluster-webhook/", env!("CARGO_PKG_VERSION")));
+        let client = if settings.allow_private {
+            client
+        } else {
+            client.dns_resolver(Arc::new(PublicOnly))
+        }
+        .build()?;
         Ok(Deliverer {
             progress,
             secrets,
@@ -380,6 +391,8 @@ impl Deliverer {
             }
             (None, None) => return Err(format!("job {job} no longer exists")),
         };
+        // URLs were checked at submission; the policy may have changed since.
+        check_callback_url(&claim.url, self.settings.allow_private)?;
         let secret = self
             .secrets
             .get(&tenant)
@@ -430,7 +443,7 @@ fn describe(e: reqwest::Error) -> String {
 
 /// Checks a `callback_url`: an absolute http(s) URL with a host, at most
 /// 2048 characters; the message names what is wrong.
-pub fn check_callback_url(url: &str) -> Result<(), String> {
+pub fn check_callback_url(url: &str, allow_private: bool) -> Result<(), String> {
     if url.len() > 2048 {
         return Err("callback_url: at most 2048 characters".into());
     }
@@ -445,7 +458,82 @@ pub fn check_callback_url(url: &str) -> Result<(), String> {
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(format!("callback_url: no host in {url:?}"));
     }
+    if !allow_private {
+        let local = match parsed.host() {
+            Some(url::Host::Ipv4(ip)) => is_private(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => is_private(IpAddr::V6(ip)),
+            Some(url::Host::Domain(d)) => {
+                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                d == "localhost" || d.ends_with(".localhost")
+            }
+            None => false,
+        };
+        if local {
+            return Err(format!(
+                "callback_url: {} is a loopback, private or link-local address; webhooks \
+                 go to public addresses only (operators may allow others with \
+                 api.webhook_allow_private)",
+                parsed.host_str().unwrap_or_default()
+            ));
+        }
+    }
     Ok(())
+}
+
+/// Whether `ip` is not a public internet address: loopback, private
+/// (RFC 1918, unique local), link-local (cloud metadata services live
+/// there), shared (CGNAT), unspecified, broadcast or multicast. Webhooks
+/// must not reach into the service's own network (SSRF).
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_loopback()
+                || a.is_private()
+                || a.is_link_local()
+                || a.is_unspecified()
+                || a.is_broadcast()
+                || a.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(a) => {
+            let first = a.segments()[0];
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || a.to_ipv4_mapped()
+                    .is_some_and(|v4| is_private(IpAddr::V4(v4)))
+        }
+    }
+}
+
+/// A resolver that drops non-public addresses ([`is_private`]), so that a
+/// public name cannot point a webhook into the service's network; a name
+/// with only such addresses fails to resolve.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| !is_private(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!(
+                    "{host} resolves to no public address (webhooks go to public addresses only; \
+                     api.webhook_allow_private)"
+                )
+                .into());
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -485,8 +573,35 @@ mod tests {
 
     #[test]
     fn callback_urls() {
-        assert!(check_callback_url("https://lab.example.org/hooks/dig?x=1").is_ok());
-        assert!(check_callback_url("http://127.0.0.1:9000/").is_ok());
+        assert!(check_callback_url("https://lab.example.org/hooks/dig?x=1", false).is_ok());
+        assert!(check_callback_url("http://127.0.0.1:9000/", true).is_ok());
+        // Not to the service's own network unless allowed.
+        for local in [
+            "http://127.0.0.1:9000/",
+            "http://10.1.2.3/",
+            "http://192.168.0.7/",
+            "http://172.20.0.1/",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://100.64.0.1/",
+            "http://0.0.0.0/",
+            "http://[::1]/",
+            "http://[fd00::1]/",
+            "http://[fe80::1]/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://localhost:8080/",
+            "http://api.localhost/",
+        ] {
+            let e = check_callback_url(local, false).unwrap_err();
+            assert!(e.contains("public addresses only"), "{local}: {e}");
+            assert!(check_callback_url(local, true).is_ok(), "{local}");
+        }
+        for public in [
+            "http://93.184.216.34/",
+            "https://[2606:4700::1111]/",
+            "http://172.32.0.1/",
+        ] {
+            assert!(check_callback_url(public, false).is_ok(), "{public}");
+        }
         for bad in [
             "ftp://x.org/",
             "not a url",
@@ -494,10 +609,12 @@ mod tests {
             "http://",
             "mailto:a@b.c",
         ] {
-            assert!(check_callback_url(bad).is_err(), "{bad}");
+            assert!(check_callback_url(bad, true).is_err(), "{bad}");
         }
         let long = format!("https://x.org/{}", "a".repeat(2048));
-        assert!(check_callback_url(&long).unwrap_err().contains("2048"));
+        assert!(check_callback_url(&long, true)
+            .unwrap_err()
+            .contains("2048"));
     }
 
     #[test]

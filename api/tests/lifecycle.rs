@@ -100,6 +100,8 @@ async fn ctx_with(tweak: impl FnOnce(&mut Limits)) -> Ctx {
     let mut limits = Limits {
         default_model: "dig-small".into(),
         events_poll: Duration::from_millis(50),
+        // The test's receivers listen on 127.0.0.1.
+        allow_private_callbacks: true,
         ..Limits::default()
     };
     tweak(&mut limits);
@@ -518,6 +520,7 @@ fn fast(max_attempts: u32) -> WebhookSettings {
         backoff: Duration::from_millis(200),
         timeout: Duration::from_secs(5),
         poll: Duration::from_millis(50),
+        allow_private: true,
         ..WebhookSettings::default()
     }
 }
@@ -922,4 +925,56 @@ async fn cancelled_and_failed_jobs_list_their_finished_shards() {
         json!({"job": failed, "num_samples": 10, "complete": false, "shards": []})
     );
     c.cleanup().await;
+}
+
+// ---------------------------------------------------------------- SSRF
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_to_the_services_own_network_are_refused_unless_allowed() {
+    let c = ctx_with(|l| l.allow_private_callbacks = false).await;
+    let sha = c.upload(&c.key_a).await;
+    for url in [
+        "http://127.0.0.1:9000/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/hook",
+        "http://localhost/hook",
+    ] {
+        let mut body = c.job_body(&sha, 10, 5);
+        body["callback_url"] = json!(url);
+        let (s, v) = c.submit(&c.key_a, &body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{url}: {v}");
+        assert!(message(&v).contains("public addresses only"), "{url}: {v}");
+    }
+    assert!(c.keys_under("jobs").await.is_empty());
+
+    // A webhook accepted under a laxer policy is not sent under a strict one:
+    // the receiver hears nothing, the attempt says why.
+    let lax = ctx().await;
+    let sha = lax.upload(&lax.key_a).await;
+    let (url, hooks, server) = receiver(vec![200]).await;
+    let mut body = lax.job_body(&sha, 10, 5);
+    body["callback_url"] = json!(url);
+    let job = lax.submitted(&body).await.id;
+    lax.redis
+        .set_state(job, JobState::Succeeded, None)
+        .await
+        .unwrap();
+    let strict = WebhookSettings {
+        allow_private: false,
+        ..fast(1)
+    };
+    assert_eq!(lax.deliverer(strict).deliver_due().await.unwrap(), 1);
+    let w = &lax.job(job).await["webhook"];
+    assert_eq!(w["state"], "failed", "{w}");
+    assert!(
+        w["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("public addresses only"),
+        "{w}"
+    );
+    assert!(hooks.lock().unwrap().is_empty());
+    server.abort();
+    c.cleanup().await;
+    lax.cleanup().await;
 }

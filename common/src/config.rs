@@ -155,6 +155,9 @@ pub struct ApiSection {
     pub webhook_backoff_ms: u64,
     /// Time allowed for one delivery (connect, send, answer), seconds.
     pub webhook_timeout_secs: u64,
+    /// Whether webhooks may go to loopback, private and link-local addresses
+    /// (off: refused at submission and at delivery, against SSRF).
+    pub webhook_allow_private: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -261,6 +264,7 @@ impl Default for ApiSection {
             webhook_max_attempts: 12,
             webhook_backoff_ms: 1000,
             webhook_timeout_secs: 10,
+            webhook_allow_private: false,
         }
     }
 }
@@ -563,7 +567,7 @@ mod tests {
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing");
         }
-        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 14 + 3 + 9 + 1);
+        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 15 + 3 + 9 + 1);
     }
 
     #[test]

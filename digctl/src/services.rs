@@ -132,6 +132,7 @@ impl Backends {
                 default_model: cfg.api.default_model.clone(),
                 max_jobs_per_tenant: cfg.api.max_jobs_per_tenant,
                 max_batch_entries: usize::try_from(cfg.api.max_batch_entries).unwrap_or(usize::MAX),
+                allow_private_callbacks: cfg.api.webhook_allow_private,
                 max_queued_samples_per_tenant: cfg.api.max_queued_samples_per_tenant,
                 ..Limits::default()
             },
@@ -146,6 +147,7 @@ impl Backends {
             max_attempts: cfg.api.webhook_max_attempts.max(1),
             backoff: Duration::from_millis(cfg.api.webhook_backoff_ms.max(1)),
             timeout: Duration::from_secs(cfg.api.webhook_timeout_secs.max(1)),
+            allow_private: cfg.api.webhook_allow_private,
             ..WebhookSettings::default()
         };
         Deliverer::new(self.progress.clone(), secrets, settings)

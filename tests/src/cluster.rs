@@ -142,6 +142,8 @@ impl Cluster {
             ("DIG_WORKER_HEARTBEAT_SECS".into(), "1".into()),
             ("DIG_WORKER_BATCH_SIZE".into(), "5".into()),
             ("DIG_API_DEFAULT_MODEL".into(), MODEL.into()),
+            // Test webhook receivers listen on 127.0.0.1.
+            ("DIG_API_WEBHOOK_ALLOW_PRIVATE".into(), "true".into()),
             // Coordinator and worker metrics on any free port (several
             // services per host); `Service::metrics_addr` finds it.
             ("DIG_METRICS_LISTEN".into(), "127.0.0.1:0".into()),
