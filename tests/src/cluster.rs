@@ -369,13 +369,24 @@ impl Cluster {
     }
 
     /// [`Cluster::status`], or `None` while the API does not know the job
-    /// (e.g. between a Redis flush and the entry's rebuild).
+    /// (e.g. between a Redis flush and the entry's rebuild) or does not
+    /// answer. A plain HTTP request, like [`Cluster::status`].
     pub fn try_status(&self, key: &str, job: &str) -> Option<serde_json::Value> {
-        let out = self.client(key, &["status", "--json", job]);
-        if !out.status.success() {
+        let addr = self.api_url.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+        write!(
+            s,
+            "GET /v1/jobs/{job} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\r\n"
+        )
+        .ok()?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).ok()?;
+        let (head, body) = reply.split_once("\r\n\r\n")?;
+        if head.split_whitespace().nth(1) != Some("200") {
             return None;
         }
-        serde_json::from_slice(&out.stdout).ok()
+        serde_json::from_str(body).ok()
     }
 
     /// Uploads the fixture features as tenant `key`; their SHA-256.

@@ -98,7 +98,7 @@ fn wait_for_shards(
     });
 }
 
-/// Polls `digctl status --json` until the job is final; its last view. A
+/// Polls the job's view until the job is final; its last view. A
 /// job the API does not know for a moment (its entry being rebuilt) is
 /// waited for too.
 fn wait_final(c: &Cluster, job: &str, svcs: &[&Service]) -> serde_json::Value {
