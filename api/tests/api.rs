@@ -182,13 +182,24 @@ impl Ctx {
     }
 
     async fn submit(&self, key: &str, body: &Value, idem: Option<&str>) -> (StatusCode, Value) {
+        self.post_json("/v1/jobs", key, body, idem).await
+    }
+
+    /// A JSON POST with an optional Idempotency-Key.
+    async fn post_json(
+        &self,
+        uri: &str,
+        key: &str,
+        body: &Value,
+        idem: Option<&str>,
+    ) -> (StatusCode, Value) {
         let mut headers = vec![("content-type", "application/json")];
         if let Some(k) = idem {
             headers.push(("idempotency-key", k));
         }
         self.json(
             "POST",
-            "/v1/jobs",
+            uri,
             Some(key),
             &headers,
             Body::from(body.to_string()),
@@ -1326,18 +1337,7 @@ impl Ctx {
         body: &Value,
         idem: Option<&str>,
     ) -> (StatusCode, Value) {
-        let mut headers = vec![("content-type", "application/json")];
-        if let Some(k) = idem {
-            headers.push(("idempotency-key", k));
-        }
-        self.json(
-            "POST",
-            "/v1/batches",
-            Some(key),
-            &headers,
-            Body::from(body.to_string()),
-        )
-        .await
+        self.post_json("/v1/batches", key, body, idem).await
     }
 
     /// Nothing of any job or batch exists: no object, no progress entry,

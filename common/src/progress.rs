@@ -751,6 +751,25 @@ impl RedisProgress {
         Ok(found)
     }
 
+    /// The ids of the set at `key`, ascending; `what` names the set in
+    /// the error about a member that is not an id.
+    async fn id_set(&self, key: &str, what: &str) -> Result<Vec<JobId>> {
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(key)
+            .query_async(&mut conn)
+            .await?;
+        let mut ids = members
+            .iter()
+            .map(|id| {
+                id.parse()
+                    .map_err(|_| CommonError::Other(format!("bad id {id:?} in {what}")))
+            })
+            .collect::<Result<Vec<JobId>>>()?;
+        ids.sort();
+        Ok(ids)
+    }
+
     /// `RedisKeys::all()` with the prefix's glob characters escaped, so that
     /// SCAN cannot match (and `delete_all` delete) another prefix's keys.
     fn pattern(&self, all_like: &str) -> String {
@@ -1314,21 +1333,8 @@ impl ProgressStore for RedisProgress {
     }
 
     async fn unfinished_jobs(&self) -> Result<Vec<JobId>> {
-        let mut conn = self.conn.clone();
-        let ids: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.keys.unfinished())
-            .query_async(&mut conn)
-            .await?;
-        let mut jobs = ids
-            .iter()
-            .map(|id| {
-                id.parse().map_err(|_| {
-                    CommonError::Other(format!("bad job id {id:?} in the unfinished set"))
-                })
-            })
-            .collect::<Result<Vec<JobId>>>()?;
-        jobs.sort();
-        Ok(jobs)
+        self.id_set(&self.keys.unfinished(), "the unfinished set")
+            .await
     }
 
     async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>> {
@@ -1385,21 +1391,8 @@ impl ProgressStore for RedisProgress {
     }
 
     async fn watched_batches(&self) -> Result<Vec<JobId>> {
-        let mut conn = self.conn.clone();
-        let ids: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.keys.watched_batches())
-            .query_async(&mut conn)
-            .await?;
-        let mut batches = ids
-            .iter()
-            .map(|id| {
-                id.parse().map_err(|_| {
-                    CommonError::Other(format!("bad batch id {id:?} among the watched"))
-                })
-            })
-            .collect::<Result<Vec<JobId>>>()?;
-        batches.sort();
-        Ok(batches)
+        self.id_set(&self.keys.watched_batches(), "the watched batches")
+            .await
     }
 
     async fn batch_ended(&self, batch: JobId) -> Result<()> {
