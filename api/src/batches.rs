@@ -31,9 +31,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use dig_common::job::{JobId, JobSpec, JobState, Priority};
-use dig_common::progress::JobProgress;
+use std::sync::Arc;
+
+use dig_common::layout::ObjectLayout;
+use dig_common::progress::{JobProgress, ProgressStore};
 use futures::{StreamExt, TryStreamExt};
-use object_store::{PutMode, PutPayload};
+use object_store::{ObjectStore, PutMode, PutPayload};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -525,36 +528,52 @@ async fn undo(st: &ApiState, batch: &BatchRecord, specs: &[JobSpec], done: &[Don
 
 /// The batch's record if it exists and belongs to `tenant`; 404 otherwise.
 async fn load_record(st: &ApiState, tenant: &str, id: JobId) -> ApiResult<BatchRecord> {
-    let not_found = || ApiError::not_found(format!("batch {id} not found"));
-    let bytes = match st.store.get(&st.layout.batch(id)).await {
-        Ok(r) => r.bytes().await.map_err(ApiError::internal)?,
-        Err(object_store::Error::NotFound { .. }) => return Err(not_found()),
-        Err(e) => return Err(ApiError::internal(e)),
-    };
-    let record: BatchRecord = serde_json::from_slice(&bytes).map_err(ApiError::internal)?;
-    if record.tenant != tenant {
-        return Err(not_found());
+    match read_record(st.store.as_ref(), &st.layout, id).await {
+        Ok(Some(record)) if record.tenant == tenant => Ok(record),
+        Ok(_) => Err(ApiError::not_found(format!("batch {id} not found"))),
+        Err(e) => Err(ApiError::internal(e)),
     }
-    Ok(record)
+}
+
+/// The batch's record as stored; `None` when there is none.
+async fn read_record(
+    store: &dyn ObjectStore,
+    layout: &ObjectLayout,
+    id: JobId,
+) -> Result<Option<BatchRecord>, String> {
+    let bytes = match store.get(&layout.batch(id)).await {
+        Ok(r) => r
+            .bytes()
+            .await
+            .map_err(|e| format!("cannot read batch {id}: {e}"))?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(format!("cannot read batch {id}: {e}")),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| format!("batch {id}: {e}"))
 }
 
 /// Every job's progress, in entry order (`None`: gone).
-async fn progress_of(st: &ApiState, jobs: &[JobId]) -> ApiResult<Vec<Option<JobProgress>>> {
-    let progress = st.progress.clone();
-    Ok(futures::stream::iter(jobs.to_vec())
+async fn progress_of(
+    progress: &Arc<dyn ProgressStore>,
+    jobs: &[JobId],
+) -> dig_common::Result<Vec<Option<JobProgress>>> {
+    let progress = progress.clone();
+    futures::stream::iter(jobs.to_vec())
         .map(move |job| {
             let progress = progress.clone();
             async move { progress.get(job).await }
         })
         .buffered(CONCURRENCY * 4)
         .try_collect()
-        .await?)
+        .await
 }
 
 async fn view(st: &ApiState, record: BatchRecord) -> ApiResult<BatchView> {
     let has_webhook = record.callback_url.is_some();
     let id = record.id;
-    let progress = progress_of(st, &record.jobs).await?;
+    let progress = progress_of(&st.progress, &record.jobs).await?;
     let mut view = aggregate(record, progress);
     if has_webhook {
         view.webhook = st.progress.webhook(id).await?.map(crate::WebhookView::from);
@@ -565,33 +584,18 @@ async fn view(st: &ApiState, record: BatchRecord) -> ApiResult<BatchView> {
 /// A batch's webhook body and event when the batch has ended: its view
 /// without the per-job list; `None` while it is under way.
 pub(crate) async fn ended_body(
-    store: &dyn object_store::ObjectStore,
-    layout: &dig_common::layout::ObjectLayout,
-    progress: &std::sync::Arc<dyn dig_common::progress::ProgressStore>,
+    store: &dyn ObjectStore,
+    layout: &ObjectLayout,
+    progress: &Arc<dyn ProgressStore>,
     batch: JobId,
 ) -> Result<Option<(String, JobState, String)>, String> {
-    let bytes = store
-        .get(&layout.batch(batch))
-        .await
-        .map_err(|e| format!("cannot read batch {batch}: {e}"))?
-        .bytes()
-        .await
-        .map_err(|e| format!("cannot read batch {batch}: {e}"))?;
-    let record: BatchRecord =
-        serde_json::from_slice(&bytes).map_err(|e| format!("batch {batch}: {e}"))?;
+    let record = read_record(store, layout, batch)
+        .await?
+        .ok_or_else(|| format!("batch {batch} has no record"))?;
     let tenant = record.tenant.clone();
-    let jobs: Vec<JobProgressOpt> = {
-        let p = progress.clone();
-        futures::stream::iter(record.jobs.clone())
-            .map(move |job| {
-                let p = p.clone();
-                async move { p.get(job).await }
-            })
-            .buffered(CONCURRENCY * 4)
-            .try_collect()
-            .await
-            .map_err(|e| format!("cannot read the batch's jobs: {e}"))?
-    };
+    let jobs = progress_of(progress, &record.jobs)
+        .await
+        .map_err(|e| format!("cannot read the batch's jobs: {e}"))?;
     let mut view = aggregate(record, jobs);
     if !view.state.is_final() {
         return Ok(None);
@@ -600,8 +604,6 @@ pub(crate) async fn ended_body(
     let body = serde_json::to_string(&view).map_err(|e| e.to_string())?;
     Ok(Some((body, view.state, tenant)))
 }
-
-type JobProgressOpt = Option<JobProgress>;
 
 fn aggregate(record: BatchRecord, progress: Vec<Option<JobProgress>>) -> BatchView {
     let mut counts = StateCounts::default();
@@ -700,7 +702,7 @@ pub(crate) async fn cancel_batch(
 ) -> ApiResult<Json<BatchView>> {
     let id = parse_batch_id(&id)?;
     let record = load_record(&st, &tenant, id).await?;
-    let progress = progress_of(&st, &record.jobs).await?;
+    let progress = progress_of(&st.progress, &record.jobs).await?;
     let open: Vec<JobId> = record
         .jobs
         .iter()
@@ -709,7 +711,7 @@ pub(crate) async fn cancel_batch(
         .map(|(&job, _)| job)
         .collect();
     if open.is_empty() {
-        let state = batch_state(&aggregate_counts(&progress), record.jobs.len() as u64);
+        let state = aggregate(record, progress).state;
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "already_final",
@@ -747,14 +749,6 @@ pub(crate) async fn cancel_batch(
         .for_each_concurrent(CONCURRENCY, |job| crate::write_cancel_marker(&st, job))
         .await;
     Ok(Json(view))
-}
-
-fn aggregate_counts(progress: &[Option<JobProgress>]) -> StateCounts {
-    let mut counts = StateCounts::default();
-    for p in progress {
-        counts.add(p.as_ref().map(|p| p.state));
-    }
-    counts
 }
 
 impl StateCounts {
