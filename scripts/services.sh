@@ -8,6 +8,9 @@
 #   scripts/services.sh restart-rabbitmq stop and start RabbitMQ, wait until ready
 #                                        (broker-outage tests)
 #   scripts/services.sh stop-rabbitmq    stop RabbitMQ only (it stays down)
+#   scripts/services.sh stop-redis       stop Redis only, saving its data (it stays down)
+#   scripts/services.sh restart-redis    start Redis again on the saved data (stops it
+#                                        first, saving, when running; Redis-outage tests)
 #   scripts/services.sh env              print the `export` lines only; starts nothing
 #
 #   RabbitMQ  amqp://guest:guest@127.0.0.1:5672/%2f   (Debian package)
@@ -268,15 +271,57 @@ ensure_redis() {
   fi
   command -v redis-server >/dev/null || { apt_install redis-server; hash -r; }
   if redis_probe; then log "Redis started by its package"; return; fi
+  start_redis "$STATE" dump.rdb
+}
+
+# start_redis DIR DBFILENAME: our own server; it loads DIR/DBFILENAME when a
+# snapshot is there (restart-redis), and never writes one by itself: test
+# data is throw-away (no save points, no append-only file).
+start_redis() {
   local t0; t0=$(now)
   mkdir -p "$STATE"
   rm -f "$STATE/redis.pid"
-  # Test data is throw-away: no snapshots, no append-only file.
   redis-server --daemonize yes --bind "$HOST" --port "$REDIS_PORT" --save "" --appendonly no \
-      --dir "$STATE" --pidfile "$STATE/redis.pid" --logfile "$STATE/redis.log" 9>&- ||
+      --dir "$1" --dbfilename "$2" \
+      --pidfile "$STATE/redis.pid" --logfile "$STATE/redis.log" 9>&- ||
     { show_log "$STATE/redis.log"; die "redis-server failed to start"; }
   wait_until Redis "$STATE/redis.log" "$STATE/redis.pid" redis_probe
   log "Redis started, ready in $(since "$t0")"
+}
+
+# Redis-outage tests: a restart that keeps the data, as a production Redis
+# with persistence does. SHUTDOWN SAVE writes a snapshot into the server's
+# own directory (whoever started it) and exits; restart-redis starts our
+# server on that snapshot. The location is kept in .services/redis.saved.
+stop_redis_keeping_data() {
+  if ! port_open "$REDIS_PORT"; then log "Redis not running"; return; fi
+  command -v redis-cli >/dev/null || die "redis-cli is missing: cannot stop Redis"
+  local t0 dir file; t0=$(now)
+  dir=$(redis-cli -h "$HOST" -p "$REDIS_PORT" --raw config get dir | sed -n 2p)
+  file=$(redis-cli -h "$HOST" -p "$REDIS_PORT" --raw config get dbfilename | sed -n 2p)
+  [[ -n $dir && -n $file ]] || die "cannot read Redis's snapshot location (CONFIG GET dir, dbfilename)"
+  printf '%s\n%s\n' "$dir" "$file" >"$STATE/redis.saved"
+  # The server closes the connection as it exits: no reply to check.
+  redis-cli -h "$HOST" -p "$REDIS_PORT" shutdown save >/dev/null 2>&1 || true
+  local deadline=$((SECONDS + TIMEOUT))
+  while port_open "$REDIS_PORT"; do
+    ((SECONDS < deadline)) || die "Redis still answers ${TIMEOUT}s after SHUTDOWN SAVE"
+    sleep 0.2
+  done
+  [[ -s $dir/$file ]] || die "Redis exited without its snapshot $dir/$file"
+  rm -f "$STATE/redis.pid"
+  log "Redis stopped, data saved to $dir/$file, in $(since "$t0")"
+}
+
+restart_redis() {
+  port_open "$REDIS_PORT" && stop_redis_keeping_data
+  local dir=$STATE file=dump.rdb
+  [[ -s $STATE/redis.saved ]] && { read -r dir; read -r file; } <"$STATE/redis.saved"
+  command -v redis-server >/dev/null || { apt_install redis-server; hash -r; }
+  start_redis "$dir" "$file"
+  rm -f "$STATE/redis.saved"
+  # Loaded: our own snapshot must not come back at the next plain start.
+  [[ $dir != "$STATE" ]] || rm -f "$STATE/$file"
 }
 
 stop_redis() {
@@ -425,6 +470,12 @@ main() {
     stop-rabbitmq)
       stop_rabbitmq
       ;;
+    stop-redis)
+      stop_redis_keeping_data
+      ;;
+    restart-redis)
+      restart_redis
+      ;;
     env)
       print_env
       ;;
@@ -432,7 +483,7 @@ main() {
       sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
       ;;
     *)
-      die "unknown command '$cmd' (try: up, stop, restart-rabbitmq, stop-rabbitmq, env, help)"
+      die "unknown command '$cmd' (try: up, stop, restart-rabbitmq, stop-rabbitmq, stop-redis, restart-redis, env, help)"
       ;;
   esac
 }

@@ -30,7 +30,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use dig_common::job::{JobId, JobSpec, JobState, Priority};
+use dig_common::job::{BatchRecord, JobId, JobSpec, JobState, Priority};
+use dig_common::CommonError;
 use std::sync::Arc;
 
 use dig_common::layout::ObjectLayout;
@@ -68,18 +69,6 @@ pub(crate) struct SubmitBatch {
     /// `batch.cancelled`); needs a webhook secret for the tenant, as a
     /// job's `callback_url` does. Entries may have their own.
     #[schema(max_length = 2048, example = "https://lab.example.org/hooks/dig-batch")]
-    callback_url: Option<String>,
-}
-
-/// What the object store keeps of a batch.
-#[derive(Serialize, Deserialize)]
-struct BatchRecord {
-    id: JobId,
-    tenant: String,
-    name: Option<String>,
-    created_at: u64,
-    jobs: Vec<JobId>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     callback_url: Option<String>,
 }
 
@@ -390,11 +379,36 @@ async fn create(st: &ApiState, batch: &BatchRecord, specs: &[JobSpec]) -> ApiRes
     let mut written = Vec::new();
     let result = create_steps(st, batch, specs, &mut written).await;
     if let Err(e) = result {
-        tracing::error!(batch = %batch.id, error = %e, "batch submission failed; undoing it");
+        tracing::error!(batch = %batch.id, error = %e.detail, "batch submission failed; undoing it");
         undo(st, batch, specs, &written).await;
-        return Err(ApiError::internal(e));
+        return Err(match e.unavailable {
+            Some(server) => ApiError::unavailable(server, e.detail),
+            None => ApiError::internal(e.detail),
+        });
     }
     Ok(())
+}
+
+/// A step of [`create_steps`] that failed: what for the log, and the
+/// server that was unavailable when that was the cause (a 503).
+struct StepFailed {
+    detail: String,
+    unavailable: Option<&'static str>,
+}
+
+fn step_failed(what: impl std::fmt::Display, e: impl Into<CommonError>) -> StepFailed {
+    let e = e.into();
+    StepFailed {
+        detail: format!("{what}: {e}"),
+        unavailable: e.unavailable(),
+    }
+}
+
+fn encoding_failed(e: serde_json::Error) -> StepFailed {
+    StepFailed {
+        detail: e.to_string(),
+        unavailable: None,
+    }
 }
 
 /// What [`create_steps`] got done, for [`undo`].
@@ -411,7 +425,7 @@ async fn create_steps(
     batch: &BatchRecord,
     specs: &[JobSpec],
     done: &mut Vec<Done>,
-) -> Result<(), String> {
+) -> Result<(), StepFailed> {
     // Specs: written all, or the ones written are deleted by the undo
     // (deleting a spec that was never written is harmless).
     done.push(Done::Specs);
@@ -426,19 +440,19 @@ async fn create_steps(
         .map(move |(id, path, json)| {
             let store = store.clone();
             async move {
-                let json = json.map_err(|e| e.to_string())?;
+                let json = json.map_err(encoding_failed)?;
                 store
                     .put_opts(&path, PutPayload::from(json), PutMode::Create.into())
                     .await
                     .map(|_| ())
-                    .map_err(|e| format!("job {id}: spec: {e}"))
+                    .map_err(|e| step_failed(format_args!("job {id}: spec"), e))
             }
         })
         .buffer_unordered(CONCURRENCY)
         .try_collect::<Vec<()>>()
         .await?;
     done.push(Done::Record);
-    let json = serde_json::to_vec(batch).map_err(|e| e.to_string())?;
+    let json = serde_json::to_vec(batch).map_err(encoding_failed)?;
     st.store
         .put_opts(
             &st.layout.batch(batch.id),
@@ -446,7 +460,7 @@ async fn create_steps(
             PutMode::Create.into(),
         )
         .await
-        .map_err(|e| format!("batch record: {e}"))?;
+        .map_err(|e| step_failed("batch record", e))?;
     done.push(Done::Progress);
     let progress = st.progress.clone();
     futures::stream::iter(specs.to_vec())
@@ -456,7 +470,7 @@ async fn create_steps(
                 progress
                     .create_job(&spec)
                     .await
-                    .map_err(|e| format!("job {}: progress: {e}", spec.id))
+                    .map_err(|e| step_failed(format_args!("job {}: progress", spec.id), e))
             }
         })
         .buffer_unordered(CONCURRENCY)
@@ -467,14 +481,14 @@ async fn create_steps(
         st.progress
             .register_batch_webhook(batch.id, url)
             .await
-            .map_err(|e| format!("batch webhook: {e}"))?;
+            .map_err(|e| step_failed("batch webhook", e))?;
     }
     // In entry order, so that a batch's jobs start in the order given.
     for spec in specs {
         st.queue
             .publish_job(spec.id)
             .await
-            .map_err(|e| format!("job {}: jobs queue: {e}", spec.id))?;
+            .map_err(|e| step_failed(format_args!("job {}: jobs queue", spec.id), e))?;
     }
     Ok(())
 }
@@ -531,7 +545,7 @@ async fn load_record(st: &ApiState, tenant: &str, id: JobId) -> ApiResult<BatchR
     match read_record(st.store.as_ref(), &st.layout, id).await {
         Ok(Some(record)) if record.tenant == tenant => Ok(record),
         Ok(_) => Err(ApiError::not_found(format!("batch {id} not found"))),
-        Err(e) => Err(ApiError::internal(e)),
+        Err(e) => Err(ApiError::from(e)),
     }
 }
 
@@ -540,18 +554,15 @@ async fn read_record(
     store: &dyn ObjectStore,
     layout: &ObjectLayout,
     id: JobId,
-) -> Result<Option<BatchRecord>, String> {
+) -> Result<Option<BatchRecord>, CommonError> {
     let bytes = match store.get(&layout.batch(id)).await {
-        Ok(r) => r
-            .bytes()
-            .await
-            .map_err(|e| format!("cannot read batch {id}: {e}"))?,
+        Ok(r) => r.bytes().await?,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(format!("cannot read batch {id}: {e}")),
+        Err(e) => return Err(e.into()),
     };
     serde_json::from_slice(&bytes)
         .map(Some)
-        .map_err(|e| format!("batch {id}: {e}"))
+        .map_err(|e| CommonError::Other(format!("batch {id}: unreadable record: {e}")))
 }
 
 /// Every job's progress, in entry order (`None`: gone).
@@ -590,7 +601,8 @@ pub(crate) async fn ended_body(
     batch: JobId,
 ) -> Result<Option<(String, JobState, String)>, String> {
     let record = read_record(store, layout, batch)
-        .await?
+        .await
+        .map_err(|e| format!("cannot read batch {batch}: {e}"))?
         .ok_or_else(|| format!("batch {batch} has no record"))?;
     let tenant = record.tenant.clone();
     let jobs = progress_of(progress, &record.jobs)

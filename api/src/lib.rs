@@ -300,7 +300,7 @@ async fn upload_features(
     {
         Ok(_) => StatusCode::CREATED,
         Err(object_store::Error::AlreadyExists { .. }) => StatusCode::OK,
-        Err(e) => return Err(ApiError::internal(e)),
+        Err(e) => return Err(ApiError::store(e)),
     };
     Ok((status, Json(fref)).into_response())
 }
@@ -310,7 +310,7 @@ async fn owned_features(st: &ApiState, tenant: &str, sha: &str) -> ApiResult<u64
     check_sha256(sha).map_err(|e| ApiError::invalid(format!("features_sha256: {e}")))?;
     let path = st.layout.tenant_features(tenant, sha);
     let bytes = match st.store.get(&path).await {
-        Ok(r) => r.bytes().await.map_err(ApiError::internal)?,
+        Ok(r) => r.bytes().await.map_err(ApiError::store)?,
         Err(object_store::Error::NotFound { .. }) => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -318,7 +318,7 @@ async fn owned_features(st: &ApiState, tenant: &str, sha: &str) -> ApiResult<u64
                 format!("features {sha} not found; upload them with POST /v1/features"),
             ))
         }
-        Err(e) => return Err(ApiError::internal(e)),
+        Err(e) => return Err(ApiError::store(e)),
     };
     let marker: FeatureMarker = serde_json::from_slice(&bytes).map_err(ApiError::internal)?;
     Ok(marker.length)
@@ -586,7 +586,7 @@ impl Lookups {
                 "unknown_model",
                 format!("model: unknown model '{model}'"),
             )),
-            Err(e) => return Err(ApiError::internal(e)),
+            Err(e) => return Err(ApiError::store(e)),
         };
         let copy = r.as_ref().map(|_| ()).map_err(copy_err);
         self.models.insert(model.to_string(), r);
@@ -783,7 +783,7 @@ async fn create_job(st: &ApiState, spec: &JobSpec, caps: TenantCaps) -> ApiResul
     st.store
         .put_opts(&spec_path, PutPayload::from(json), PutMode::Create.into())
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::store)?;
     match st.progress.create_job_within(spec, caps).await {
         Ok(None) => {}
         Ok(Some(refused)) => {
@@ -815,7 +815,7 @@ async fn undo(
     if let Err(d) = st.store.delete(spec_path).await {
         tracing::error!(job = %spec.id, error = %d, "cannot delete the spec of a failed submission");
     }
-    ApiError::internal(e)
+    ApiError::from(e)
 }
 
 pub(crate) fn parse_id(id: &str) -> ApiResult<JobId> {

@@ -48,7 +48,7 @@ pub(crate) async fn list_models(
         .store
         .list_with_delimiter(Some(&dir))
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::store)?;
     let ids: Vec<String> = listing
         .common_prefixes
         .iter()
@@ -71,7 +71,7 @@ async fn model_info(st: &Shared, id: String) -> ApiResult<Option<ModelInfo>> {
         .get(&st.layout.model_file(&id, "config.json"))
         .await
     {
-        Ok(r) => r.bytes().await.map_err(ApiError::internal)?,
+        Ok(r) => r.bytes().await.map_err(ApiError::store)?,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(ApiError::internal(e)),
     };
@@ -86,7 +86,7 @@ async fn model_info(st: &Shared, id: String) -> ApiResult<Option<ModelInfo>> {
     {
         Ok(m) => Some(m.size),
         Err(object_store::Error::NotFound { .. }) => None,
-        Err(e) => return Err(ApiError::internal(e)),
+        Err(e) => return Err(ApiError::store(e)),
     };
     Ok(Some(ModelInfo { id, config, bytes }))
 }

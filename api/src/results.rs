@@ -53,10 +53,10 @@ pub(crate) async fn get_results(
                 .store
                 .get(&st.layout.manifest(job))
                 .await
-                .map_err(ApiError::internal)?
+                .map_err(ApiError::store)?
                 .bytes()
                 .await
-                .map_err(ApiError::internal)?;
+                .map_err(ApiError::store)?;
             let mut m: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes)
                 .map_err(|e| ApiError::internal(format!("job {job}: bad manifest: {e}")))?;
             m.insert("complete".into(), true.into());
@@ -103,7 +103,7 @@ async fn partial_manifest(st: &Shared, job: JobId) -> ApiResult<PartialManifest>
     let mut stored: BTreeMap<u64, u64> = BTreeMap::new();
     let mut listing = st.store.list(Some(&st.layout.shards_dir(job)));
     while let Some(meta) = listing.next().await {
-        let meta = meta.map_err(ApiError::internal)?;
+        let meta = meta.map_err(ApiError::store)?;
         let index = meta
             .location
             .filename()
@@ -136,7 +136,7 @@ async fn partial_manifest(st: &Shared, job: JobId) -> ApiResult<PartialManifest>
                     Ok(d) => d,
                     // Listed a moment ago, gone now: not a finished shard.
                     Err(object_store::Error::NotFound { .. }) => continue,
-                    Err(e) => return Err(ApiError::internal(e)),
+                    Err(e) => return Err(ApiError::store(e)),
                 };
                 let task = spec.shard(index);
                 ManifestEntry {
@@ -239,10 +239,10 @@ async fn job_spec(st: &Shared, job: JobId) -> ApiResult<JobSpec> {
         .store
         .get(&st.layout.job_spec(job))
         .await
-        .map_err(ApiError::internal)?
+        .map_err(ApiError::store)?
         .bytes()
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::store)?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::internal(format!("job {job}: unreadable spec: {e}")))
 }
@@ -334,7 +334,7 @@ pub(crate) async fn get_shard(
                 "shard {index} of job {job} is not done yet"
             )))
         }
-        Err(e) => return Err(ApiError::internal(e)),
+        Err(e) => return Err(ApiError::store(e)),
     };
     let Some(spec) = spec else {
         let size = result.meta.size;
@@ -348,7 +348,7 @@ pub(crate) async fn get_shard(
         )
             .into_response());
     };
-    let npz = result.bytes().await.map_err(ApiError::internal)?;
+    let npz = result.bytes().await.map_err(ApiError::store)?;
     let text = tokio::task::spawn_blocking(move || convert_shard(&spec, index, &npz, true))
         .await
         .map_err(ApiError::internal)?
@@ -416,7 +416,7 @@ pub(crate) async fn get_results_pdb(
         .map_ok(|m| m.location.to_string())
         .try_collect()
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::store)?;
     if let Some(missing) =
         (0..spec.num_shards()).find(|i| !stored.contains(st.layout.shard(job, *i).as_ref()))
     {

@@ -196,6 +196,22 @@ mod tests {
     }
 }
 
+/// `batches/{id}.json`: a batch as submitted (written by the API before its
+/// jobs are queued). Its progress is its jobs'; the coordinator reads the
+/// record to give a batch its webhook back after the progress store lost it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub id: JobId,
+    pub tenant: String,
+    pub name: Option<String>,
+    /// Unix seconds of the submission.
+    pub created_at: u64,
+    /// The batch's jobs, in entry order.
+    pub jobs: Vec<JobId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+}
+
 /// `jobs/{id}/state.json`: how a job that did not succeed ended (written by
 /// the coordinator when it fails a job or sees it cancelled, and by the API
 /// when it cancels one), so that progress rebuilt from the object store

@@ -77,6 +77,10 @@ impl ObjectLayout {
     pub fn batch(&self, batch: JobId) -> Path {
         self.path(format!("batches/{batch}.json"))
     }
+    /// The folder of every batch's record, for listing the batches.
+    pub fn batches_dir(&self) -> Path {
+        self.path("batches".to_string())
+    }
     /// The folder of every job's folder, for listing the jobs.
     pub fn jobs_dir(&self) -> Path {
         self.path("jobs".to_string())

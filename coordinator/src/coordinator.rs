@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dig_common::job::{JobId, JobSpec, JobState};
 use dig_common::layout::ObjectLayout;
@@ -79,7 +79,13 @@ pub struct Coordinator {
     shard_ages: Arc<ShardAges>,
     /// Passes made, for the occasional look at every waiting job.
     ticks: std::sync::atomic::AtomicU64,
+    /// When the batches' webhooks were last reconciled.
+    batches_reconciled: std::sync::Mutex<Option<Instant>>,
 }
+
+/// A progress store that lost its data makes every job vanish at once:
+/// the batches' webhooks are given back once for all of them.
+const BATCH_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Coordinator {
     pub fn new(
@@ -97,6 +103,7 @@ impl Coordinator {
             active: Mutex::new(BTreeMap::new()),
             shard_ages: Arc::default(),
             ticks: std::sync::atomic::AtomicU64::new(0),
+            batches_reconciled: std::sync::Mutex::new(None),
         }
     }
 
@@ -120,8 +127,34 @@ impl Coordinator {
     /// before [`resume`](Self::resume), so that jobs lost by the progress
     /// store are resumed (or listed as ended) again. Each job's outcome;
     /// `Err` only when the jobs cannot be listed.
+    /// The batches' webhooks are reconciled too (logged, not returned).
     pub async fn reconcile(&self) -> Result<Vec<(JobId, Result<Reconciled>)>> {
-        self.reconciler.reconcile_all(false).await
+        let jobs = self.reconciler.reconcile_all(false).await?;
+        self.reconcile_batches().await;
+        Ok(jobs)
+    }
+
+    /// Gives the batches whose webhook the progress store lost their
+    /// webhook back ([`Reconciler::reconcile_batches`]); at most once per
+    /// [`BATCH_RECONCILE_INTERVAL`].
+    async fn reconcile_batches(&self) {
+        {
+            let mut last = self.batches_reconciled.lock().expect("lock");
+            if last.is_some_and(|t| t.elapsed() < BATCH_RECONCILE_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        match self.reconciler.reconcile_batches(false).await {
+            Ok(batches) if !batches.is_empty() => {
+                info!(
+                    batches = batches.len(),
+                    "batch webhooks given back from the object store"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot reconcile the batches' webhooks"),
+        }
     }
 
     /// The reconciler this coordinator uses.
@@ -354,6 +387,8 @@ impl Coordinator {
                 Err(e) => return Err(e),
             };
             info!(%job, state = ?rebuilt.after, shards_done = rebuilt.shards_recorded, "job rebuilt from the object store");
+            // Whatever lost this job lost the batches' webhooks too.
+            self.reconcile_batches().await;
             if rebuilt.after.is_final() {
                 return Ok(Step::Finished);
             }

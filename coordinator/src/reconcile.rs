@@ -33,6 +33,10 @@
 //! at the same moment. Rebuilding forgets attempts, failure counts and
 //! Idempotency-Keys: a rebuilt running job retries its shards afresh.
 //!
+//! Batches: a batch's record (`batches/{id}.json`) keeps its
+//! `callback_url`; [`Reconciler::reconcile_batches`] registers the webhook
+//! of every batch whose webhook the progress store lost.
+//!
 //! A failed or cancelled job whose marker was never written (the progress
 //! store lost it before any coordinator saw the final state) comes back as
 //! running and is sampled to the end: more work than needed, never a wrong
@@ -43,7 +47,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dig_common::job::{JobId, JobSpec, JobState};
+use dig_common::job::{BatchRecord, JobId, JobSpec, JobState};
 use dig_common::layout::ObjectLayout;
 use dig_common::progress::{JobProgress, ProgressStore};
 use futures::{StreamExt, TryStreamExt};
@@ -359,6 +363,57 @@ impl Reconciler {
                 Ok(Ending::Open)
             }
         }
+    }
+
+    /// Gives their webhook back to the batches that have a `callback_url`
+    /// but no webhook in the progress store (it lost its data): registered
+    /// and watched again, so that an API sends it when the batch ends, or
+    /// at once if it has ended. At least once, as for jobs: an ended batch
+    /// whose webhook went out before the loss is sent again, under the same
+    /// `X-Dig-Delivery` id. The batches given back, ascending; changes
+    /// nothing when `dry_run`.
+    pub async fn reconcile_batches(&self, dry_run: bool) -> Result<Vec<JobId>> {
+        let records: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&self.layout.batches_dir()))
+            .try_collect()
+            .await?;
+        let mut restored = Vec::new();
+        for meta in records {
+            let Some(batch) = meta
+                .location
+                .filename()
+                .and_then(|f| f.strip_suffix(".json"))
+                .and_then(|id| id.parse::<JobId>().ok())
+            else {
+                continue;
+            };
+            let bytes = match self.store.get(&meta.location).await {
+                Ok(object) => object.bytes().await?,
+                Err(e) if is_not_found(&e) => continue, // an undone submission
+                Err(e) => return Err(e.into()),
+            };
+            let record: BatchRecord = match serde_json::from_slice(&bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(%batch, error = %e, "ignoring an unreadable batch record");
+                    continue;
+                }
+            };
+            let Some(url) = &record.callback_url else {
+                continue;
+            };
+            if self.progress.webhook(batch).await?.is_some() {
+                continue;
+            }
+            if !dry_run {
+                self.progress.register_batch_webhook(batch, url).await?;
+            }
+            info!(%batch, dry_run, "batch webhook given back from the batch's record");
+            restored.push(batch);
+        }
+        restored.sort();
+        Ok(restored)
     }
 
     /// Writes `jobs/{id}/state.json` for a job that failed or was cancelled.

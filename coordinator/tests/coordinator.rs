@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dig_common::job::{JobId, JobSpec, JobState, Priority, ShardTask};
+use dig_common::job::{BatchRecord, JobId, JobSpec, JobState, Priority, ShardTask};
 use dig_common::layout::ObjectLayout;
-use dig_common::progress::{JobProgress, ProgressStore, RedisProgress};
+use dig_common::progress::{
+    JobProgress, ProgressStore, RedisProgress, WebhookAttempt, WebhookState,
+};
 use dig_common::queue::{JobStream, RabbitQueue, ShardQueue, ShardStream};
 use dig_common::store::{open_store, StoreConfig, StoreKind};
 use dig_coordinator::{
@@ -243,6 +245,27 @@ impl Cluster {
 }
 
 /// Distinct bytes per shard, so that a manifest mixing shards up shows.
+/// Writes a batch record as the API does.
+async fn put_batch(c: &Cluster, id: JobId, jobs: Vec<JobId>, url: Option<&str>) {
+    let record = BatchRecord {
+        id,
+        tenant: "lab-a".into(),
+        name: None,
+        created_at: 0,
+        jobs,
+        callback_url: url.map(str::to_string),
+    };
+    c.store
+        .put(
+            &c.layout.batch(id),
+            PutPayload::from(serde_json::to_vec(&record).unwrap()),
+        )
+        .await
+        .unwrap();
+}
+
+const HOOK: &str = "https://portal.example/hook";
+
 fn dummy_shard(task: &ShardTask) -> Vec<u8> {
     format!(
         "shard {} of {} [{}, {})\n",
@@ -438,7 +461,14 @@ async fn a_job_whose_entry_vanishes_mid_run_is_rebuilt_from_the_store_and_finish
         *counted.entry(task.index).or_default() += u32::from(new);
     }
 
-    // Redis loses every key: entry, done set, unfinished index.
+    // The job is in a batch with a webhook (and another batch has none).
+    let batch = JobId::new();
+    put_batch(&c, batch, vec![spec.id], Some(HOOK)).await;
+    put_batch(&c, JobId::new(), vec![spec.id], None).await;
+    c.redis.register_batch_webhook(batch, HOOK).await.unwrap();
+
+    // Redis loses every key: entry, done set, unfinished index, the
+    // batch's webhook and watch.
     c.redis.delete_all().await.unwrap();
     coord.tick().await;
     let p = c.progress(spec.id).await;
@@ -446,6 +476,19 @@ async fn a_job_whose_entry_vanishes_mid_run_is_rebuilt_from_the_store_and_finish
     assert_eq!((p.shards_done, p.samples_done), (2, 4));
     assert_eq!(c.redis.unfinished_jobs().await.unwrap(), vec![spec.id]);
     assert_eq!(coord.active_jobs().await, vec![spec.id]);
+    // The batch's webhook came back with the job: pending, watched.
+    let hook = c
+        .redis
+        .webhook(batch)
+        .await
+        .unwrap()
+        .expect("batch webhook");
+    assert_eq!(
+        (hook.url.as_str(), hook.state),
+        (HOOK, WebhookState::Pending)
+    );
+    assert_eq!(hook.delivery, batch.to_string());
+    assert_eq!(c.redis.watched_batches().await.unwrap(), vec![batch]);
 
     for _ in 0..50 {
         coord.tick().await;
@@ -614,6 +657,57 @@ async fn reconcile_rebuilds_each_kind_of_job_from_the_store() {
         .iter()
         .all(|(_, r)| r.as_ref().unwrap().action == Action::None));
     drop(shards);
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_gives_batches_the_webhook_redis_lost_and_nothing_else() {
+    let c = cluster().await;
+    let reconciler = c.coordinator(10).reconciler().clone();
+    let job = c.submit(4, 2).await;
+    let (lost, kept, delivered, quiet) = (JobId::new(), JobId::new(), JobId::new(), JobId::new());
+    for batch in [lost, kept, delivered] {
+        put_batch(&c, batch, vec![job.id], Some(HOOK)).await;
+    }
+    put_batch(&c, quiet, vec![job.id], None).await;
+    c.redis.register_batch_webhook(kept, HOOK).await.unwrap();
+    c.redis
+        .register_batch_webhook(delivered, HOOK)
+        .await
+        .unwrap();
+    c.redis.batch_ended(delivered).await.unwrap();
+    c.redis
+        .record_webhook_attempt(delivered, WebhookAttempt::Delivered)
+        .await
+        .unwrap();
+
+    // A dry run names the batch and changes nothing.
+    assert_eq!(
+        reconciler.reconcile_batches(true).await.unwrap(),
+        vec![lost]
+    );
+    assert!(c.redis.webhook(lost).await.unwrap().is_none());
+    assert_eq!(
+        reconciler.reconcile_batches(false).await.unwrap(),
+        vec![lost]
+    );
+    let hook = c.redis.webhook(lost).await.unwrap().expect("restored");
+    assert_eq!(
+        (hook.url.as_str(), hook.state, hook.attempts),
+        (HOOK, WebhookState::Pending, 0)
+    );
+    let mut watched = c.redis.watched_batches().await.unwrap();
+    watched.sort();
+    let mut expected = vec![lost, kept];
+    expected.sort();
+    assert_eq!(watched, expected);
+    // A delivered webhook stays delivered; a batch without one gets none.
+    assert_eq!(
+        c.redis.webhook(delivered).await.unwrap().unwrap().state,
+        WebhookState::Delivered
+    );
+    assert!(c.redis.webhook(quiet).await.unwrap().is_none());
+    assert_eq!(reconciler.reconcile_batches(false).await.unwrap(), vec![]);
     c.cleanup().await;
 }
 

@@ -4,7 +4,8 @@
 //! this prints what it did, one row per job. A job it rebuilt as running is
 //! handed to the coordinator through the jobs queue, as a submission is (a
 //! coordinator already driving it ignores the id), so a running coordinator
-//! need not be restarted.
+//! need not be restarted. Without `--job`, batches whose webhook Redis lost
+//! get it back from their records (a line each).
 
 use std::sync::Arc;
 
@@ -48,18 +49,28 @@ pub fn run(args: ReconcileArgs) -> Result<()> {
                 .context("cannot connect to Redis (progress.url)")?,
         );
         let reconciler = Reconciler::new(store, store_cfg.layout(), progress);
-        let outcomes = match args.job {
-            Some(job) => vec![(job, reconciler.reconcile_job(job, args.dry_run).await)],
-            None => reconciler
-                .reconcile_all(args.dry_run)
-                .await
-                .context("cannot list the jobs in the object store")?,
+        let (outcomes, batches) = match args.job {
+            Some(job) => (
+                vec![(job, reconciler.reconcile_job(job, args.dry_run).await)],
+                Vec::new(),
+            ),
+            None => (
+                reconciler
+                    .reconcile_all(args.dry_run)
+                    .await
+                    .context("cannot list the jobs in the object store")?,
+                reconciler
+                    .reconcile_batches(args.dry_run)
+                    .await
+                    .context("cannot reconcile the batches' webhooks")?,
+            ),
         };
         if !args.dry_run {
             hand_over(&cfg.queue.url, &cfg.namespace, &outcomes).await;
         }
-        anyhow::Ok(outcomes)
+        anyhow::Ok((outcomes, batches))
     })?;
+    let (outcomes, batches) = outcomes;
 
     let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
     if args.json {
@@ -72,6 +83,28 @@ pub fn run(args: ReconcileArgs) -> Result<()> {
         }
     } else {
         print!("{}", render(&outcomes));
+    }
+    // Batches whose webhook Redis lost: given back from their records.
+    for batch in &batches {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"batch": batch, "action": "webhook_restored"})
+            );
+        } else {
+            println!("batch {batch}: webhook restored");
+        }
+    }
+    if !batches.is_empty() {
+        eprintln!(
+            "{} batch webhook(s) {}",
+            batches.len(),
+            if args.dry_run {
+                "would be restored"
+            } else {
+                "restored"
+            }
+        );
     }
     let changed = outcomes
         .iter()

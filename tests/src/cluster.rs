@@ -439,18 +439,25 @@ impl Cluster {
         .unwrap();
         let mut reply = String::new();
         s.read_to_string(&mut reply).unwrap();
-        let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP reply: {head}"));
-        (status, body.to_string())
+        let (status, _, body) = split_reply(&reply);
+        (status, body)
     }
 
     /// A POST of the JSON `body` to the API as `key`'s tenant: status code
     /// and body.
     pub fn api_post(&self, key: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
+        let (status, _, body) = self.api_post_reply(key, path, body);
+        (status, body)
+    }
+
+    /// [`Cluster::api_post`] with the reply's header lines (`Name: value`,
+    /// as sent) as well.
+    pub fn api_post_reply(
+        &self,
+        key: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, Vec<String>, String) {
         let addr = self.api_url.trim_start_matches("http://");
         let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         let body = body.to_string();
@@ -463,13 +470,7 @@ impl Cluster {
         .unwrap();
         let mut reply = String::new();
         s.read_to_string(&mut reply).unwrap();
-        let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP reply: {head}"));
-        (status, body.to_string())
+        split_reply(&reply)
     }
 
     /// Writes a webhook secrets file (`TENANT SECRET` lines) and points
@@ -648,43 +649,69 @@ impl Cluster {
     }
 }
 
-/// RabbitMQ stopped (`scripts/services.sh stop-rabbitmq`) until
-/// [`RabbitOutage::end`] or the drop of this guard (also on a panic) starts
-/// it again (`restart-rabbitmq`, which starts a stopped broker), so that a
-/// failing test never leaves the broker down for the tests after it. The
-/// script serialises itself with a lock in `.services/`, as the queue
-/// tests' restarts do; callers serialise their own tests around the outage.
-pub struct RabbitOutage {
+/// A server stopped (`scripts/services.sh stop-rabbitmq` or `stop-redis`)
+/// until [`Outage::end`] or the drop of this guard (also on a panic) starts
+/// it again (`restart-rabbitmq` / `restart-redis`, which start a stopped
+/// server), so that a failing test never leaves a server down for the tests
+/// after it. Redis is stopped with SHUTDOWN SAVE and comes back with its
+/// data, as a production Redis with persistence does. The script serialises
+/// itself with a lock in `.services/`, as the queue tests' restarts do;
+/// callers serialise their own tests around the outage.
+pub struct Outage {
+    restart: &'static str,
     down: bool,
 }
 
-impl RabbitOutage {
-    pub fn begin() -> RabbitOutage {
+impl Outage {
+    pub fn rabbitmq() -> Outage {
         services_sh("stop-rabbitmq");
-        RabbitOutage { down: true }
+        Outage {
+            restart: "restart-rabbitmq",
+            down: true,
+        }
     }
 
-    /// Starts the broker and waits until it takes connections.
+    pub fn redis() -> Outage {
+        services_sh("stop-redis");
+        Outage {
+            restart: "restart-redis",
+            down: true,
+        }
+    }
+
+    /// Starts the server and waits until it takes connections.
     pub fn end(mut self) {
         self.down = false;
-        services_sh("restart-rabbitmq");
+        services_sh(self.restart);
     }
 }
 
-impl Drop for RabbitOutage {
+impl Drop for Outage {
     fn drop(&mut self) {
         if self.down {
             self.down = false;
             let ok = Command::new(crate::repo_root().join("scripts/services.sh"))
-                .arg("restart-rabbitmq")
+                .arg(self.restart)
                 .stdin(Stdio::null())
                 .output()
                 .is_ok_and(|out| out.status.success());
             if !ok && !std::thread::panicking() {
-                panic!("scripts/services.sh restart-rabbitmq failed");
+                panic!("scripts/services.sh {} failed", self.restart);
             }
         }
     }
+}
+
+/// An HTTP/1.0 reply: status, header lines (`Name: value`), body.
+fn split_reply(reply: &str) -> (u16, Vec<String>, String) {
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((reply, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {head}"));
+    let headers = head.lines().skip(1).map(str::to_string).collect();
+    (status, headers, body.to_string())
 }
 
 /// Runs `scripts/services.sh COMMAND`; its output only shows when it fails.

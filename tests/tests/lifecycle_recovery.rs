@@ -1,7 +1,7 @@
 //! The cluster survives what production throws at it: a coordinator killed
 //! (SIGKILL) mid-job and restarted, Redis losing every key of the
 //! deployment mid-job (and after a job succeeded), a RabbitMQ restart
-//! mid-job, and a shard that cannot succeed (its features object deleted)
+//! mid-job, a Redis restart mid-job, and a shard that cannot succeed (its features object deleted)
 //! next to a job that can. `digctl api`, `coordinator` and `worker`
 //! processes on the real servers of `scripts/services.sh`.
 //!
@@ -18,9 +18,7 @@ use dig_common::layout::ObjectLayout;
 use dig_common::progress::ProgressStore;
 use dig_common::queue::ShardQueue;
 use dig_model::structure::Ensemble;
-use dig_tests::cluster::{
-    assert_same_samples, local_sample, Cluster, RabbitOutage, Service, SEQUENCE,
-};
+use dig_tests::cluster::{assert_same_samples, local_sample, Cluster, Outage, Service, SEQUENCE};
 use object_store::ObjectStore;
 
 /// These tests run several processes that each want both cores, and one
@@ -351,7 +349,7 @@ fn a_rabbitmq_restart_mid_job_loses_no_shard_and_readyz_reports_it() {
 
     let job = submit(&c, &sha, 100, 41);
     wait_for_shards(&c, &rt, &job, 2, &svcs);
-    let outage = RabbitOutage::begin();
+    let outage = Outage::rabbitmq();
     let mut last = None;
     wait_until("/readyz is 503", Duration::from_secs(120), &svcs, || {
         last = c.http_get("/readyz");
@@ -376,6 +374,96 @@ fn a_rabbitmq_restart_mid_job_loses_no_shard_and_readyz_reports_it() {
     let v2 = wait_final(&c, &after, &svcs);
     check_succeeded(&c, &rt, &v1, &job, 100, 41);
     check_succeeded(&c, &rt, &v2, &after, 20, 42);
+    drop((api, coordinator, w1, w2));
+    rt.block_on(c.cleanup());
+}
+
+/// Redis stopped mid-job (saving its data, as a production Redis with
+/// persistence does) and started again: /readyz says so, a submission meanwhile
+/// gets a 503 naming the progress store and leaves nothing behind, and
+/// every service reconnects by itself.
+#[test]
+fn a_redis_restart_mid_job_loses_no_shard_and_submissions_meanwhile_get_503() {
+    let _serial = serial();
+    let rt = runtime();
+    let mut c = cluster("redis");
+    let api = c.start_api();
+    let coordinator = c.start_coordinator();
+    let w1 = c.start_worker();
+    let w2 = c.start_worker();
+    let svcs = [&api, &coordinator, &w1, &w2];
+    wait_for_workers(&c, &rt, 2, &svcs);
+    let sha = c.upload_features(&c.key_a);
+    wait_until("/readyz is 200", Duration::from_secs(120), &svcs, || {
+        c.http_get("/readyz").is_some_and(|(code, _)| code == 200)
+    });
+
+    let job = submit(&c, &sha, 100, 51);
+    wait_for_shards(&c, &rt, &job, 2, &svcs);
+    let objects_before = rt.block_on(async { c.backends().await.objects().await });
+    let outage = Outage::redis();
+    let mut last = None;
+    wait_until("/readyz is 503", Duration::from_secs(120), &svcs, || {
+        last = c.http_get("/readyz");
+        last.as_ref().is_some_and(|(code, _)| *code == 503)
+    });
+    let (_, body) = last.unwrap();
+    let readiness: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_ne!(readiness["checks"]["progress"], "ok", "{body}");
+    assert_eq!(readiness["checks"]["queue"], "ok", "{body}");
+
+    // A submission while Redis is down: 503 with Retry-After, and no spec
+    // written (the object listing gains only the running job's shards).
+    let request = serde_json::json!({
+        "sequence": SEQUENCE, "features_sha256": sha, "num_samples": 10,
+        "seed": 52, "steps": STEPS, "shard_size": SHARD,
+    });
+    let (status, headers, body) = c.api_post_reply(&c.key_a, "/v1/jobs", &request);
+    assert_eq!(status, 503, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["code"], "unavailable", "{body}");
+    assert_eq!(
+        error["error"]["message"], "the progress store is unavailable; try again later",
+        "{body}"
+    );
+    assert!(
+        headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case("retry-after: 5")),
+        "{headers:?}"
+    );
+    // Workers carry on sampling meanwhile and retry what they cannot record.
+    std::thread::sleep(Duration::from_secs(3));
+    outage.end();
+    wait_until(
+        "/readyz is 200 again",
+        Duration::from_secs(120),
+        &svcs,
+        || c.http_get("/readyz").is_some_and(|(code, _)| code == 200),
+    );
+
+    let after = submit(&c, &sha, 20, 52);
+    let v1 = wait_final(&c, &job, &svcs);
+    let v2 = wait_final(&c, &after, &svcs);
+    check_succeeded(&c, &rt, &v1, &job, 100, 51);
+    check_succeeded(&c, &rt, &v2, &after, 20, 52);
+    // Exactly the two jobs: the refused submission left no spec behind.
+    let specs: Vec<String> = rt
+        .block_on(async { c.backends().await.objects().await })
+        .into_iter()
+        .filter(|k| k.ends_with("/spec.json"))
+        .collect();
+    assert_eq!(
+        specs.len(),
+        2,
+        "{specs:?} (before the outage: {objects_before:?})"
+    );
+    let listed = c.client_ok(&c.key_a, &["jobs"]);
+    assert_eq!(
+        listed.lines().filter(|l| l.contains("succeeded")).count(),
+        2,
+        "{listed}"
+    );
     drop((api, coordinator, w1, w2));
     rt.block_on(c.cleanup());
 }

@@ -60,6 +60,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dig_common::error::store_is_transient;
 use dig_common::job::{JobId, JobSpec, ShardTask};
 use dig_common::layout::ObjectLayout;
 use dig_common::metrics;
@@ -158,38 +159,9 @@ impl WorkerError {
 }
 
 fn common_is_transient(e: &CommonError) -> bool {
-    match e {
-        CommonError::Store(e) => store_is_transient(e),
-        CommonError::Progress(e) => redis_is_transient(e),
-        // The queue client already reconnects for 30 s before it reports a
-        // failure; whatever it reports is the broker's, not the shard's.
-        CommonError::Queue(_) => true,
-        // Local files are only the worker's cache: a full or broken disk
-        // is this worker's trouble, not the shard's.
-        CommonError::Io(_) => true,
-        CommonError::Invalid(_) | CommonError::NotFound(_) | CommonError::Other(_) => false,
-    }
-}
-
-/// `object_store` gives missing objects, refused credentials, conflicts and
-/// failed preconditions variants of their own; connection failures, timeouts,
-/// 5xx and throttling (after its own retries) all arrive as `Generic`.
-fn store_is_transient(e: &object_store::Error) -> bool {
-    matches!(
-        e,
-        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
-    )
-}
-
-/// Connection trouble and server states that pass (loading, failover) are
-/// transient; a command the server refuses (a script error, a wrong type)
-/// is not.
-fn redis_is_transient(e: &redis::RedisError) -> bool {
-    e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
+    // Local files are only the worker's cache: a full or broken disk is
+    // this worker's trouble, not the shard's.
+    e.unavailable().is_some() || matches!(e, CommonError::Io(_))
 }
 
 /// Why a shard in progress was asked to stop.
