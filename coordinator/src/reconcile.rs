@@ -115,7 +115,8 @@ pub struct Reconciler {
     progress: Arc<dyn ProgressStore>,
 }
 
-/// Jobs looked at in parallel by [`Reconciler::reconcile_all`].
+/// Jobs (or batches) looked at in parallel by [`Reconciler::reconcile_all`]
+/// (and [`Reconciler::reconcile_batches`]).
 const PARALLEL_JOBS: usize = 8;
 
 pub(crate) fn now_secs() -> u64 {
@@ -378,42 +379,55 @@ impl Reconciler {
             .list(Some(&self.layout.batches_dir()))
             .try_collect()
             .await?;
-        let mut restored = Vec::new();
-        for meta in records {
-            let Some(batch) = meta
-                .location
-                .filename()
-                .and_then(|f| f.strip_suffix(".json"))
-                .and_then(|id| id.parse::<JobId>().ok())
-            else {
-                continue;
-            };
-            let bytes = match self.store.get(&meta.location).await {
-                Ok(object) => object.bytes().await?,
-                Err(e) if is_not_found(&e) => continue, // an undone submission
-                Err(e) => return Err(e.into()),
-            };
-            let record: BatchRecord = match serde_json::from_slice(&bytes) {
-                Ok(r) => r,
-                Err(e) => {
-                    error!(%batch, error = %e, "ignoring an unreadable batch record");
-                    continue;
-                }
-            };
-            let Some(url) = &record.callback_url else {
-                continue;
-            };
-            if self.progress.webhook(batch).await?.is_some() {
-                continue;
-            }
-            if !dry_run {
-                self.progress.register_batch_webhook(batch, url).await?;
-            }
-            info!(%batch, dry_run, "batch webhook given back from the batch's record");
-            restored.push(batch);
-        }
+        let batches: Vec<JobId> = records
+            .iter()
+            .filter_map(|meta| {
+                meta.location
+                    .filename()
+                    .and_then(|f| f.strip_suffix(".json"))
+                    .and_then(|id| id.parse().ok())
+            })
+            .collect();
+        let mut restored: Vec<JobId> = futures::stream::iter(batches)
+            .map(|batch| async move {
+                let restored = self.restore_batch_webhook(batch, dry_run).await?;
+                Ok::<_, CoordinatorError>(restored.then_some(batch))
+            })
+            .buffer_unordered(PARALLEL_JOBS)
+            .try_filter_map(|b| async move { Ok(b) })
+            .try_collect()
+            .await?;
         restored.sort();
         Ok(restored)
+    }
+
+    /// [`reconcile_batches`](Self::reconcile_batches) of one batch: whether
+    /// its webhook was (or, in a dry run, would be) given back. The record
+    /// is read only when the progress store has no webhook for the batch.
+    async fn restore_batch_webhook(&self, batch: JobId, dry_run: bool) -> Result<bool> {
+        if self.progress.webhook(batch).await?.is_some() {
+            return Ok(false);
+        }
+        let bytes = match self.store.get(&self.layout.batch(batch)).await {
+            Ok(object) => object.bytes().await?,
+            Err(e) if is_not_found(&e) => return Ok(false), // an undone submission
+            Err(e) => return Err(e.into()),
+        };
+        let record: BatchRecord = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                error!(%batch, error = %e, "ignoring an unreadable batch record");
+                return Ok(false);
+            }
+        };
+        let Some(url) = &record.callback_url else {
+            return Ok(false);
+        };
+        if !dry_run {
+            self.progress.register_batch_webhook(batch, url).await?;
+        }
+        info!(%batch, dry_run, "batch webhook given back from the batch's record");
+        Ok(true)
     }
 
     /// Writes `jobs/{id}/state.json` for a job that failed or was cancelled.
