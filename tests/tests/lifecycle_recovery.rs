@@ -331,11 +331,23 @@ fn job_progress_lost_in_redis_is_rebuilt_from_the_object_store() {
     rt.block_on(c.cleanup());
 }
 
-#[test]
-fn a_rabbitmq_restart_mid_job_loses_no_shard_and_readyz_reports_it() {
+/// A server restarted mid-job under api, coordinator and two workers: a
+/// 100-sample job (seed `seed`) has 2 shards done when `stop` takes the
+/// server down; /readyz must answer 503, and `during` gets the cluster, the
+/// features' SHA-256 and the readiness body for its own checks of the
+/// outage. The server comes back, /readyz answers 200 again, and a 20-sample
+/// job (seed `seed + 1`) submitted after it shows that the coordinator's
+/// jobs consumer is back. Both succeed, exactly; the store then holds the
+/// specs of these two jobs only, and the tenant's listing these two.
+fn restart_mid_job(
+    label: &str,
+    seed: u64,
+    stop: fn() -> Outage,
+    during: impl FnOnce(&Cluster, &str, &serde_json::Value),
+) {
     let _serial = serial();
     let rt = runtime();
-    let mut c = cluster("broker");
+    let mut c = cluster(label);
     let api = c.start_api();
     let coordinator = c.start_coordinator();
     let w1 = c.start_worker();
@@ -347,9 +359,9 @@ fn a_rabbitmq_restart_mid_job_loses_no_shard_and_readyz_reports_it() {
         c.http_get("/readyz").is_some_and(|(code, _)| code == 200)
     });
 
-    let job = submit(&c, &sha, 100, 41);
+    let job = submit(&c, &sha, 100, seed);
     wait_for_shards(&c, &rt, &job, 2, &svcs);
-    let outage = Outage::rabbitmq();
+    let outage = stop();
     let mut last = None;
     wait_until("/readyz is 503", Duration::from_secs(120), &svcs, || {
         last = c.http_get("/readyz");
@@ -358,8 +370,7 @@ fn a_rabbitmq_restart_mid_job_loses_no_shard_and_readyz_reports_it() {
     let (_, body) = last.unwrap();
     let readiness: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(readiness["status"], "unavailable", "{body}");
-    assert_ne!(readiness["checks"]["queue"], "ok", "{body}");
-    assert_eq!(readiness["checks"]["progress"], "ok", "{body}");
+    during(&c, &sha, &readiness);
     outage.end();
     wait_until(
         "/readyz is 200 again",
@@ -368,96 +379,17 @@ fn a_rabbitmq_restart_mid_job_loses_no_shard_and_readyz_reports_it() {
         || c.http_get("/readyz").is_some_and(|(code, _)| code == 200),
     );
 
-    // Submitted after the restart: the coordinator's jobs consumer is back.
-    let after = submit(&c, &sha, 20, 42);
+    let after = submit(&c, &sha, 20, seed + 1);
     let v1 = wait_final(&c, &job, &svcs);
     let v2 = wait_final(&c, &after, &svcs);
-    check_succeeded(&c, &rt, &v1, &job, 100, 41);
-    check_succeeded(&c, &rt, &v2, &after, 20, 42);
-    drop((api, coordinator, w1, w2));
-    rt.block_on(c.cleanup());
-}
-
-/// Redis stopped mid-job (saving its data, as a production Redis with
-/// persistence does) and started again: /readyz says so, a submission meanwhile
-/// gets a 503 naming the progress store and leaves nothing behind, and
-/// every service reconnects by itself.
-#[test]
-fn a_redis_restart_mid_job_loses_no_shard_and_submissions_meanwhile_get_503() {
-    let _serial = serial();
-    let rt = runtime();
-    let mut c = cluster("redis");
-    let api = c.start_api();
-    let coordinator = c.start_coordinator();
-    let w1 = c.start_worker();
-    let w2 = c.start_worker();
-    let svcs = [&api, &coordinator, &w1, &w2];
-    wait_for_workers(&c, &rt, 2, &svcs);
-    let sha = c.upload_features(&c.key_a);
-    wait_until("/readyz is 200", Duration::from_secs(120), &svcs, || {
-        c.http_get("/readyz").is_some_and(|(code, _)| code == 200)
-    });
-
-    let job = submit(&c, &sha, 100, 51);
-    wait_for_shards(&c, &rt, &job, 2, &svcs);
-    let objects_before = rt.block_on(async { c.backends().await.objects().await });
-    let outage = Outage::redis();
-    let mut last = None;
-    wait_until("/readyz is 503", Duration::from_secs(120), &svcs, || {
-        last = c.http_get("/readyz");
-        last.as_ref().is_some_and(|(code, _)| *code == 503)
-    });
-    let (_, body) = last.unwrap();
-    let readiness: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_ne!(readiness["checks"]["progress"], "ok", "{body}");
-    assert_eq!(readiness["checks"]["queue"], "ok", "{body}");
-
-    // A submission while Redis is down: 503 with Retry-After, and no spec
-    // written (the object listing gains only the running job's shards).
-    let request = serde_json::json!({
-        "sequence": SEQUENCE, "features_sha256": sha, "num_samples": 10,
-        "seed": 52, "steps": STEPS, "shard_size": SHARD,
-    });
-    let (status, headers, body) = c.api_post_reply(&c.key_a, "/v1/jobs", &request);
-    assert_eq!(status, 503, "{body}");
-    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(error["error"]["code"], "unavailable", "{body}");
-    assert_eq!(
-        error["error"]["message"], "the progress store is unavailable; try again later",
-        "{body}"
-    );
-    assert!(
-        headers
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case("retry-after: 5")),
-        "{headers:?}"
-    );
-    // Workers carry on sampling meanwhile and retry what they cannot record.
-    std::thread::sleep(Duration::from_secs(3));
-    outage.end();
-    wait_until(
-        "/readyz is 200 again",
-        Duration::from_secs(120),
-        &svcs,
-        || c.http_get("/readyz").is_some_and(|(code, _)| code == 200),
-    );
-
-    let after = submit(&c, &sha, 20, 52);
-    let v1 = wait_final(&c, &job, &svcs);
-    let v2 = wait_final(&c, &after, &svcs);
-    check_succeeded(&c, &rt, &v1, &job, 100, 51);
-    check_succeeded(&c, &rt, &v2, &after, 20, 52);
-    // Exactly the two jobs: the refused submission left no spec behind.
+    check_succeeded(&c, &rt, &v1, &job, 100, seed);
+    check_succeeded(&c, &rt, &v2, &after, 20, seed + 1);
     let specs: Vec<String> = rt
         .block_on(async { c.backends().await.objects().await })
         .into_iter()
         .filter(|k| k.ends_with("/spec.json"))
         .collect();
-    assert_eq!(
-        specs.len(),
-        2,
-        "{specs:?} (before the outage: {objects_before:?})"
-    );
+    assert_eq!(specs.len(), 2, "{specs:?}");
     let listed = c.client_ok(&c.key_a, &["jobs"]);
     assert_eq!(
         listed.lines().filter(|l| l.contains("succeeded")).count(),
@@ -466,6 +398,46 @@ fn a_redis_restart_mid_job_loses_no_shard_and_submissions_meanwhile_get_503() {
     );
     drop((api, coordinator, w1, w2));
     rt.block_on(c.cleanup());
+}
+
+#[test]
+fn a_rabbitmq_restart_mid_job_loses_no_shard_and_readyz_reports_it() {
+    restart_mid_job("broker", 41, Outage::rabbitmq, |_, _, readiness| {
+        assert_ne!(readiness["checks"]["queue"], "ok", "{readiness}");
+        assert_eq!(readiness["checks"]["progress"], "ok", "{readiness}");
+    });
+}
+
+/// Redis stopped mid-job (saving its data, as a production Redis with
+/// persistence does) and started again: /readyz says so, a submission
+/// meanwhile gets a 503 naming the progress store and leaves no spec
+/// behind, and every service reconnects by itself.
+#[test]
+fn a_redis_restart_mid_job_loses_no_shard_and_submissions_meanwhile_get_503() {
+    restart_mid_job("redis", 51, Outage::redis, |c, sha, readiness| {
+        assert_ne!(readiness["checks"]["progress"], "ok", "{readiness}");
+        assert_eq!(readiness["checks"]["queue"], "ok", "{readiness}");
+        let request = serde_json::json!({
+            "sequence": SEQUENCE, "features_sha256": sha, "num_samples": 10,
+            "seed": 99, "steps": STEPS, "shard_size": SHARD,
+        });
+        let (status, headers, body) = c.api_post_reply(&c.key_a, "/v1/jobs", &request);
+        assert_eq!(status, 503, "{body}");
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(error["error"]["code"], "unavailable", "{body}");
+        assert_eq!(
+            error["error"]["message"], "the progress store is unavailable; try again later",
+            "{body}"
+        );
+        assert!(
+            headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case("retry-after: 5")),
+            "{headers:?}"
+        );
+        // Workers carry on sampling meanwhile and retry what they cannot record.
+        std::thread::sleep(Duration::from_secs(3));
+    });
 }
 
 #[test]
