@@ -15,11 +15,13 @@
 mod bench;
 mod client;
 mod device;
+mod evaluate;
 mod metrics_http;
 mod progress;
 mod reconcile;
 mod sample;
 mod services;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +47,9 @@ struct Cli {
 enum Command {
     /// Sample an ensemble of backbone structures of one protein on this machine.
     Sample(sample::SampleArgs),
+    /// Score sampled ensembles: physical validity (BioEmu's criteria) and CA-RMSD to
+    /// reference structures and to the nearest training frame; optionally a PNG plot.
+    Evaluate(evaluate::EvaluateArgs),
     /// Convert a published DiG checkpoint (.pth) into a model directory.
     ConvertCheckpoint {
         /// `checkpoint.pth` as published (`{"state_dict": {"module.<key>": tensor}}`).
@@ -64,6 +69,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: i64,
     },
+    /// Train or fine-tune DiG on structures (MD frames) with the published loss.
+    Train(train::TrainArgs),
+    /// Make feature files.
+    #[command(subcommand)]
+    Features(FeaturesCommand),
     /// Benchmark the sampler: naive (published strategy) against the optimized path.
     Bench(bench::BenchArgs),
     /// Run the REST API (RabbitMQ, Redis and the object store from the configuration).
@@ -83,6 +93,24 @@ enum Command {
     ApiKey(ApiKeyCommand),
     #[command(flatten)]
     Client(client::ClientCommand),
+}
+
+#[derive(Subcommand)]
+enum FeaturesCommand {
+    /// Deterministic single/pair arrays from the sequence alone (residue
+    /// identity, position): for proteins without AlphaFold output. Labelled
+    /// synthetic in the file; a model trained on them is specific to that protein.
+    Synth {
+        /// One-letter amino-acid sequence.
+        #[arg(long, conflicts_with = "fasta", required_unless_present = "fasta")]
+        sequence: Option<String>,
+        /// FASTA file whose first record is the sequence.
+        #[arg(long)]
+        fasta: Option<PathBuf>,
+        /// Output .npz (single, pair, sequence, synthetic).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -111,7 +139,28 @@ fn demo_config(size: &str) -> anyhow::Result<ModelConfig> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Sample(args) => sample::run(args),
+        Command::Evaluate(args) => evaluate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Features(FeaturesCommand::Synth {
+            sequence,
+            fasta,
+            out,
+        }) => {
+            let sequence = match (sequence, fasta) {
+                (Some(s), _) => s,
+                (None, Some(f)) => dig_model::features::read_fasta(&f)?,
+                (None, None) => anyhow::bail!("give --sequence or --fasta"),
+            };
+            let f = dig_model::features::synthetic(sequence.trim())?;
+            f.write_npz(&out, Some(dig_model::features::SYNTHETIC_LABEL))?;
+            println!(
+                "wrote {} (synthetic features, L = {}; not AlphaFold output)",
+                out.display(),
+                f.len()
+            );
+            Ok(())
+        }
         Command::Api(args) => services::api(args),
         Command::Coordinator(args) => services::coordinator(args),
         Command::Worker(args) => services::worker(args),

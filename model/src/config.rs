@@ -74,7 +74,7 @@ impl ModelConfig {
         self.d_model / self.n_heads
     }
 
-    fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), String> {
         let positive = [
             ("d_model", self.d_model),
             ("d_pair", self.d_pair),

@@ -272,3 +272,112 @@ pub fn read_fasta(path: &Path) -> Result<String> {
     }
     Ok(seq)
 }
+
+/// Version tag of [`synthetic`]: stored in the file's `synthetic` entry.
+pub const SYNTHETIC_LABEL: &str =
+    "synthetic features from the sequence (digctl features synth v1): \
+single = residue one-hot + sinusoids of the residue position, pair = one-hot relative position; \
+NOT AlphaFold output: a model trained on them is specific to this protein";
+
+/// Deterministic single and pair arrays from the sequence alone, for
+/// proteins without AlphaFold output:
+/// - single `(L, 384)`: one-hot of the residue (20 standard + `X`) in
+///   columns 0-20, then 64 sine/cosine pairs of the residue position `i`
+///   at wavelengths `2 pi * 10000^(j/64)` in columns 21-148, zero beyond;
+/// - pair `(L, L, 128)`: one-hot of `j - i` clipped to `[-63, 64]`.
+pub fn synthetic(sequence: &str) -> Result<Features> {
+    const AA: &str = "ACDEFGHIKLMNPQRSTVWY";
+    let l = sequence.chars().count();
+    if l == 0 {
+        return Err(ModelError::Invalid("the sequence is empty".into()));
+    }
+    let mut single = vec![0f32; l * 384];
+    for (i, c) in sequence.chars().enumerate() {
+        let c = c.to_ascii_uppercase();
+        let k = match AA.find(c) {
+            Some(k) => k,
+            None if c == 'X' => 20,
+            None => return Err(ModelError::Invalid(format!(
+                "residue {} of the sequence is {c:?}; use the 20 standard one-letter codes or X",
+                i + 1
+            ))),
+        };
+        let row = &mut single[i * 384..(i + 1) * 384];
+        row[k] = 1.0;
+        for j in 0..64 {
+            let freq = (10000f64).powf(-(j as f64) / 64.0);
+            let a = i as f64 * freq;
+            row[21 + 2 * j] = a.sin() as f32;
+            row[22 + 2 * j] = a.cos() as f32;
+        }
+    }
+    let mut pair = vec![0f32; l * l * 128];
+    for i in 0..l {
+        for j in 0..l {
+            let r = (j as i64 - i as i64).clamp(-63, 64);
+            pair[(i * l + j) * 128 + (r + 63) as usize] = 1.0;
+        }
+    }
+    let l = l as i64;
+    Ok(Features {
+        single: Tensor::from_slice(&single).view([l, 384]),
+        pair: Tensor::from_slice(&pair).view([l, l, 128]),
+        sequence: Some(sequence.to_ascii_uppercase()),
+    })
+}
+
+impl Features {
+    /// Writes `single`, `pair`, `sequence` and, when given, a `synthetic`
+    /// label as an `.npz` that `numpy.load` and [`Features::from_npz`] read.
+    pub fn write_npz(&self, path: &Path, label: Option<&str>) -> Result<()> {
+        use std::io::Write;
+        let f32s = |t: &Tensor| -> Vec<u8> {
+            Vec::<f32>::try_from(t.to_kind(tch::Kind::Float).flatten(0, -1))
+                .expect("float tensor")
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect()
+        };
+        let text = |s: &str| -> (String, Vec<u8>) {
+            let chars: Vec<char> = s.chars().collect();
+            (
+                format!("<U{}", chars.len().max(1)),
+                chars
+                    .iter()
+                    .flat_map(|&c| (c as u32).to_le_bytes())
+                    .collect(),
+            )
+        };
+        let mut members: Vec<(&str, String, Vec<i64>, Vec<u8>)> = vec![
+            (
+                "single",
+                "<f4".into(),
+                self.single.size(),
+                f32s(&self.single),
+            ),
+            ("pair", "<f4".into(), self.pair.size(), f32s(&self.pair)),
+        ];
+        if let Some(seq) = &self.sequence {
+            let (d, b) = text(seq);
+            members.push(("sequence", d, vec![], b));
+        }
+        if let Some(label) = label {
+            let (d, b) = text(label);
+            members.push(("synthetic", d, vec![], b));
+        }
+        crate::structure::write_atomically(path, |tmp| {
+            let mut zip = zip::ZipWriter::new(std::fs::File::create(tmp)?);
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated)
+                .last_modified_time(zip::DateTime::default());
+            for (name, descr, shape, data) in members {
+                zip.start_file(format!("{name}.npy"), opts)
+                    .map_err(std::io::Error::other)?;
+                zip.write_all(&crate::structure::npy_header(&descr, &shape))?;
+                zip.write_all(&data)?;
+            }
+            zip.finish().map_err(std::io::Error::other)?;
+            Ok(())
+        })
+    }
+}

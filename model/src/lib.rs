@@ -5,9 +5,12 @@
 //!
 //! `../shared/MODEL.md` is the specification this crate implements.
 
+pub mod backbone;
 pub mod checkpoint;
 pub mod config;
+pub mod dataset;
 pub mod error;
+pub mod evaluate;
 pub mod features;
 mod kernels;
 pub mod network;
@@ -16,6 +19,9 @@ pub mod rng;
 pub mod sampler;
 pub mod so3;
 pub mod structure;
+pub mod trainer;
+pub mod training;
+pub mod trajfile;
 pub mod weights;
 
 pub use config::ModelConfig;

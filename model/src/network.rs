@@ -201,6 +201,7 @@ impl PointAttention {
         pair: &LayerPair,
         x2d: &Tensor,
         mask_bias: Option<&Tensor>,
+        fused: bool,
     ) -> Tensor {
         let (b, l, d) = x.size3().unwrap();
         let (h, c) = (self.heads, self.head_dim);
@@ -217,7 +218,7 @@ impl PointAttention {
         let v_pts = pts(&self.point_value, VALUE_POINTS); // (B, L, H*8, 3)
         let w_p = 1.0 / (3.0 * QUERY_POINTS as f64 * 9.0 / 2.0).sqrt();
         let head_w = self.trained_point_weight.softplus() * (-0.5 * w_p); // (H,)
-        let mut logits = if x.device() == Device::Cpu {
+        let mut logits = if fused && x.device() == Device::Cpu {
             let coef = Vec::<f32>::try_from(&head_w).expect("float32 point weights");
             let q_pts = q_pts.permute([0, 2, 1, 3, 4]).contiguous(); // (B, H, L, P, 3)
             let k_t = k_pts.permute([0, 2, 3, 4, 1]).contiguous(); // (B, H, P, 3, L)
@@ -242,7 +243,9 @@ impl PointAttention {
             .permute([0, 2, 1, 3])
             .reshape([b, l, h * VALUE_POINTS, 3]);
         let o_l = frames.to_local(&o_g); // (B, L, H*8, 3)
-        let o_n = o_l.square().sum_dim_intlist(-1, false, Kind::Float).sqrt(); // (B, L, H*8)
+                                         // A vector norm, not sqrt(sum of squares): its gradient at a zero vector
+                                         // (the points of padded residues, whose frames are zero) is 0, not NaN.
+        let o_n = o_l.norm_scalaropt_dim(2.0, [-1i64], false); // (B, L, H*8)
         let o_z = match &pair.value {
             Some(value) => {
                 // batch (i, h): (L*H, B, L_j) x (L*H, L_j, c)
@@ -353,6 +356,11 @@ impl ScoreNetwork {
     /// cache stays within `budget_bytes`; the rest use the memory-light order.
     pub fn prepare(&self, single: &Tensor, pair: &Tensor, budget_bytes: u64) -> ProteinContext {
         let _guard = tch::no_grad_guard();
+        self.context(single, pair, budget_bytes)
+    }
+
+    /// [`prepare`](Self::prepare) under whatever grad mode the caller is in.
+    fn context(&self, single: &Tensor, pair: &Tensor, budget_bytes: u64) -> ProteinContext {
         let l = single.size()[0];
         let x1d = self.x1d_proj.forward(&self.x1d_norm.forward(single)); // (L, d)
         let idx: Vec<i64> = (0..l)
@@ -395,6 +403,39 @@ impl ScoreNetwork {
         step: &Tensor,
     ) -> (Tensor, Tensor) {
         let _guard = tch::no_grad_guard();
+        self.trunk(ctx, tr, rot, mask, step, None)
+    }
+
+    /// The same function as [`forward_step`](Self::forward_step), differentiable
+    /// in every parameter: the per-protein tensors are recomputed under
+    /// autograd, the point logits use tensor ops (the fused CPU kernel has no
+    /// backward) and the pair value takes the memory-light order (cheaper
+    /// than the cache for the few poses of a training batch). `dropout` is
+    /// the published p (0.1) in training mode, `None` in evaluation mode.
+    pub fn forward_train(
+        &self,
+        single: &Tensor,
+        pair: &Tensor,
+        tr: &Tensor,
+        rot: &Tensor,
+        mask: Option<&Tensor>,
+        step: &Tensor,
+        dropout: Option<f64>,
+    ) -> (Tensor, Tensor) {
+        let ctx = self.context(single, pair, 0);
+        self.trunk(&ctx, tr, rot, mask, step, Some(dropout.unwrap_or(0.0)))
+    }
+
+    /// `training`: `Some(p)` for the differentiable path with dropout `p`.
+    fn trunk(
+        &self,
+        ctx: &ProteinContext,
+        tr: &Tensor,
+        rot: &Tensor,
+        mask: Option<&Tensor>,
+        step: &Tensor,
+        training: Option<f64>,
+    ) -> (Tensor, Tensor) {
         let mask_bias = mask.map(|m| {
             // A row that is all padding is treated as unpadded.
             let all = m.all_dims(Some(&[1i64][..]), true);
@@ -404,6 +445,14 @@ impl ScoreNetwork {
                 .unsqueeze(1)
                 .unsqueeze(1) // (B, 1, 1, L)
         });
+        let p = training.unwrap_or(0.0);
+        let drop = |t: Tensor| {
+            if p > 0.0 {
+                t.dropout(p, true)
+            } else {
+                t
+            }
+        };
         let frames = Frames { rot, tr };
         let mut x = ctx.x1d.unsqueeze(0) + step_embedding(step, self.cfg.d_model).unsqueeze(1); // (B, L, d)
         for (layer, pair) in self.layers.iter().zip(&ctx.layers) {
@@ -413,13 +462,11 @@ impl ScoreNetwork {
                 pair,
                 &ctx.x2d,
                 mask_bias.as_ref(),
+                training.is_none(),
             );
-            x += a;
-            let f = layer
-                .ffn
-                .fc2
-                .forward(&layer.ffn.fc1.forward(&layer.norm2.forward(&x)).gelu("none"));
-            x += f;
+            x = x + drop(a);
+            let hidden = drop(layer.ffn.fc1.forward(&layer.norm2.forward(&x)).gelu("none"));
+            x = x + drop(layer.ffn.fc2.forward(&hidden));
         }
         let t_eps = self.fc_t.forward(&x); // (B, L, 3), residue frame
         let r_eps = self.fc_eps.forward(&x);

@@ -322,6 +322,26 @@ impl Ensemble {
         }
         Ok(())
     }
+
+    /// [`Ensemble::read_npz`] for a file whose sequence is not at hand: L
+    /// comes from the file's `tr` and the sequence is all `X` (unknown), so
+    /// the ensemble serves geometry (backbones, RMSD) but not residue names.
+    pub fn read_npz_any(path: &Path) -> Result<Ensemble> {
+        fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+        let entries = Tensor::read_npz(path)
+            .map_err(|e| ModelError::format(path, format!("not a readable npz file: {e}")))?;
+        // A missing or misshapen `tr` gives 0 here and read_npz's own message.
+        let l = entries
+            .iter()
+            .find(|(name, _)| name == "tr")
+            .and_then(|(_, t)| match t.size().as_slice() {
+                [_, l, 3] | [l, 3] => usize::try_from(*l).ok(),
+                _ => None,
+            })
+            .unwrap_or(0);
+        drop(entries);
+        Ensemble::read_npz(path, "X".repeat(l))
+    }
 }
 
 /// The three-letter PDB residue name of a one-letter amino-acid code: the 20
@@ -401,7 +421,7 @@ fn record(w: &mut impl Write, line: &str) -> io::Result<()> {
 /// atomic within a file system, so readers see the old file or the complete
 /// new one. The temporary name is hidden and lacks the final extension, so
 /// nothing that looks for finished files picks it up.
-fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let fail = |e: io::Error| ModelError::format(path, format!("cannot write: {e}"));
     let file_name = path
@@ -435,7 +455,7 @@ fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) ->
 }
 
 /// The header of a version-1.0 `.npy` array, padded to a multiple of 64 bytes.
-fn npy_header(descr: &str, shape: &[i64]) -> Vec<u8> {
+pub(crate) fn npy_header(descr: &str, shape: &[i64]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape = if dims.len() == 1 {
         format!("({},)", dims[0])

@@ -131,6 +131,42 @@ impl DigModel {
         v
     }
 
+    /// The trainable parameters under their published names (the empty
+    /// `step_emb.dummy` buffer excluded), sharing storage with the network.
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Every variable (parameters and buffers) under its published name, on the CPU.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.to_device(Device::Cpu)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Overwrites every variable from `named` (same keys and shapes, as
+    /// [`from_tensors`](Self::from_tensors) checks them).
+    pub fn load_state_dict(&mut self, named: Vec<(String, Tensor)>) -> Result<()> {
+        let fresh = Self::from_tensors(self.net.config(), named, Device::Cpu)?;
+        let src: BTreeMap<String, Tensor> = fresh.vs.variables().into_iter().collect();
+        for (name, mut var) in self.vs.variables() {
+            tch::no_grad(|| var.copy_(&src[&name]));
+        }
+        Ok(())
+    }
+
     pub fn num_parameters(&self) -> i64 {
         self.vs.variables().values().map(|t| t.numel() as i64).sum()
     }
