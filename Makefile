@@ -10,11 +10,14 @@ DIGCTL := target/release/digctl
 # an unchanged set-up costs nothing.
 STAMP  := $(VENV)/.dig-setup-$(shell sha256sum requirements-dev.txt | cut -c1-12)
 
-.PHONY: help setup build run test lint bench bench-pipeline services
+.PHONY: help setup build run run-hp35 test lint bench bench-pipeline services train-adk evaluate-adk
 
 help:
-	@echo "make run    submit a demo job (HP35, untrained demo model) to digctl standalone and fetch it"
+	@echo "make run    sample adenylate kinase from the trained model through digctl standalone, fetch and score it"
 	@echo "make test   run every test"
+	@echo "make run-hp35  the same flow for HP35 with an UNTRAINED random model (pipeline only)"
+	@echo "make train-adk  retrain examples/adk/model (about 90 min on 2 cores; examples/adk/README.md)"
+	@echo "make evaluate-adk  256 samples x 500 steps of the AdK model, scored (examples/adk/README.md)"
 	@echo "make bench  sampler benchmark (naive vs optimized, published architecture)"
 	@echo "make bench-pipeline  a 1000-sample job through API, RabbitMQ, worker, S3 vs digctl sample"
 
@@ -31,6 +34,22 @@ build: setup
 
 run: build
 	DIGCTL=$(DIGCTL) scripts/demo.sh
+
+run-hp35: build
+	DIG_DEMO=hp35 DIGCTL=$(DIGCTL) scripts/demo.sh
+
+# The shipped AdK model: the exact training command (examples/adk/README.md).
+# OUT=... trains elsewhere; add ARGS=--resume to continue an interrupted run.
+ADK_OUT ?= examples/adk/model
+train-adk: build
+	cd examples/adk && ../../$(DIGCTL) train --data manifest.jsonl --out $(abspath $(ADK_OUT)) \
+	    --size small --steps 7000 --batch-size 4 --lr 1e-3 --warmup 300 --schedule cosine \
+	    --min-lr-fraction 0.05 --clip 1.0 --dropout 0 --seed 0 --val-fraction 0.1 \
+	    --checkpoint-every 500 --val-every 1000 --log-every 100 --threads 1 $(ARGS)
+
+# The targets' measurement: 256 samples at the full 500 steps, scored.
+evaluate-adk: build
+	scripts/evaluate-adk.sh
 
 lint: setup
 	cargo fmt --all -- --check

@@ -1,21 +1,55 @@
 #!/usr/bin/env bash
 # `make run`: the product's main flow on one machine with no servers.
 # Starts `digctl standalone` (API + coordinator + worker in one process),
-# uploads the demo protein's features and submits a job through the real
-# HTTP API, follows it with a progress bar, downloads the results, stops.
+# uploads a protein's features and submits a job through the real HTTP API,
+# follows it with a progress bar, downloads the results, scores them, stops.
+#
+# DIG_DEMO=adk (default): adenylate kinase from the model trained on its MD
+#   frames (examples/adk/model), scored by `digctl evaluate` against the
+#   closed and open crystal structures.
+# DIG_DEMO=hp35: HP35 with an UNTRAINED random model (pipeline only).
 set -euo pipefail
 
 DIGCTL=${DIGCTL:-target/release/digctl}
+DEMO=${DIG_DEMO:-adk}
 DATA=${DIG_DEMO_DATA:-demo/data}
 PORT=${DIG_DEMO_PORT:-8765}
-SAMPLES=${DIG_DEMO_SAMPLES:-16}
-OUT=demo/hp35
+
+case "$DEMO" in
+adk)
+    MODEL=examples/adk/model
+    FEATURES=examples/adk/features.npz
+    FASTA=examples/adk/adk.fasta
+    # About 5 minutes of sampling on a 2-core machine; every setting can be
+    # raised (DIG_DEMO_SAMPLES, DIG_DEMO_STEPS; 500 steps is the published sampler).
+    SAMPLES=${DIG_DEMO_SAMPLES:-32}
+    STEPS=${DIG_DEMO_STEPS:-200}
+    OUT=demo/adk
+    test -f "$MODEL/config.json" || {
+        echo "error: $MODEL is missing; train it with the command in examples/adk/README.md" >&2
+        exit 1
+    }
+    ;;
+hp35)
+    MODEL=demo/model
+    FEATURES=examples/hp35/features.npz
+    FASTA=examples/hp35/hp35.fasta
+    SAMPLES=${DIG_DEMO_SAMPLES:-16}
+    STEPS=${DIG_DEMO_STEPS:-500}
+    OUT=demo/hp35
+    mkdir -p demo
+    test -f demo/model/config.json || "$DIGCTL" demo-model demo/model --size small --seed 0
+    ;;
+*)
+    echo "error: DIG_DEMO=$DEMO; use adk or hp35" >&2
+    exit 1
+    ;;
+esac
 
 mkdir -p demo
-test -f demo/model/config.json || "$DIGCTL" demo-model demo/model --size small --seed 0
-
+echo "demo: $DEMO, model $MODEL, $SAMPLES samples x $STEPS sampler steps (published: 500)"
 echo "starting digctl standalone on 127.0.0.1:$PORT (log: demo/standalone.log, data: $DATA)"
-"$DIGCTL" standalone --data-dir "$DATA" --listen "127.0.0.1:$PORT" --model demo/model \
+"$DIGCTL" standalone --data-dir "$DATA" --listen "127.0.0.1:$PORT" --model "$MODEL" \
     >demo/standalone.log 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true' EXIT
@@ -35,10 +69,21 @@ done
 export DIG_API_KEY
 DIG_API_KEY=$(cat "$DATA/api-key")
 
-JOB=$("$DIGCTL" submit --features examples/hp35/features.npz --fasta examples/hp35/hp35.fasta \
-    --num-samples "$SAMPLES" --seed 1 --shard-size 8 --name hp35-demo)
+JOB=$("$DIGCTL" submit --features "$FEATURES" --fasta "$FASTA" \
+    --num-samples "$SAMPLES" --steps "$STEPS" --seed 1 --shard-size 8 --name "$DEMO-demo")
 "$DIGCTL" wait "$JOB"
+rm -rf "$OUT"
 "$DIGCTL" fetch "$JOB" --out "$OUT"
 "$DIGCTL" fetch "$JOB" --out "$OUT" --format pdb
 echo "demo done: job $JOB; results in $OUT/ (manifest.json, shards/*.npz, $JOB.pdb)"
-echo "the model is UNTRAINED (demo/model/UNTRAINED.txt): the structures exercise the pipeline only"
+
+if [ "$DEMO" = adk ]; then
+    "$DIGCTL" evaluate --samples "$OUT" \
+        --reference examples/adk/closed.pdb --reference examples/adk/open.pdb \
+        --frames examples/adk/manifest.jsonl \
+        --out "$OUT/evaluation.json" --plot "$OUT/evaluation.png" >/dev/null
+    echo "evaluation: $OUT/evaluation.json, plot: $OUT/evaluation.png"
+    echo "model: examples/adk/model, trained on the AdK DIMS frames (examples/adk/README.md)"
+else
+    echo "the model is UNTRAINED (demo/model/UNTRAINED.txt): the structures exercise the pipeline only"
+fi

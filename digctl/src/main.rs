@@ -15,6 +15,7 @@
 mod bench;
 mod client;
 mod device;
+mod frames;
 mod evaluate;
 mod metrics_http;
 mod progress;
@@ -71,6 +72,8 @@ enum Command {
     },
     /// Train or fine-tune DiG on structures (MD frames) with the published loss.
     Train(train::TrainArgs),
+    /// Show the backbone frames the training reader gets from a structure file.
+    Frames(frames::FramesArgs),
     /// Make feature files.
     #[command(subcommand)]
     Features(FeaturesCommand),
@@ -142,6 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evaluate(args) => evaluate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(args),
+        Command::Frames(args) => frames::run(args),
         Command::Features(FeaturesCommand::Synth {
             sequence,
             fasta,

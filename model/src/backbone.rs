@@ -193,7 +193,7 @@ struct PdbModels {
     frames: Vec<Vec<[f32; 3]>>,
 }
 
-fn pdb_field<'a>(line: &'a str, a: usize, b: usize) -> &'a str {
+fn pdb_field(line: &str, a: usize, b: usize) -> &str {
     line.get(a..b.min(line.len())).unwrap_or("")
 }
 
@@ -334,8 +334,8 @@ impl Format {
     }
 }
 
-/// Reads backbone frames from `trajectory`, with `topology` for DCD (PSF or
-/// PDB) and XTC (PDB or GRO). A PDB trajectory needs no topology.
+/// Reads backbone frames from `trajectory`, with `topology` (PSF, PDB or
+/// GRO, atom for atom) for DCD and XTC. A PDB trajectory needs no topology.
 pub fn read_trajectory(trajectory: &Path, topology: Option<&Path>) -> Result<Trajectory> {
     match Format::of(trajectory)? {
         Format::Pdb => read_pdb(trajectory),

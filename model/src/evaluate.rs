@@ -95,8 +95,8 @@ pub fn validity(backbone: &[[[f32; 3]; 3]]) -> Validity {
 /// [`CLASH_MIN_SEPARATION`] apart, by a sweep along x: the atoms sorted by x,
 /// each is compared only with earlier atoms whose x lies within the best
 /// distance so far. Compact or extended, a protein's backbone has few atoms
-/// in such a slab, so this is far below the all-pairs cost (about 0.1 ms for
-/// L = 214, release).
+/// in such a slab, so this is far below the all-pairs cost (about 0.2 ms for
+/// L = 214 and 1 ms for L = 1070 at the dev profile's opt-level 1).
 fn min_nonlocal_distance(atoms: &[[[f64; 3]; 3]]) -> f64 {
     let mut points: Vec<([f64; 3], usize)> = atoms
         .iter()

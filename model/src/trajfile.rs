@@ -393,18 +393,20 @@ fn read_dcd(path: &Path, topology: &Path, sel: &BackboneSelection) -> Result<Vec
     }
     let w4 = |b: &[u8]| -> [u8; 4] { b[..4].try_into().expect("4 bytes") };
     let w8 = |b: &[u8]| -> [u8; 8] { b[..8].try_into().expect("8 bytes") };
-    let (big_endian, wide_markers) = if u32::from_le_bytes(w4(&head)) == 84 {
+    let (big_endian, wide_markers) = if &head[4..8] == b"CORD"
+        && u32::from_le_bytes(w4(&head)) == 84
+    {
         (false, false)
-    } else if u32::from_be_bytes(w4(&head)) == 84 {
+    } else if &head[4..8] == b"CORD" && u32::from_be_bytes(w4(&head)) == 84 {
         (true, false)
-    } else if u64::from_le_bytes(w8(&head)) == 84 {
+    } else if &head[8..12] == b"CORD" && u64::from_le_bytes(w8(&head)) == 84 {
         (false, true)
-    } else if u64::from_be_bytes(w8(&head)) == 84 {
+    } else if &head[8..12] == b"CORD" && u64::from_be_bytes(w8(&head)) == 84 {
         (true, true)
     } else {
         return Err(ModelError::format(
             path,
-            "not a DCD file: it does not start with an 84-byte header record",
+            "not a coordinate DCD file: it does not start with an 84-byte header record holding \"CORD\"",
         ));
     };
     r.seek_relative(-(n as i64))
@@ -419,12 +421,6 @@ fn read_dcd(path: &Path, topology: &Path, sel: &BackboneSelection) -> Result<Vec
     };
     let mut buf = Vec::new();
     f.record(&mut buf, Some(84), "the header")?;
-    if &buf[..4] != b"CORD" {
-        return Err(f.err(format!(
-            "not a coordinate DCD file: its header starts with {:?}, not \"CORD\"",
-            String::from_utf8_lossy(&buf[..4])
-        )));
-    }
     // ICNTRL[0..20] after "CORD". NSET (ICNTRL[0]) is not trusted: CHARMM
     // writes the planned count and an interrupted run leaves it wrong, so
     // frames are read up to the end of the file, as MDAnalysis counts them.
@@ -552,6 +548,13 @@ fn read_xtc(path: &Path, topology: &Path, sel: &BackboneSelection) -> Result<Vec
             let prelude = XTC_HEADER + 32 + if magic == 2023 { 8 } else { 4 };
             if n < prelude {
                 return Err(truncated());
+            }
+            // molly indexes its size table with smallidx unchecked.
+            let smallidx = be(21);
+            if !(9..73).contains(&smallidx) {
+                return Err(err(format!(
+                    "corrupt compressed coordinates (size index {smallidx}, expected 9 to 72)"
+                )));
             }
             let nbytes = if magic == 2023 {
                 (be(22) as u64) << 32 | be(23) as u64

@@ -477,7 +477,7 @@ fn pdb_missing_a_ca_names_the_residue_and_the_atom() {
         .filter(|l| {
             let drop = removed.is_none()
                 && l.starts_with("ATOM")
-                && &l[12..16] == " CA "
+                && l[12..16].trim() == "CA"
                 && l[22..26].trim() == "10";
             if drop {
                 removed = Some(l.to_string());
@@ -524,7 +524,8 @@ fn non_finite_pdb_coordinate_names_frame_residue_and_atom() {
     let lines: Vec<String> = text
         .lines()
         .map(|l| {
-            if !done && l.starts_with("ATOM") && &l[12..16] == " C  " && l[22..26].trim() == "3" {
+            if !done && l.starts_with("ATOM") && l[12..16].trim() == "C" && l[22..26].trim() == "3"
+            {
                 done = true;
                 format!("{}{:>8}{}", &l[..30], "inf", &l[38..])
             } else {
@@ -622,6 +623,24 @@ fn truncated_or_corrupt_xtc_names_the_frame() {
     std::fs::write(&path, &bytes).unwrap();
     let msg = message(read_trajectory(&path, Some(&gro)));
     assert_mentions(&msg, &["bad_size.xtc", "frame 3", "truncated"]);
+    // A size index (smallidx) out of range.
+    let mut bytes = src.clone();
+    bytes[offsets[4] + 84..offsets[4] + 88].copy_from_slice(&0u32.to_be_bytes());
+    let path = dir.path().join("bad_smallidx.xtc");
+    std::fs::write(&path, &bytes).unwrap();
+    let msg = message(read_trajectory(&path, Some(&gro)));
+    assert_mentions(&msg, &["bad_smallidx.xtc", "frame 5", "corrupt"]);
+    // Damaged compressed bytes: molly's decoder asserts on these (its panic
+    // message shows in the test output); it is an error naming the frame,
+    // not a crash. (Other damage can decode to wrong coordinates: XTC has
+    // no checksum.)
+    let mut bytes = src.clone();
+    bytes[offsets[4] + 95..offsets[4] + 99].copy_from_slice(&[0; 4]);
+    let path = dir.path().join("bad_bits.xtc");
+    std::fs::write(&path, &bytes).unwrap();
+    if let Err(e) = read_trajectory(&path, Some(&gro)) {
+        assert_mentions(&e.to_string(), &["bad_bits.xtc", "frame 5"]);
+    }
 }
 
 #[test]

@@ -1,0 +1,283 @@
+//! `digctl train` and `digctl features synth` as users run them: a short run
+//! whose model `digctl sample` loads, `--resume`, and every bad input with
+//! its message.
+
+use std::path::{Path, PathBuf};
+
+use dig_tests::{digctl_err, digctl_ok, python, repo_root};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn adk(name: &str) -> PathBuf {
+    repo_root().join("examples/adk").join(name)
+}
+
+/// The first `n` residues of the AdK closed structure as a PDB, and
+/// synthetic features for them, in `dir`.
+fn fragment(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
+    let text = std::fs::read_to_string(adk("closed.pdb")).unwrap();
+    let mut out = String::new();
+    let mut seq = String::new();
+    let mut last = String::new();
+    for line in text.lines() {
+        if line.starts_with("ATOM") {
+            let resid = line[22..26].trim().to_string();
+            if resid != last {
+                if seq.len() == n {
+                    break;
+                }
+                let name = &line[17..20];
+                seq.push(dig_model::backbone::one_letter(name));
+                last = resid;
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str("END\n");
+    let pdb = dir.join("frag.pdb");
+    std::fs::write(&pdb, out).unwrap();
+    let feats = dir.join("frag.npz");
+    digctl_ok(&["features", "synth", "--sequence", &seq, "--out", s(&feats)]);
+    (pdb, feats)
+}
+
+fn manifest(dir: &Path, lines: &[String]) -> PathBuf {
+    let p = dir.join("data.jsonl");
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+fn tiny_train<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "train",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--size",
+        "32,16,2,4,64",
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        "0",
+        "--log-every",
+        "1",
+        "--threads",
+        "1",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn a_short_run_gives_a_model_that_sample_loads_and_resume_extends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pdb, feats) = fragment(dir.path(), 20);
+    let data = manifest(
+        dir.path(),
+        &[format!(
+            r#"{{"trajectory": "{}", "features": "{}"}}"#,
+            pdb.file_name().unwrap().to_str().unwrap(),
+            feats.file_name().unwrap().to_str().unwrap()
+        )],
+    );
+    let out = dir.path().join("model");
+    digctl_ok(&tiny_train(s(&data), s(&out), &["--steps", "4"]));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps_done"], 4);
+    assert_eq!(summary["finished"], true);
+    assert_eq!(summary["history"].as_array().unwrap().len(), 4);
+    assert_eq!(summary["data"]["trajectories"][0]["residues"], 20);
+    assert_eq!(summary["hyperparameters"]["batch_size"], 2);
+    assert!(summary["time"]["seconds"].as_f64().unwrap() > 0.0);
+
+    // The output is a model directory that `digctl sample` loads unchanged.
+    let run = dir.path().join("samples");
+    digctl_ok(&[
+        "sample",
+        "--model",
+        s(&out),
+        "--features",
+        s(&feats),
+        "--num-samples",
+        "2",
+        "--steps",
+        "5",
+        "--out",
+        s(&run),
+    ]);
+    assert!(run.join("samples.npz").is_file());
+
+    // Training again into the same folder needs --resume; --resume extends.
+    let err = digctl_err(&tiny_train(s(&data), s(&out), &["--steps", "6"]));
+    assert!(
+        err.contains("already holds a training run") && err.contains("--resume"),
+        "{err}"
+    );
+    digctl_ok(&tiny_train(
+        s(&data),
+        s(&out),
+        &["--steps", "6", "--resume"],
+    ));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps_done"], 6);
+    assert_eq!(summary["history"].as_array().unwrap().len(), 6);
+
+    // Changed options are refused on resume, naming the option.
+    let err = digctl_err(&tiny_train(
+        s(&data),
+        s(&out),
+        &["--steps", "8", "--resume", "--lr", "0.01"],
+    ));
+    assert!(err.contains("lr: checkpoint 0.001 vs now 0.01"), "{err}");
+    let fresh = dir.path().join("fresh");
+    let err = digctl_err(&tiny_train(
+        s(&data),
+        s(&fresh),
+        &["--steps", "2", "--resume"],
+    ));
+    assert!(err.contains("no checkpoint to resume from"), "{err}");
+}
+
+#[test]
+fn bad_training_input_is_refused_with_a_message_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (pdb, feats) = fragment(d, 20);
+    let out = d.join("out");
+    let run = |lines: &[String], extra: &[&str]| {
+        let data = manifest(d, lines);
+        digctl_err(&tiny_train(
+            s(&data),
+            s(&out),
+            &[&["--steps", "2"], extra].concat(),
+        ))
+    };
+    let line = |traj: &Path, f: &Path| {
+        format!(r#"{{"trajectory": "{}", "features": "{}"}}"#, s(traj), s(f))
+    };
+
+    // Residue count different from the features' L.
+    let err = run(&[line(&adk("closed.pdb"), &feats)], &[]);
+    assert!(
+        err.contains("closed.pdb") && err.contains("has 214 residues") && err.contains("L = 20"),
+        "{err}"
+    );
+
+    // A residue without its CA.
+    let text = std::fs::read_to_string(&pdb).unwrap();
+    let mut dropped = false;
+    let no_ca: String = text
+        .lines()
+        .filter(|l| {
+            let drop = !dropped
+                && l.starts_with("ATOM")
+                && &l[12..16] == " CA "
+                && l[22..26].trim() == "5";
+            dropped |= drop;
+            !drop
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(dropped);
+    let bad = d.join("no_ca.pdb");
+    std::fs::write(&bad, no_ca).unwrap();
+    let err = run(&[line(&bad, &feats)], &[]);
+    assert!(
+        err.contains("no_ca.pdb") && err.contains("has no CA atom"),
+        "{err}"
+    );
+
+    // A non-finite coordinate.
+    let nan: String = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == 10 && l.starts_with("ATOM") {
+                format!("{}{:>8}{}\n", &l[..30], "nan", &l[38..])
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let bad = d.join("nan.pdb");
+    std::fs::write(&bad, nan).unwrap();
+    let err = run(&[line(&bad, &feats)], &[]);
+    assert!(
+        err.contains("nan.pdb") && err.contains("non-finite coordinate"),
+        "{err}"
+    );
+
+    // A DCD without its topology.
+    let err = run(&[line(&d.join("x.dcd"), &feats)], &[]);
+    assert!(
+        err.contains("x.dcd") && err.contains("needs a topology"),
+        "{err}"
+    );
+
+    // Unknown manifest keys and non-positive weights name the line.
+    let err = run(
+        &[format!(
+            r#"{{"trajectory": "{}", "feature": "{}"}}"#,
+            s(&pdb),
+            s(&feats)
+        )],
+        &[],
+    );
+    assert!(
+        err.contains("line 1") && err.contains("unknown field `feature`"),
+        "{err}"
+    );
+    let err = run(
+        &[format!(
+            r#"{{"trajectory": "{}", "features": "{}", "weight": 0}}"#,
+            s(&pdb),
+            s(&feats)
+        )],
+        &[],
+    );
+    assert!(err.contains("weight must be a positive number"), "{err}");
+
+    // An odd batch size.
+    let err = run(&[line(&pdb, &feats)], &["--batch-size", "3"]);
+    assert!(err.contains("--batch-size must be even"), "{err}");
+
+    // Nothing half-written: no failed run left a model directory behind.
+    assert!(!out.join("config.json").exists());
+    assert!(!out.join("checkpoint").exists());
+}
+
+#[test]
+fn synthetic_features_are_deterministic_labelled_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.npz"), dir.path().join("b.npz"));
+    let fasta = adk("adk.fasta");
+    digctl_ok(&["features", "synth", "--fasta", s(&fasta), "--out", s(&a)]);
+    digctl_ok(&["features", "synth", "--fasta", s(&fasta), "--out", s(&b)]);
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "same bytes twice"
+    );
+    let text = python(
+        "import sys, numpy as np\n\
+         d = np.load(sys.argv[1])\n\
+         print(d['single'].shape, d['pair'].shape, str(d['sequence'])[:10], 'NOT AlphaFold' in str(d['synthetic']))\n\
+         s = d['single']; p = d['pair']\n\
+         print(int(s[0, :21].argmax()), int(p[3, 5].argmax()), float(s[:, :21].sum()), float(p.sum()))",
+        &[&a],
+    );
+    // M is residue 0 (one-hot index 10 in ACDEFGHIKLMNPQRSTVWY); j - i = 2 is bin 65.
+    assert_eq!(
+        text.trim(),
+        "(214, 384) (214, 214, 128) MRIILLGAPG True\n10 65 214.0 45796.0",
+        "{text}"
+    );
+    let err = digctl_err(&["features", "synth", "--sequence", "MKB1", "--out", s(&a)]);
+    assert!(err.contains("residue 3") && err.contains("'B'"), "{err}");
+}
