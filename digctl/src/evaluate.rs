@@ -703,41 +703,52 @@ fn plot(
             .y_desc(format!("CA-RMSD to {} (Å)", b.name))
             .label_style(("sans-serif", 16))
             .axis_desc_style(("sans-serif", 19))
-            .light_line_style(RGBColor(235, 235, 235))
+            .light_line_style(RGBColor(242, 242, 242))
             .draw()
             .map_err(|e| draw_err(&e))?;
 
         let blue = RGBColor(31, 119, 180);
         let red = RGBColor(214, 39, 40);
-        let orange = RGBColor(255, 127, 14);
-        chart
-            .draw_series(
-                valid
-                    .iter()
-                    .map(|&p| Circle::new(p, 3, blue.mix(0.6).filled())),
-            )
-            .map_err(|e| draw_err(&e))?
-            .label(format!("valid samples ({})", valid.len()))
-            .legend(move |p| Circle::new(p, 4, blue.filled()));
+        let orange = RGBColor(230, 110, 0);
+        // Invalid samples underneath, valid ones over them, training frames
+        // (hollow, so that samples stay visible) on top.
         chart
             .draw_series(
                 invalid
                     .iter()
-                    .map(|&p| Cross::new(p, 4, red.stroke_width(2))),
+                    .map(|&p| Cross::new(p, 4, red.mix(0.8).stroke_width(2))),
             )
             .map_err(|e| draw_err(&e))?
             .label(format!("invalid samples ({})", invalid.len()))
             .legend(move |p| Cross::new(p, 4, red.stroke_width(2)));
+        chart
+            .draw_series(
+                valid
+                    .iter()
+                    .map(|&p| Circle::new(p, 3, blue.mix(0.7).filled())),
+            )
+            .map_err(|e| draw_err(&e))?
+            .label(format!("valid samples ({})", valid.len()))
+            .legend(move |p| Circle::new(p, 4, blue.filled()));
         if frames.is_some() {
+            let triangle = move |p| {
+                EmptyElement::at(p)
+                    + PathElement::new(
+                        vec![(0, -6), (-5, 3), (5, 3), (0, -6)],
+                        orange.stroke_width(2),
+                    )
+            };
             chart
-                .draw_series(
-                    train
-                        .iter()
-                        .map(|&p| TriangleMarker::new(p, 5, orange.mix(0.85).filled())),
-                )
+                .draw_series(train.iter().map(|&p| triangle(p)))
                 .map_err(|e| draw_err(&e))?
                 .label(format!("training frames ({})", train.len()))
-                .legend(move |p| TriangleMarker::new(p, 5, orange.filled()));
+                .legend(move |(x, y)| {
+                    EmptyElement::at((x, y))
+                        + PathElement::new(
+                            vec![(0, -6), (-5, 3), (5, 3), (0, -6)],
+                            orange.stroke_width(2),
+                        )
+                });
         }
         chart
             .configure_series_labels()

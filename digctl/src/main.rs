@@ -15,8 +15,8 @@
 mod bench;
 mod client;
 mod device;
-mod frames;
 mod evaluate;
+mod frames;
 mod metrics_http;
 mod progress;
 mod reconcile;

@@ -309,7 +309,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 st.loss, st.tr_loss, st.rot_loss
             ));
         }
-        if s % args.log_every == 0 || s == opts.steps {
+        if s.is_multiple_of(args.log_every) || s == opts.steps {
             if let Some(p) = trainer.log_window() {
                 let line = format!(
                     "step {s}/{}: loss {:.4} (tr {:.4}, rot {:.4}), lr {:.2e}, grad norm {:.3}, {:.0} s",
@@ -327,7 +327,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 }
             }
         }
-        if s % args.val_every == 0 || s == opts.steps {
+        if s.is_multiple_of(args.val_every) || s == opts.steps {
             if let Some(v) = trainer.validate(4)? {
                 let line = format!(
                     "step {s}: validation loss {:.4} (tr {:.4}, rot {:.4})",
@@ -339,7 +339,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 }
             }
         }
-        if s % args.checkpoint_every == 0 || s == opts.steps {
+        if s.is_multiple_of(args.checkpoint_every) || s == opts.steps {
             save(&trainer, seconds(&trainer), s == opts.steps)?;
         }
     }

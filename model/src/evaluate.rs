@@ -71,17 +71,18 @@ pub fn validity(backbone: &[[[f32; 3]; 3]]) -> Validity {
         c_n_max = nan_max(c_n_max, dist(pair[0][2], pair[1][0]));
     }
     let clash_min = min_nonlocal_distance(&atoms);
-    let mut failed = Vec::new();
-    // Written so that NaN fails: `!(x < limit)`.
-    if !(ca_ca_max < MAX_CA_CA) {
-        failed.push(CA_CA);
-    }
-    if !(c_n_max < MAX_C_N) {
-        failed.push(C_N);
-    }
-    if !(clash_min > CLASH_DISTANCE) {
-        failed.push(CLASH);
-    }
+    // A NaN compares false, so it passes none of these.
+    let passes = [
+        ca_ca_max < MAX_CA_CA,
+        c_n_max < MAX_C_N,
+        clash_min > CLASH_DISTANCE,
+    ];
+    let failed: Vec<&'static str> = CRITERIA
+        .iter()
+        .zip(passes)
+        .filter(|&(_, pass)| !pass)
+        .map(|(&name, _)| name)
+        .collect();
     Validity {
         ca_ca_max,
         c_n_max,
@@ -253,8 +254,8 @@ fn top_eigenvector(mut a: [[f64; 4]; 4]) -> [f64; 4] {
             .flat_map(|p| (p + 1..4).map(move |q| (p, q)))
             .map(|(p, q)| a[p][q] * a[p][q])
             .sum();
-        // Not finite: a NaN input; nothing to converge to.
-        if !(off > 1e-32 * scale) {
+        // NaN: a NaN input, nothing to converge to.
+        if off <= 1e-32 * scale || off.is_nan() {
             break;
         }
         for p in 0..3 {
@@ -272,11 +273,9 @@ fn top_eigenvector(mut a: [[f64; 4]; 4]) -> [f64; 4] {
                     row[p] = c * kp - s * kq;
                     row[q] = s * kp + c * kq;
                 }
-                for k in 0..4 {
-                    let (pk, qk) = (a[p][k], a[q][k]);
-                    a[p][k] = c * pk - s * qk;
-                    a[q][k] = s * pk + c * qk;
-                }
+                let (row_p, row_q) = (a[p], a[q]);
+                a[p] = std::array::from_fn(|k| c * row_p[k] - s * row_q[k]);
+                a[q] = std::array::from_fn(|k| s * row_p[k] + c * row_q[k]);
                 for row in v.iter_mut() {
                     let (kp, kq) = (row[p], row[q]);
                     row[p] = c * kp - s * kq;

@@ -297,10 +297,12 @@ pub fn synthetic(sequence: &str) -> Result<Features> {
         let k = match AA.find(c) {
             Some(k) => k,
             None if c == 'X' => 20,
-            None => return Err(ModelError::Invalid(format!(
+            None => {
+                return Err(ModelError::Invalid(format!(
                 "residue {} of the sequence is {c:?}; use the 20 standard one-letter codes or X",
                 i + 1
-            ))),
+            )))
+            }
         };
         let row = &mut single[i * 384..(i + 1) * 384];
         row[k] = 1.0;

@@ -412,6 +412,7 @@ impl ScoreNetwork {
     /// backward) and the pair value takes the memory-light order (cheaper
     /// than the cache for the few poses of a training batch). `dropout` is
     /// the published p (0.1) in training mode, `None` in evaluation mode.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_train(
         &self,
         single: &Tensor,
@@ -427,6 +428,9 @@ impl ScoreNetwork {
     }
 
     /// `training`: `Some(p)` for the differentiable path with dropout `p`.
+    // `x = x + ...`, not `x += ...`: an in-place add would overwrite the
+    // input that the previous layer norm saved for the backward pass.
+    #[allow(clippy::assign_op_pattern)]
     fn trunk(
         &self,
         ctx: &ProteinContext,

@@ -421,7 +421,10 @@ fn record(w: &mut impl Write, line: &str) -> io::Result<()> {
 /// atomic within a file system, so readers see the old file or the complete
 /// new one. The temporary name is hidden and lacks the final extension, so
 /// nothing that looks for finished files picks it up.
-pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) -> Result<()> {
+pub(crate) fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&Path) -> io::Result<()>,
+) -> Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let fail = |e: io::Error| ModelError::format(path, format!("cannot write: {e}"));
     let file_name = path

@@ -68,7 +68,7 @@ impl TrainOptions {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Invalid(m));
-        if self.batch_size == 0 || self.batch_size % 2 != 0 {
+        if self.batch_size == 0 || !self.batch_size.is_multiple_of(2) {
             return bad(format!(
                 "--batch-size must be even and positive (time steps are drawn in mirrored pairs), got {}",
                 self.batch_size

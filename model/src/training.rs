@@ -204,7 +204,7 @@ impl Noise {
         cfg: &ModelConfig,
         igso: &mut Igso3,
     ) -> Result<Noise> {
-        if b == 0 || b % 2 != 0 {
+        if b == 0 || !b.is_multiple_of(2) {
             return Err(ModelError::Invalid(format!(
                 "the batch size must be even (mirrored time steps come in pairs), got {b}"
             )));

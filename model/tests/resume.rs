@@ -21,7 +21,7 @@ fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
         }
         while t.step < steps {
             t.train_step().unwrap();
-            if t.step % 3 == 0 {
+            if t.step.is_multiple_of(3) {
                 t.log_window();
             }
         }

