@@ -59,8 +59,6 @@ fn tiny_train<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str
         out,
         "--size",
         "32,16,2,4,64",
-        "--batch-size",
-        "2",
         "--val-fraction",
         "0",
         "--log-every",
@@ -68,6 +66,9 @@ fn tiny_train<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str
         "--threads",
         "1",
     ];
+    if !extra.contains(&"--batch-size") {
+        v.extend_from_slice(&["--batch-size", "2"]);
+    }
     v.extend_from_slice(extra);
     v
 }
