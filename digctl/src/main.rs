@@ -16,6 +16,7 @@ mod bench;
 mod client;
 mod device;
 mod evaluate;
+mod fidelity;
 mod frames;
 mod metrics_http;
 mod progress;
@@ -77,6 +78,9 @@ enum Command {
     /// Make feature files.
     #[command(subcommand)]
     Features(FeaturesCommand),
+    /// Fidelity of fewer network calls: every solver and step count against
+    /// the published 500-step Euler run from the same initial states.
+    BenchFidelity(fidelity::FidelityArgs),
     /// Benchmark the sampler: naive (published strategy) against the optimized path.
     Bench(bench::BenchArgs),
     /// Run the REST API (RabbitMQ, Redis and the object store from the configuration).
@@ -144,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sample(args) => sample::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchFidelity(args) => fidelity::run(args),
         Command::Train(args) => train::run(args),
         Command::Frames(args) => frames::run(args),
         Command::Features(FeaturesCommand::Synth {

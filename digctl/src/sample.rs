@@ -49,6 +49,14 @@ pub struct SampleArgs {
     /// Sampler steps (default: the model's n_time_step); fewer is faster and less accurate.
     #[arg(long)]
     steps: Option<i64>,
+    /// ODE solver: euler (the published update), exp (exponential
+    /// integrator), heun (second order, 2 calls per step), ab2 (second
+    /// order, 1 call per step). See docs/performance.md for their fidelity.
+    #[arg(long, default_value = "euler")]
+    solver: dig_model::sampler::Solver,
+    /// libtorch threads (default: libtorch's choice, one per core).
+    #[arg(long)]
+    threads: Option<i32>,
     /// Start from these poses (`tr (N,L,3)`/`(L,3)`, `rot_mat`) instead of seeded noise.
     #[arg(long)]
     init_state: Option<PathBuf>,
@@ -117,8 +125,15 @@ pub fn run(args: SampleArgs) -> Result<()> {
         bail!("--num-samples must be at least 1");
     }
     let so3 = So3Tables::compute();
-    let schedule = Schedule::new(&cfg, &so3, args.steps)?;
+    if let Some(t) = args.threads {
+        if t < 1 {
+            bail!("--threads must be at least 1, got {t}");
+        }
+        tch::set_num_threads(t);
+    }
+    let schedule = Schedule::with_solver(&cfg, &so3, args.steps, args.solver)?;
     let steps = schedule.len();
+    let calls = schedule.network_calls();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
 
@@ -131,7 +146,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let sampler = Sampler::new(&model.net, schedule);
     let n = init.len();
     tracing::info!(
-        "sampling {n} structures of L = {len} with {steps} steps, batch {} on {:?}",
+        "sampling {n} structures of L = {len} with {steps} {} steps ({calls} network calls each), batch {} on {:?}",
+        args.solver,
         args.batch_size,
         device
     );
@@ -160,6 +176,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
         "seed": args.init_state.is_none().then_some(args.seed),
         "init_state": args.init_state,
         "steps": steps,
+        "solver": args.solver.as_str(),
+        "network_calls_per_sample": calls,
         "device": args.device,
         "seconds": seconds,
         "files": {"npz": "samples.npz", "pdb": "samples.pdb"},
