@@ -179,9 +179,12 @@ fn every_solver_gives_a_sample_the_same_alone_in_a_batch_and_again() {
                 .abs()
                 .max()
                 .double_value(&[]);
+            // A few float32 roundings of the largest coordinate: this random
+            // model throws atoms hundreds of Å out in 8 steps.
+            let scale = batch.abs().max().double_value(&[]);
             assert!(
-                d < 1e-4,
-                "{solver}: sample {i} differs by {d} Å alone and in a batch"
+                d <= 1e-4 + 1e-6 * scale,
+                "{solver}: sample {i} differs by {d} Å alone and in a batch (largest coordinate {scale} Å)"
             );
         }
     }
