@@ -23,7 +23,7 @@ adk)
     # About 5 minutes of sampling on a 2-core machine; every setting can be
     # raised (DIG_DEMO_SAMPLES, DIG_DEMO_STEPS; 500 steps is the published sampler).
     SAMPLES=${DIG_DEMO_SAMPLES:-32}
-    STEPS=${DIG_DEMO_STEPS:-200}
+    STEPS=${DIG_DEMO_STEPS:-500}
     OUT=demo/adk
     test -f "$MODEL/config.json" || {
         echo "error: $MODEL is missing; train it with the command in examples/adk/README.md" >&2
