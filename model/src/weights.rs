@@ -35,7 +35,11 @@ impl DigModel {
         let model = Self::build(cfg, device);
         // Point weights initialise to a constant; perturb them so that every
         // head differs, as in a trained model.
-        for (name, mut t) in model.vs.variables() {
+        // In name order: `variables()` is a HashMap, whose order changes from
+        // one process to the next, and each draw advances the generator.
+        let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, mut t) in vars {
             if name.ends_with("trained_point_weight") {
                 tch::no_grad(|| t.copy_(&(Tensor::randn(t.size(), (Kind::Float, device)) * 0.5)));
             }

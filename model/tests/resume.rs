@@ -1,16 +1,24 @@
 //! A resumed training run equals an uninterrupted one bit for bit (same
-//! machine, same thread count). Its own test binary: libtorch's generator
-//! (dropout) and thread count are process-wide.
+//! machine, same thread count), and random weights are a pure function of
+//! the seed. Its own test binary, and its tests one at a time: libtorch's
+//! generator (initial weights, dropout) and thread count are process-wide.
 
 mod common;
 
 use common::*;
 use dig_model::trainer::Trainer;
 use dig_model::DigModel;
+use std::sync::Mutex;
+
+use dig_model::ModelConfig;
 use tch::Device;
+
+/// libtorch's generator is global: one test at a time draws from it.
+static TORCH_RNG: Mutex<()> = Mutex::new(());
 
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
     let run = |steps: u64, resume: bool| {
@@ -49,4 +57,30 @@ fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
         .filter(|((_, x), (_, y))| !x.equal(y))
         .count();
     assert!(moved > 10, "only {moved} tensors changed in training");
+}
+
+#[test]
+fn random_weights_are_a_pure_function_of_the_seed() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    // Several draws: the per-head point weights were once drawn in HashMap
+    // order, which differs between map instances, so equal seeds gave
+    // different models in about half of the pairs.
+    let cfg = ModelConfig {
+        d_model: 32,
+        d_pair: 16,
+        n_layer: 3,
+        n_heads: 4,
+        dim_feedforward: 64,
+        ..ModelConfig::default()
+    };
+    let first = DigModel::random(&cfg, 5, Device::Cpu).state_dict();
+    for _ in 0..6 {
+        let again = DigModel::random(&cfg, 5, Device::Cpu).state_dict();
+        for ((ka, a), (kb, b)) in first.iter().zip(&again) {
+            assert_eq!(ka, kb);
+            assert!(a.equal(b), "{ka} differs between two models of seed 5");
+        }
+    }
+    let other = DigModel::random(&cfg, 6, Device::Cpu).state_dict();
+    assert!(first.iter().zip(&other).any(|((_, a), (_, b))| !a.equal(b)));
 }
