@@ -54,6 +54,11 @@ pub struct FidelityArgs {
     threads: Option<i32>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Take the 500-step Euler reference from this `samples.npz` (a `digctl
+    /// sample --solver euler` run of the same model, features, seed and
+    /// batch size; its first --samples samples) instead of sampling it again.
+    #[arg(long)]
+    reference_samples: Option<PathBuf>,
     /// Also write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -154,7 +159,38 @@ pub fn run(args: FidelityArgs) -> Result<()> {
         args.seed,
         args.model.display()
     );
-    let (reference, ref_secs, ref_calls) = draw(Solver::Euler, full)?;
+    let (reference, ref_secs, ref_calls) = match &args.reference_samples {
+        None => draw(Solver::Euler, full)?,
+        Some(path) => {
+            let all = Ensemble::read_npz_any(path)?;
+            let want: Vec<i64> = (0..n as i64).collect();
+            if all.num_samples() < n || all.sample_index[..n] != want[..] || all.len_residues() != l
+            {
+                bail!(
+                    "{} must hold samples 0..{n} of L = {l} (it has {} samples of L = {})",
+                    path.display(),
+                    all.num_samples(),
+                    all.len_residues()
+                );
+            }
+            let per = |v: &[f32], k: usize| v[..n * l * k].to_vec();
+            let e = Ensemble {
+                sequence: all.sequence.clone(),
+                sample_index: want,
+                tr: per(&all.tr, 3),
+                rot_mat: per(&all.rot_mat, 9),
+            };
+            // Seconds per sample from the run's record, when it has one.
+            let secs = path
+                .parent()
+                .map(|d| d.join("run.json"))
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| Some(v["seconds"].as_f64()? / v["num_samples"].as_f64()?))
+                .unwrap_or(f64::NAN);
+            (e, secs, full as usize)
+        }
+    };
     let (ref_bb, ref_valid, ref_to) = summarize(&reference);
     let mut rows = vec![json!({
         "solver": "euler", "steps": full, "calls": ref_calls, "seconds_per_sample": ref_secs,
