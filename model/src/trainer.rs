@@ -249,6 +249,36 @@ impl Trainer {
         )
     }
 
+    /// The loss of `frames` of protein `p` over the crop `[start, start+len)`
+    /// with noise drawn from `rng`; `dropout` as in [`diffusion_loss`].
+    fn batch_loss(
+        &mut self,
+        rng: &mut ChaCha20Rng,
+        p: usize,
+        frames: &[usize],
+        (start, len): (usize, usize),
+        dropout: Option<f64>,
+    ) -> Result<crate::training::LossParts> {
+        let batch = self.batch(p, frames, start, len);
+        let noise = Noise::draw(
+            rng,
+            frames.len(),
+            len,
+            self.model.net.config(),
+            &mut self.igso,
+        )?;
+        let (single, pair) = self.features(p, start, len);
+        Ok(diffusion_loss(
+            &self.model.net,
+            &single,
+            &pair,
+            &batch,
+            &noise,
+            &mut self.igso,
+            dropout,
+        ))
+    }
+
     /// One update (step `self.step`), returning its losses.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let s = self.step;
@@ -268,26 +298,11 @@ impl Trainer {
         let frames: Vec<usize> = (0..self.opts.batch_size)
             .map(|_| train[(rng.next_u64() % train.len() as u64) as usize])
             .collect();
-        let batch = self.batch(p, &frames, start, len);
-        let noise = Noise::draw(
-            &mut rng,
-            self.opts.batch_size,
-            len,
-            self.model.net.config(),
-            &mut self.igso,
-        )?;
-        let (single, pair) = self.features(p, start, len);
+        // Dropout draws from libtorch's generator, seeded by (seed, step);
+        // everything else from the ChaCha stream.
         tch::manual_seed((self.opts.seed.wrapping_mul(1_000_003) ^ s) as i64 & i64::MAX);
         let dropout = (self.opts.dropout > 0.0).then_some(self.opts.dropout);
-        let parts = diffusion_loss(
-            &self.model.net,
-            &single,
-            &pair,
-            &batch,
-            &noise,
-            &mut self.igso,
-            dropout,
-        );
+        let parts = self.batch_loss(&mut rng, p, &frames, (start, len), dropout)?;
         self.adam.zero_grad();
         parts.loss.backward();
         let grad_norm = self.adam.clip_grad_norm(self.opts.clip);
@@ -348,20 +363,8 @@ impl Trainer {
             let l = self.data[p].len_residues();
             for &f in &val {
                 for _ in 0..repeats {
-                    let (start, len) = self.crop(&mut rng, l);
-                    let batch = self.batch(p, &[f, f], start, len);
-                    let noise =
-                        Noise::draw(&mut rng, 2, len, self.model.net.config(), &mut self.igso)?;
-                    let (single, pair) = self.features(p, start, len);
-                    let parts = diffusion_loss(
-                        &self.model.net,
-                        &single,
-                        &pair,
-                        &batch,
-                        &noise,
-                        &mut self.igso,
-                        None,
-                    );
+                    let crop = self.crop(&mut rng, l);
+                    let parts = self.batch_loss(&mut rng, p, &[f, f], crop, None)?;
                     sum.0 += parts.loss.double_value(&[]);
                     sum.1 += parts.tr_loss.double_value(&[]);
                     sum.2 += parts.rot_loss.double_value(&[]);

@@ -121,10 +121,11 @@ impl Igso3 {
         &self.tables
     }
 
-    /// `(score, cdf)` of the row the published lookup picks for `sigma`.
-    fn row(&mut self, sigma: f64) -> &(Vec<f64>, Vec<f64>) {
+    /// `(score, cdf)` of the row the published lookup picks for `sigma`,
+    /// computed on first use; borrowed from the cache, never copied.
+    fn row(rows: &mut HashMap<usize, (Vec<f64>, Vec<f64>)>, sigma: f64) -> &(Vec<f64>, Vec<f64>) {
         let e = So3Tables::eps_index(sigma);
-        self.rows.entry(e).or_insert_with(|| {
+        rows.entry(e).or_insert_with(|| {
             let (score, _pdf, cdf) = so3::row(e);
             (score, cdf)
         })
@@ -132,16 +133,14 @@ impl Igso3 {
 
     /// Angle of a rotation drawn from IGSO(3) at `sigma`, by inverse CDF of `u`.
     pub fn sample_angle(&mut self, sigma: f64, u: f64) -> f64 {
-        let (_, cdf) = self.row(sigma);
-        let cdf = cdf.clone();
-        interp(u, &cdf, &self.tables.omegas)
+        let (_, cdf) = Self::row(&mut self.rows, sigma);
+        interp(u, cdf, &self.tables.omegas)
     }
 
     /// `d/dw log f` at angle `omega` (interpolated on the table).
     pub fn score(&mut self, omega: f64, sigma: f64) -> f64 {
-        let (score, _) = self.row(sigma);
-        let score = score.clone();
-        interp(omega, &self.tables.omegas, &score)
+        let (score, _) = Self::row(&mut self.rows, sigma);
+        interp(omega, &self.tables.omegas, score)
     }
 
     /// `exp_score_norm` at `sigma` (the sampler's lookup).
@@ -153,7 +152,7 @@ impl Igso3 {
     /// `(omegas, cdf)`, for tests and diagnostics.
     pub fn cdf(&mut self, sigma: f64) -> (Vec<f64>, Vec<f64>) {
         let omegas = self.tables.omegas.clone();
-        (omegas, self.row(sigma).1.clone())
+        (omegas, Self::row(&mut self.rows, sigma).1.clone())
     }
 }
 
