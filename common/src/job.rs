@@ -72,6 +72,77 @@ impl JobState {
     }
 }
 
+/// How the sampler integrates (the names of `dig_model::Solver`; the worker
+/// maps one to the other with an exhaustive match).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Solver {
+    /// The published update (one network call per step).
+    #[default]
+    Euler,
+    /// Exponential integrator of the linear part (one call per step).
+    Exp,
+    /// Heun, second order (two calls per step, one at the last).
+    Heun,
+    /// Two-step Adams-Bashforth, second order (one call per step).
+    Ab2,
+}
+
+impl Solver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Solver::Euler => "euler",
+            Solver::Exp => "exp",
+            Solver::Heun => "heun",
+            Solver::Ab2 => "ab2",
+        }
+    }
+
+    /// Network calls per sample for `steps` steps.
+    pub fn network_calls(self, steps: u64) -> u64 {
+        match self {
+            Solver::Heun => (2 * steps).saturating_sub(1),
+            _ => steps,
+        }
+    }
+}
+
+impl std::str::FromStr for Solver {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "euler" => Ok(Solver::Euler),
+            "exp" => Ok(Solver::Exp),
+            "heun" => Ok(Solver::Heun),
+            "ab2" => Ok(Solver::Ab2),
+            _ => Err(format!(
+                "unknown solver `{s}`; one of euler, exp, heun, ab2"
+            )),
+        }
+    }
+}
+
+/// Which samples a job keeps: with `physical`, only physically valid ones
+/// (consecutive CA-CA < 4.5 Å, C(i)-N(i+1) < 2.0 Å, no atoms of residues
+/// more than two apart closer than 1.0 Å), drawing sample indices past
+/// `num_samples` to replace the others, at most `max_draw_factor` times the
+/// request in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SampleFilter {
+    pub criteria: FilterCriteria,
+    pub max_draw_factor: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FilterCriteria {
+    Physical,
+}
+
+impl SampleFilter {
+    pub const DEFAULT_MAX_DRAW_FACTOR: u64 = 3;
+}
+
 /// The immutable description of a job, stored once at submission.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -93,22 +164,55 @@ pub struct JobSpec {
     /// from specs written before webhooks existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// The sampler's integrator; absent from specs written before solvers
+    /// existed (= euler).
+    #[serde(default)]
+    pub solver: Solver,
+    /// Keep only valid samples, topping up (see [`SampleFilter`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<SampleFilter>,
 }
 
 impl JobSpec {
+    /// Sample indices the job may draw: `num_samples`, or with a filter
+    /// `max_draw_factor` times that.
+    pub fn draw_limit(&self) -> u64 {
+        match self.filter {
+            Some(f) => self.num_samples.saturating_mul(f.max_draw_factor.max(1)),
+            None => self.num_samples,
+        }
+    }
+
+    /// Every shard the job may have: the draw limit cut into shards. For a
+    /// job without a filter, the shards that cover `num_samples`.
     pub fn num_shards(&self) -> u64 {
+        self.draw_limit().div_ceil(self.shard_size)
+    }
+
+    /// The shards drawn first: those covering `[0, num_samples)`. A filtered
+    /// job draws more (up to [`num_shards`](Self::num_shards)) only while its
+    /// valid samples fall short.
+    pub fn initial_shards(&self) -> u64 {
         self.num_samples.div_ceil(self.shard_size)
     }
 
-    /// The task of shard `index`: samples `[index * shard_size, ...)`.
+    /// The task of shard `index`: samples `[index * shard_size, ...)`, cut at
+    /// the draw limit.
     pub fn shard(&self, index: u64) -> ShardTask {
         let start = index * self.shard_size;
         ShardTask {
             job: self.id,
             index,
             start,
-            end: (start + self.shard_size).min(self.num_samples),
+            end: (start + self.shard_size).min(self.draw_limit()),
         }
+    }
+
+    /// Network calls per sample, once `steps` is resolved (the API stores
+    /// the model's own number when the request has none).
+    pub fn network_calls(&self) -> Option<u64> {
+        self.steps
+            .map(|s| self.solver.network_calls(s.max(0) as u64))
     }
 }
 
@@ -161,6 +265,8 @@ mod tests {
             shard_size: shard,
             created_at: 0,
             callback_url: None,
+            solver: Solver::Euler,
+            filter: None,
         }
     }
 
@@ -176,6 +282,56 @@ mod tests {
         }
         assert_eq!(next, 1003);
         assert_eq!(s.shard(10).len(), 3);
+    }
+
+    #[test]
+    fn a_filtered_job_may_draw_past_its_request_in_whole_shards() {
+        let mut s = spec(10, 4);
+        assert_eq!(
+            (s.num_shards(), s.initial_shards(), s.draw_limit()),
+            (3, 3, 10)
+        );
+        assert_eq!(s.shard(2).end, 10);
+        s.filter = Some(SampleFilter {
+            criteria: FilterCriteria::Physical,
+            max_draw_factor: 3,
+        });
+        // Shards partition [0, 30): the first three cover the request (the
+        // third runs past it to 12), the other five are drawn only if needed.
+        assert_eq!(
+            (s.num_shards(), s.initial_shards(), s.draw_limit()),
+            (8, 3, 30)
+        );
+        assert_eq!((s.shard(2).start, s.shard(2).end), (8, 12));
+        assert_eq!((s.shard(7).start, s.shard(7).end), (28, 30));
+    }
+
+    #[test]
+    fn solvers_name_and_count_their_calls() {
+        for (name, solver, calls) in [
+            ("euler", Solver::Euler, 50),
+            ("exp", Solver::Exp, 50),
+            ("heun", Solver::Heun, 99),
+            ("ab2", Solver::Ab2, 50),
+        ] {
+            assert_eq!(name.parse::<Solver>().unwrap(), solver);
+            assert_eq!(solver.as_str(), name);
+            assert_eq!(
+                serde_json::to_string(&solver).unwrap(),
+                format!("\"{name}\"")
+            );
+            assert_eq!(solver.network_calls(50), calls);
+        }
+        assert!("rk4"
+            .parse::<Solver>()
+            .unwrap_err()
+            .contains("unknown solver `rk4`"));
+        // A spec written before solvers existed reads as euler, no filter.
+        let old = r#"{"id":"0190d3a0-0000-7000-8000-000000000000","tenant":"t","name":null,
+            "sequence":"A","features_sha256":"00","num_samples":1,"seed":0,"steps":null,
+            "model":"m","priority":"bulk","shard_size":1,"created_at":0}"#;
+        let spec: JobSpec = serde_json::from_str(old).unwrap();
+        assert_eq!((spec.solver, spec.filter), (Solver::Euler, None));
     }
 
     #[test]

@@ -43,7 +43,7 @@ use redis::Script;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CommonError, Result};
-use crate::job::{JobId, JobSpec, JobState};
+use crate::job::{JobId, JobSpec, JobState, SampleFilter, Solver};
 use crate::keys::RedisKeys;
 
 /// What a client sees of a job while and after it runs.
@@ -64,6 +64,32 @@ pub struct JobProgress {
     pub started_at: Option<u64>,
     /// Unix seconds of the switch to a final state.
     pub finished_at: Option<u64>,
+    /// Physically valid samples among `samples_done`; `None` when a shard
+    /// was recorded without its count (by a worker older than the count).
+    #[serde(default)]
+    pub samples_valid: Option<u64>,
+    /// The spec's solver, steps and filter, so the job view needs no spec.
+    #[serde(default)]
+    pub solver: Solver,
+    #[serde(default)]
+    pub steps: Option<u64>,
+    #[serde(default)]
+    pub filter: Option<SampleFilter>,
+}
+
+/// The spec's sampling settings as progress-store fields (name, value).
+fn sampling_fields(spec: &JobSpec) -> Vec<(&'static str, String)> {
+    let mut fields = vec![("solver", spec.solver.as_str().to_string())];
+    if let Some(steps) = spec.steps {
+        fields.push(("steps", steps.to_string()));
+    }
+    if let Some(filter) = spec.filter {
+        fields.push((
+            "filter",
+            serde_json::to_string(&filter).expect("a filter serializes"),
+        ));
+    }
+    fields
 }
 
 /// Caps a tenant's new job must fit under ([`ProgressStore::create_job_within`]).
@@ -235,10 +261,22 @@ pub trait ProgressStore: Send + Sync {
     /// `NotFound` if the job is unknown.
     async fn set_state(&self, job: JobId, state: JobState, error: Option<&str>) -> Result<()>;
 
-    /// Counts shard `shard` (with `samples` samples) as done unless it already
-    /// was; returns whether this call counted it. `NotFound` for an unknown
-    /// job, `Invalid` for a shard index out of range.
-    async fn record_shard_done(&self, job: JobId, shard: u64, samples: u64) -> Result<bool>;
+    /// Counts shard `shard` (with `samples` samples, `valid` of them
+    /// physically valid when known) as done unless it already was; returns
+    /// whether this call counted it. `NotFound` for an unknown job, `Invalid`
+    /// for a shard index out of range.
+    async fn record_shard(
+        &self,
+        job: JobId,
+        shard: u64,
+        samples: u64,
+        valid: Option<u64>,
+    ) -> Result<bool>;
+
+    /// [`record_shard`](Self::record_shard) without a valid count.
+    async fn record_shard_done(&self, job: JobId, shard: u64, samples: u64) -> Result<bool> {
+        self.record_shard(job, shard, samples, None).await
+    }
 
     /// Indices of the finished shards, ascending.
     async fn done_shards(&self, job: JobId) -> Result<Vec<u64>>;
@@ -302,12 +340,14 @@ pub trait ProgressStore: Send + Sync {
     /// job), so that it never shows as running again, nor as succeeded
     /// without a manifest. A final state sets `finished_at` and keeps the job
     /// out of the unfinished set.
+    /// `samples_valid`: the valid samples of the done shards, when known.
     async fn rebuild_with_state(
         &self,
         spec: &JobSpec,
         done_shards: &[u64],
         state: JobState,
         error: Option<&str>,
+        samples_valid: Option<u64>,
     ) -> Result<()>;
 
     /// Every job not in a final state, of all tenants, ascending: what a
@@ -498,7 +538,8 @@ end
 /// unfinished sets (+ the webhook) in one step.
 /// KEYS: job, tenant_jobs, unfinished, tenant_unfinished, webhook.
 /// ARGV: job id, tenant, num_shards, num_samples, created_at, max_jobs ('' = no
-/// caps), max_queued_samples, job key prefix, callback url ('' = none), delivery id.
+/// caps), max_queued_samples, job key prefix, callback url ('' = none), delivery id,
+/// then field name/value pairs to set too (the sampling settings).
 /// Returns {status, jobs, queued}: 1 created, 0 existed, -1 job cap, -2 sample cap.
 const CREATE_BODY_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0, 0} end
@@ -510,6 +551,7 @@ if ARGV[6] ~= '' then
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'tenant', ARGV[2], 'num_shards', ARGV[3],
   'num_samples', ARGV[4], 'samples_done', 0, 'shards_failed', 0, 'created_at', ARGV[5])
+for i = 11, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
@@ -608,8 +650,9 @@ if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
 return 1
 "#;
 
-/// SADD decides whether the shard is new; only then the samples count.
-/// KEYS: job, done. ARGV: shard, samples.
+/// SADD decides whether the shard is new; only then the samples count (and
+/// the valid ones, unless ARGV[3] is '').
+/// KEYS: job, done. ARGV: shard, samples, valid samples or ''.
 /// Returns -1 unknown job, -2 shard out of range (num_shards second), 0 old, 1 new.
 const SHARD_DONE_LUA: &str = r#"
 local n = redis.call('HGET', KEYS[1], 'num_shards')
@@ -617,6 +660,7 @@ if not n then return {-1, 0} end
 if tonumber(ARGV[1]) >= tonumber(n) then return {-2, tonumber(n)} end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {0, 0} end
 redis.call('HINCRBY', KEYS[1], 'samples_done', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[1], 'samples_valid', ARGV[3]) end
 return {1, 0}
 "#;
 
@@ -832,6 +876,17 @@ fn parse_job(
         created_at: required(&map, job, "created_at")?,
         started_at: field(&map, job, "started_at")?,
         finished_at: field(&map, job, "finished_at")?,
+        samples_valid: field(&map, job, "samples_valid")?,
+        solver: field(&map, job, "solver")?.unwrap_or_default(),
+        steps: field(&map, job, "steps")?,
+        filter: match map.get("filter") {
+            None => None,
+            Some(f) => Some(serde_json::from_str(f).map_err(|_| {
+                CommonError::Other(format!(
+                    "job {job}: bad field filter={f:?} in progress store"
+                ))
+            })?),
+        },
     }))
 }
 
@@ -884,6 +939,13 @@ impl RedisProgress {
             .arg(self.keys.job_prefix())
             .arg(spec.callback_url.as_deref().unwrap_or(""))
             .arg(delivery_id(spec.id))
+            .arg(
+                sampling_fields(spec)
+                    .into_iter()
+                    .chain([("samples_valid", "0".to_string())])
+                    .flat_map(|(k, v)| [k.to_string(), v])
+                    .collect::<Vec<_>>(),
+            )
             .invoke_async(&mut conn)
             .await?;
         Ok(caps.and_then(|c| refusal(status, jobs, queued, spec.num_samples, c)))
@@ -1038,7 +1100,13 @@ impl ProgressStore for RedisProgress {
         }
     }
 
-    async fn record_shard_done(&self, job: JobId, shard: u64, samples: u64) -> Result<bool> {
+    async fn record_shard(
+        &self,
+        job: JobId,
+        shard: u64,
+        samples: u64,
+        valid: Option<u64>,
+    ) -> Result<bool> {
         let mut conn = self.conn.clone();
         let reply: (i64, u64) = self
             .scripts
@@ -1047,6 +1115,7 @@ impl ProgressStore for RedisProgress {
             .key(self.keys.job_done(job))
             .arg(shard)
             .arg(samples)
+            .arg(valid.map(|v| v.to_string()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await?;
         shard_reply(job, shard, reply)
@@ -1254,7 +1323,7 @@ impl ProgressStore for RedisProgress {
 
     async fn rebuild_from_done(&self, spec: &JobSpec, done_shards: &[u64]) -> Result<()> {
         let state = derived_state(spec, done_shards);
-        self.rebuild_with_state(spec, done_shards, state, None)
+        self.rebuild_with_state(spec, done_shards, state, None, None)
             .await
     }
 
@@ -1264,6 +1333,7 @@ impl ProgressStore for RedisProgress {
         done_shards: &[u64],
         state: JobState,
         error: Option<&str>,
+        samples_valid: Option<u64>,
     ) -> Result<()> {
         let done: BTreeSet<u64> = done_shards.iter().copied().collect();
         let samples_done = done_samples(spec, &done)?;
@@ -1286,6 +1356,10 @@ impl ProgressStore for RedisProgress {
         if let Some(error) = error {
             fields.push(("error", error.to_string()));
         }
+        if let Some(valid) = samples_valid {
+            fields.push(("samples_valid", valid.to_string()));
+        }
+        fields.extend(sampling_fields(spec));
         let (job_key, done_key) = (self.keys.job(spec.id), self.keys.job_done(spec.id));
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -1516,6 +1590,10 @@ impl Inner {
             created_at: spec.created_at,
             started_at: None,
             finished_at: None,
+            samples_valid: Some(0),
+            solver: spec.solver,
+            steps: spec.steps.map(|s| s.max(0) as u64),
+            filter: spec.filter,
         });
         if let Some(url) = &spec.callback_url {
             entry.webhook = Some((new_webhook(spec.id, url), None));
@@ -1697,7 +1775,13 @@ impl ProgressStore for MemoryProgress {
         Ok(())
     }
 
-    async fn record_shard_done(&self, job: JobId, shard: u64, samples: u64) -> Result<bool> {
+    async fn record_shard(
+        &self,
+        job: JobId,
+        shard: u64,
+        samples: u64,
+        valid: Option<u64>,
+    ) -> Result<bool> {
         let mut inner = self.lock();
         let entry = inner
             .jobs
@@ -1711,6 +1795,9 @@ impl ProgressStore for MemoryProgress {
         }
         p.shards_done = entry.done.len() as u64;
         p.samples_done += samples;
+        if let Some(valid) = valid {
+            p.samples_valid = Some(p.samples_valid.unwrap_or(0) + valid);
+        }
         Ok(true)
     }
 
@@ -1856,7 +1943,7 @@ impl ProgressStore for MemoryProgress {
 
     async fn rebuild_from_done(&self, spec: &JobSpec, done_shards: &[u64]) -> Result<()> {
         let state = derived_state(spec, done_shards);
-        self.rebuild_with_state(spec, done_shards, state, None)
+        self.rebuild_with_state(spec, done_shards, state, None, None)
             .await
     }
 
@@ -1866,6 +1953,7 @@ impl ProgressStore for MemoryProgress {
         done_shards: &[u64],
         state: JobState,
         error: Option<&str>,
+        samples_valid: Option<u64>,
     ) -> Result<()> {
         let done: BTreeSet<u64> = done_shards.iter().copied().collect();
         let samples_done = done_samples(spec, &done)?;
@@ -1885,6 +1973,10 @@ impl ProgressStore for MemoryProgress {
             created_at: spec.created_at,
             started_at: Some(now),
             finished_at: state.is_final().then_some(now),
+            samples_valid,
+            solver: spec.solver,
+            steps: spec.steps.map(|s| s.max(0) as u64),
+            filter: spec.filter,
         });
         entry.done = done;
         entry.failed.clear();

@@ -605,6 +605,27 @@ fn validate_npz(path: &FsPath, unpack_limit: u64) -> Result<u64> {
     Ok(length)
 }
 
+/// The `valid` (N,) array of a shard's `.npz` (bool, `|b1`), as written by
+/// the workers since samples carry their physical validity; `None` for a
+/// shard written before (no `valid` member).
+pub fn shard_valid_mask(npz: &[u8]) -> Result<Option<Vec<bool>>> {
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(npz))
+        .map_err(|e| invalid(format!("a shard is not an .npz archive: {e}")))?;
+    with_member(&mut zip, "valid", |r| {
+        let h = read_npy_header(r, "valid")?;
+        if h.descr != Descr::Simple("|b1".into()) || h.fortran_order || h.shape.len() != 1 {
+            return Err(invalid(format!(
+                "valid has dtype {} and shape {}; expected bool (N,)",
+                h.descr,
+                fmt_shape(&h.shape)
+            )));
+        }
+        let mut buf = vec![0u8; h.shape[0] as usize];
+        read_member(r, &mut buf, "valid")?;
+        Ok(buf.into_iter().map(|b| b != 0).collect())
+    })
+}
+
 /// Runs `f` on the member `{name}.npy` (or `name`), if there is one.
 fn with_member<R: Read + std::io::Seek, T>(
     zip: &mut zip::ZipArchive<R>,

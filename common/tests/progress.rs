@@ -8,7 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dig_common::job::{JobId, JobSpec, JobState, Priority};
+use dig_common::job::{FilterCriteria, JobId, JobSpec, JobState, Priority, SampleFilter, Solver};
 use dig_common::progress::{
     now_ms, LimitExceeded, MemoryProgress, ProgressStore, RedisProgress, TenantCaps, TenantUsage,
     WebhookAttempt, WebhookClaim, WebhookState, WebhookStatus, WorkerHeartbeat,
@@ -33,6 +33,8 @@ fn spec(tenant: &str, num_samples: u64, shard_size: u64, created_at: u64) -> Job
         shard_size,
         created_at,
         callback_url: None,
+        solver: Default::default(),
+        filter: None,
     }
 }
 
@@ -118,7 +120,42 @@ behaviours!(
     rebuild_recreates_a_lost_webhook_and_usage,
     jobs_are_counted_by_state_across_tenants,
     batch_webhooks_are_watched_then_due_once_and_forgettable,
+    valid_counts_and_sampling_settings_are_kept,
 );
+
+async fn valid_counts_and_sampling_settings_are_kept(store: Store) {
+    let mut s = spec("acme", 10, 4, 100);
+    s.steps = Some(50);
+    s.solver = Solver::Heun;
+    s.filter = Some(SampleFilter {
+        criteria: FilterCriteria::Physical,
+        max_draw_factor: 2,
+    });
+    store.create_job(&s).await.unwrap();
+    let p = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(
+        (p.solver, p.steps, p.filter, p.samples_valid),
+        (Solver::Heun, Some(50), s.filter, Some(0))
+    );
+    // The draw limit (20) makes 5 shards, the last ones drawn on demand.
+    assert_eq!(p.num_shards, 5);
+    assert!(store.record_shard(s.id, 0, 4, Some(3)).await.unwrap());
+    assert!(!store.record_shard(s.id, 0, 4, Some(3)).await.unwrap());
+    assert!(store.record_shard(s.id, 4, 4, Some(1)).await.unwrap());
+    let p = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!((p.samples_done, p.samples_valid), (8, Some(4)));
+    // A shard recorded without its count leaves the count as it was.
+    assert!(store.record_shard_done(s.id, 1, 4).await.unwrap());
+    let p = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!((p.samples_done, p.samples_valid), (12, Some(4)));
+    // A rebuilt entry keeps the settings.
+    store.rebuild_from_done(&s, &[0, 1]).await.unwrap();
+    let p = store.get(s.id).await.unwrap().unwrap();
+    assert_eq!(
+        (p.solver, p.steps, p.filter),
+        (Solver::Heun, Some(50), s.filter)
+    );
+}
 
 async fn delete_job_undoes_a_creation(store: Store) {
     let keep = spec("acme", 10, 5, 100);
@@ -586,11 +623,12 @@ async fn rebuild_with_state_keeps_the_given_final_state(store: Store) {
     let s = spec("acme", 30, 10, 100);
     let all: Vec<u64> = (0..3).collect();
     store
-        .rebuild_with_state(&s, &all, JobState::Cancelled, None)
+        .rebuild_with_state(&s, &all, JobState::Cancelled, None, None)
         .await
         .unwrap();
     let p = store.get(s.id).await.unwrap().unwrap();
     assert_eq!(p.state, JobState::Cancelled);
+    assert_eq!(p.samples_valid, None);
     assert_eq!((p.shards_done, p.samples_done), (3, 30));
     assert!(p.finished_at.is_some());
     assert_eq!(p.error, None);
@@ -609,16 +647,19 @@ async fn rebuild_with_state_keeps_the_given_final_state(store: Store) {
     // A failed one keeps its error; a running one is unfinished.
     let f = spec("acme", 30, 10, 101);
     store
-        .rebuild_with_state(&f, &[1], JobState::Failed, Some("shard 0: boom"))
+        .rebuild_with_state(&f, &[1], JobState::Failed, Some("shard 0: boom"), Some(7))
         .await
         .unwrap();
     let p = store.get(f.id).await.unwrap().unwrap();
     assert_eq!(p.state, JobState::Failed);
     assert_eq!(p.error.as_deref(), Some("shard 0: boom"));
-    assert_eq!((p.shards_done, p.samples_done), (1, 10));
+    assert_eq!(
+        (p.shards_done, p.samples_done, p.samples_valid),
+        (1, 10, Some(7))
+    );
     let r = spec("acme", 30, 10, 102);
     store
-        .rebuild_with_state(&r, &all, JobState::Running, None)
+        .rebuild_with_state(&r, &all, JobState::Running, None, None)
         .await
         .unwrap();
     let p = store.get(r.id).await.unwrap().unwrap();

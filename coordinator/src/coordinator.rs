@@ -55,6 +55,27 @@ struct ActiveJob {
     next: u64,
     /// Whether the job's state was `queued` when last looked at.
     queued: bool,
+    /// Shards to publish: all of them, or for a filtered job those drawn so
+    /// far (the initial ones, raised while valid samples fall short).
+    planned: u64,
+    /// A filtered job's valid sample indices per done shard, as read from
+    /// the shard objects (the source of truth), each read once.
+    valid: BTreeMap<u64, Vec<u64>>,
+}
+
+/// Where a filtered job stands (see [`Coordinator::filtered_step`]).
+enum Filtered {
+    /// The done shards from 0 hold enough valid samples: these shards and
+    /// their kept indices make the result.
+    Enough(BTreeMap<u64, Vec<u64>>),
+    /// Not decided until more shards are done.
+    Waiting,
+    /// Every shard up to the draw limit is done and still short.
+    Short {
+        kept: BTreeMap<u64, Vec<u64>>,
+        valid: u64,
+        drawn: u64,
+    },
 }
 
 /// What looking at a job found.
@@ -215,10 +236,16 @@ impl Coordinator {
         active.entry(job).or_insert_with(|| {
             info!(%job, shards = spec.num_shards(), "job activated");
             ActiveJob {
+                planned: if spec.filter.is_some() {
+                    spec.initial_shards()
+                } else {
+                    spec.num_shards()
+                },
                 spec,
                 in_flight: BTreeSet::new(),
                 next: 0,
                 queued: true,
+                valid: BTreeMap::new(),
             }
         });
         Ok(true)
@@ -414,11 +441,43 @@ impl Coordinator {
             return Ok(Step::Finished);
         }
         let n = active.spec.num_shards();
-        if progress.shards_done >= n {
-            return self.finish(job, active, &progress).await;
+        if active.spec.filter.is_none() && progress.shards_done >= n {
+            return self.finish(job, active, &progress, None).await;
         }
 
         let done: BTreeSet<u64> = self.progress.done_shards(job).await?.into_iter().collect();
+        if active.spec.filter.is_some() {
+            match self.filtered_step(active, &done).await? {
+                Filtered::Enough(kept) => {
+                    return self.finish(job, active, &progress, Some(&kept)).await
+                }
+                Filtered::Short { kept, valid, drawn } => {
+                    let f = active.spec.filter.expect("filtered");
+                    let error = format!(
+                        "physical filter: {valid} of {drawn} drawn samples are valid ({:.1}%), \
+                         {} requested; max_draw_factor {} allows at most {} draws. The {valid} \
+                         valid samples stay fetchable",
+                        100.0 * valid as f64 / drawn.max(1) as f64,
+                        active.spec.num_samples,
+                        f.max_draw_factor,
+                        active.spec.draw_limit(),
+                    );
+                    // The manifest of what there is, then the marker and
+                    // state (a marker wins over a manifest on rebuild).
+                    if let Err(missing) = self
+                        .reconciler
+                        .write_manifest(&active.spec, Some(&kept))
+                        .await?
+                    {
+                        error!(%job, "{missing}");
+                    }
+                    self.fail(job, Some(&error)).await?;
+                    info!(%job, valid, drawn, "filtered job failed short of its request");
+                    return Ok(Step::Finished);
+                }
+                Filtered::Waiting => {}
+            }
+        }
         active.in_flight.retain(|i| !done.contains(i));
         active.queued = progress.state == JobState::Queued;
         Ok(Step::Running(done))
@@ -434,7 +493,7 @@ impl Coordinator {
         done: &BTreeSet<u64>,
         budget: u64,
     ) -> Result<u64> {
-        let n = active.spec.num_shards();
+        let n = active.planned.min(active.spec.num_shards());
         let window = self.settings.window_per_job.max(1);
         let mut published = 0;
         while (active.in_flight.len() as u64) < window && published < budget && active.next < n {
@@ -465,8 +524,14 @@ impl Coordinator {
     /// Every shard is done: write the manifest, then mark the job succeeded.
     /// In that order, so that a client never sees a succeeded job without
     /// its manifest; a crash in between rewrites the same manifest.
-    async fn finish(&self, job: JobId, active: &ActiveJob, progress: &JobProgress) -> Result<Step> {
-        if let Err(error) = self.reconciler.write_manifest(&active.spec).await? {
+    async fn finish(
+        &self,
+        job: JobId,
+        active: &ActiveJob,
+        progress: &JobProgress,
+        kept: Option<&BTreeMap<u64, Vec<u64>>>,
+    ) -> Result<Step> {
+        if let Err(error) = self.reconciler.write_manifest(&active.spec, kept).await? {
             // The done set says done, the store disagrees; the store is the
             // source of truth, and an incomplete ensemble must not pass for
             // a complete one.
@@ -479,6 +544,67 @@ impl Coordinator {
             .await?;
         info!(%job, samples = progress.samples_done, "job succeeded");
         Ok(Step::Finished)
+    }
+
+    /// A filtered job: reads the valid samples of the done shards from index
+    /// 0 on (each shard once) until one is not done or the request is met.
+    /// The result is the first `num_samples` valid indices in index order, so
+    /// it depends on neither timing nor restarts. When every planned shard is
+    /// done and valid samples fall short, more shards are planned: as many as
+    /// the valid fraction so far says are needed, a fifth more, up to the
+    /// draw limit.
+    async fn filtered_step(
+        &self,
+        active: &mut ActiveJob,
+        done: &BTreeSet<u64>,
+    ) -> Result<Filtered> {
+        let spec = active.spec.clone();
+        let want = spec.num_samples;
+        // After a restart, shards published earlier may be done already.
+        if let Some(&last) = done.iter().next_back() {
+            active.planned = active.planned.max(last + 1);
+        }
+        let mut kept = BTreeMap::new();
+        let (mut valid, mut drawn) = (0u64, 0u64);
+        let mut index = 0;
+        while index < spec.num_shards() && done.contains(&index) {
+            if !active.valid.contains_key(&index) {
+                let v = self
+                    .reconciler
+                    .shard_valid(&spec, index)
+                    .await?
+                    .ok_or_else(|| {
+                        CoordinatorError::Inconsistent(format!(
+                            "shard {index} of filtered job {} has no `valid` array (written by an \
+                         older worker?)",
+                            spec.id
+                        ))
+                    })?;
+                active.valid.insert(index, v);
+            }
+            let v = &active.valid[&index];
+            let take = (want - valid).min(v.len() as u64) as usize;
+            kept.insert(index, v[..take].to_vec());
+            valid += take as u64;
+            drawn += spec.shard(index).len();
+            if valid == want {
+                return Ok(Filtered::Enough(kept));
+            }
+            index += 1;
+        }
+        if index == spec.num_shards() {
+            return Ok(Filtered::Short { kept, valid, drawn });
+        }
+        if index >= active.planned {
+            // Every planned shard is done: plan more.
+            let fraction = valid as f64 / drawn.max(1) as f64;
+            let need = (want - valid) as f64 / fraction.max(0.01) * 1.2;
+            let more = (need / spec.shard_size as f64).ceil().max(1.0) as u64;
+            let before = active.planned;
+            active.planned = (active.planned + more).min(spec.num_shards());
+            info!(job = %spec.id, valid, drawn, shards = active.planned - before, "valid samples fall short; drawing more");
+        }
+        Ok(Filtered::Waiting)
     }
 
     /// Consumes the jobs queue and steps the active jobs every poll interval

@@ -230,6 +230,8 @@ mod tests {
             shard_size: 5,
             created_at: 1,
             callback_url: None,
+            solver: Default::default(),
+            filter: None,
         }
     }
 

@@ -43,7 +43,7 @@
 //! result.
 
 pub use dig_common::job::StateMarker;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -119,6 +119,23 @@ pub struct Reconciler {
 /// (and [`Reconciler::reconcile_batches`]).
 const PARALLEL_JOBS: usize = 8;
 
+/// Shards larger than this are digested for the manifest without reading
+/// their `valid` array (the manifest then gives no valid count for them).
+const VALID_READ_LIMIT: u64 = 256 << 20;
+
+/// Positions (from 0) of the valid samples of a shard's `.npz` bytes.
+fn valid_indices(raw: &[u8], key: &object_store::path::Path) -> Result<Option<Vec<u64>>> {
+    let mask = dig_common::store::shard_valid_mask(raw)
+        .map_err(|e| CoordinatorError::Inconsistent(format!("{key}: {e}")))?;
+    Ok(mask.map(|m| {
+        m.iter()
+            .enumerate()
+            .filter(|(_, &v)| v)
+            .map(|(i, _)| i as u64)
+            .collect()
+    }))
+}
+
 pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -190,14 +207,20 @@ impl Reconciler {
         let mut manifest_written = false;
         // The state the store calls for, and the done set to go with it.
         let (target, done): (JobState, Vec<u64>) = match &ending {
+            // A filtered job succeeds with the shards it needed, not all.
+            Ending::Succeeded if spec.filter.is_some() => {
+                (JobState::Succeeded, in_store.iter().copied().collect())
+            }
             Ending::Succeeded => (JobState::Succeeded, (0..n).collect()),
             Ending::Ended(marker) => (marker.state, in_store.iter().copied().collect()),
-            Ending::Open if in_store.len() as u64 == n => {
+            // Only the coordinator can tell whether a filtered job's valid
+            // samples suffice (it reads them); it decides once running.
+            Ending::Open if in_store.len() as u64 == n && spec.filter.is_none() => {
                 // Every shard is there but the manifest is not (the
                 // coordinator stopped in between): write it, so that the job
                 // is never succeeded without one.
                 if !dry_run {
-                    if let Err(missing) = self.write_manifest(&spec).await? {
+                    if let Err(missing) = self.write_manifest(&spec, None).await? {
                         return Err(CoordinatorError::Inconsistent(missing));
                     }
                 }
@@ -213,8 +236,9 @@ impl Reconciler {
 
         let Some(p) = entry else {
             if !dry_run {
+                let valid = self.valid_count(&spec, &done).await?;
                 self.progress
-                    .rebuild_with_state(&spec, &done, target, error.as_deref())
+                    .rebuild_with_state(&spec, &done, target, error.as_deref(), valid)
                     .await?;
             }
             info!(%job, state = ?target, shards_done = done.len(), dry_run, "progress entry rebuilt from the object store");
@@ -241,9 +265,10 @@ impl Reconciler {
         let mut added = 0;
         if !dry_run {
             for &i in &missing {
+                let valid = self.valid_count(&spec, &[i]).await?;
                 if self
                     .progress
-                    .record_shard_done(job, i, spec.shard(i).len())
+                    .record_shard(job, i, spec.shard(i).len(), valid)
                     .await?
                 {
                     added += 1;
@@ -340,15 +365,19 @@ impl Reconciler {
             .collect())
     }
 
+    /// The state marker first: a filtered job that failed short of its
+    /// request has a manifest of the valid samples it has, and its marker.
     async fn ending(&self, job: JobId) -> Result<Ending> {
-        match self.store.head(&self.layout.manifest(job)).await {
-            Ok(_) => return Ok(Ending::Succeeded),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
+        let manifest = || async {
+            match self.store.head(&self.layout.manifest(job)).await {
+                Ok(_) => Ok(Ending::Succeeded),
+                Err(e) if is_not_found(&e) => Ok(Ending::Open),
+                Err(e) => Err(CoordinatorError::from(e)),
+            }
+        };
         let bytes = match self.store.get(&self.layout.job_state(job)).await {
             Ok(object) => object.bytes().await?,
-            Err(e) if is_not_found(&e) => return Ok(Ending::Open),
+            Err(e) if is_not_found(&e) => return manifest().await,
             Err(e) => return Err(e.into()),
         };
         match serde_json::from_slice::<StateMarker>(&bytes) {
@@ -357,11 +386,11 @@ impl Reconciler {
             }
             Ok(m) => {
                 error!(%job, state = ?m.state, "ignoring a state marker that is not failed or cancelled");
-                Ok(Ending::Open)
+                manifest().await
             }
             Err(e) => {
                 error!(%job, error = %e, "ignoring an unreadable state marker");
-                Ok(Ending::Open)
+                manifest().await
             }
         }
     }
@@ -451,14 +480,24 @@ impl Reconciler {
     }
 
     /// Writes the manifest of a job whose shards are all in the store; the
-    /// inner `Err` names a shard that is missing after all.
-    pub(crate) async fn write_manifest(&self, spec: &JobSpec) -> Result<Result<(), String>> {
+    /// inner `Err` names a shard that is missing after all. `kept`: for a
+    /// filtered job, the shards of the result with their kept sample
+    /// indices (every shard is listed otherwise).
+    pub(crate) async fn write_manifest(
+        &self,
+        spec: &JobSpec,
+        kept: Option<&BTreeMap<u64, Vec<u64>>>,
+    ) -> Result<Result<(), String>> {
         let job = spec.id;
-        let mut shards = Vec::with_capacity(spec.num_shards() as usize);
-        for index in 0..spec.num_shards() {
+        let indices: Vec<u64> = match kept {
+            Some(k) => k.keys().copied().collect(),
+            None => (0..spec.num_shards()).collect(),
+        };
+        let mut shards = Vec::with_capacity(indices.len());
+        for index in indices {
             let task = spec.shard(index);
             let key = self.layout.shard(job, index);
-            let (bytes, sha256) = match self.digest(&key).await {
+            let (bytes, sha256, valid) = match self.digest(&key).await {
                 Ok(d) => d,
                 Err(CoordinatorError::Store(e)) if is_not_found(&e) => {
                     return Ok(Err(format!(
@@ -474,12 +513,23 @@ impl Reconciler {
                 key: key.to_string(),
                 bytes,
                 sha256,
+                valid: valid.map(|v| v.len() as u64),
+                kept: kept.map(|k| k[&index].clone()),
             });
         }
+        let samples_valid = match kept {
+            Some(k) => Some(k.values().map(|v| v.len() as u64).sum()),
+            None => shards.iter().map(|s| s.valid).sum(),
+        };
         let manifest = Manifest {
             job,
             num_samples: spec.num_samples,
             shards,
+            samples_valid,
+            solver: spec.solver,
+            steps: spec.steps,
+            network_calls_per_sample: spec.network_calls(),
+            filter: spec.filter,
         };
         let json = serde_json::to_vec_pretty(&manifest)?;
         self.store
@@ -488,16 +538,67 @@ impl Reconciler {
         Ok(Ok(()))
     }
 
-    /// Size and SHA-256 of an object, streamed: shards can be large.
-    async fn digest(&self, key: &object_store::path::Path) -> Result<(u64, String)> {
-        let mut body = self.store.get(key).await?.into_stream();
+    /// Size and SHA-256 of a shard, streamed, and the sample indices its
+    /// `valid` array marks (`None` for a shard written without one, or one
+    /// past [`VALID_READ_LIMIT`], which is digested without being kept).
+    async fn digest(
+        &self,
+        key: &object_store::path::Path,
+    ) -> Result<(u64, String, Option<Vec<u64>>)> {
+        let object = self.store.get(key).await?;
+        let start = object.meta.location.clone();
+        let mut body = object.into_stream();
         let mut hasher = Sha256::new();
         let mut bytes = 0u64;
+        let mut kept: Option<Vec<u8>> = Some(Vec::new());
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
             bytes += chunk.len() as u64;
             hasher.update(&chunk);
+            if bytes > VALID_READ_LIMIT {
+                kept = None;
+            } else if let Some(k) = kept.as_mut() {
+                k.extend_from_slice(&chunk);
+            }
         }
-        Ok((bytes, hex::encode(hasher.finalize())))
+        // A count is a courtesy of the manifest: a shard whose `valid`
+        // cannot be read is listed without one.
+        let valid = match kept.map(|raw| valid_indices(&raw, &start)) {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                tracing::warn!("{e}; listing the shard without a valid count");
+                None
+            }
+            None => None,
+        };
+        Ok((bytes, hex::encode(hasher.finalize()), valid))
+    }
+
+    /// Valid samples of the given stored shards (`None` if one has no
+    /// `valid` array); a shard missing from the store counts none.
+    async fn valid_count(&self, spec: &JobSpec, shards: &[u64]) -> Result<Option<u64>> {
+        let mut total = 0;
+        for &i in shards {
+            match self.shard_valid(spec, i).await {
+                Ok(Some(v)) => total += v.len() as u64,
+                Ok(None) => return Ok(None),
+                Err(CoordinatorError::Store(e)) if is_not_found(&e) => {}
+                Err(CoordinatorError::Inconsistent(e)) => {
+                    tracing::warn!("{e}; the valid count stays unknown");
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(total))
+    }
+
+    /// The sample indices shard `index` of `spec` marks valid (`None`:
+    /// written without validity). `NotFound` store error when absent.
+    pub(crate) async fn shard_valid(&self, spec: &JobSpec, index: u64) -> Result<Option<Vec<u64>>> {
+        let key = self.layout.shard(spec.id, index);
+        let raw = self.store.get(&key).await?.bytes().await?;
+        let valid = valid_indices(&raw, &key)?;
+        Ok(valid.map(|v| v.into_iter().map(|i| spec.shard(index).start + i).collect()))
     }
 }

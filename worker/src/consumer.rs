@@ -647,7 +647,7 @@ impl Worker {
         let sampler = self.sampler.clone();
         let (spec2, task2, stop2) = (spec.clone(), *task, stop.clone());
         let bytes =
-            tokio::task::spawn_blocking(move || -> Result<(usize, Vec<u8>), WorkerError> {
+            tokio::task::spawn_blocking(move || -> Result<(usize, u64, Vec<u8>), WorkerError> {
                 let mut sampler = sampler.lock().expect("sampler lock");
                 let ensemble =
                     sampler
@@ -655,7 +655,8 @@ impl Worker {
                 let bytes = ensemble
                     .npz_bytes()
                     .map_err(|e| WorkerError::Other(e.to_string()))?;
-                Ok((ensemble.len_residues(), bytes))
+                let valid = ensemble.validity().iter().filter(|v| v.valid).count() as u64;
+                Ok((ensemble.len_residues(), valid, bytes))
             })
             .await
             .map_err(|e| WorkerError::Other(format!("sampling task panicked: {e}")));
@@ -673,7 +674,7 @@ impl Worker {
             }
         }
         self.beat_now().await;
-        let (residues, bytes) = match bytes? {
+        let (residues, valid, bytes) = match bytes? {
             Err(WorkerError::Shard(ShardError::Stopped)) => {
                 let why = stop.reason().unwrap_or(StopReason::Shutdown);
                 return Err(WorkerError::Stopped(why));
@@ -695,9 +696,9 @@ impl Worker {
         let new = self
             .ctx
             .progress
-            .record_shard_done(task.job, task.index, task.len())
+            .record_shard(task.job, task.index, task.len(), Some(valid))
             .await?;
-        tracing::info!(job = %task.job, shard = task.index, samples = task.len(), new, "shard done");
+        tracing::info!(job = %task.job, shard = task.index, samples = task.len(), valid, new, "shard done");
         let m = metrics::worker();
         m.shards_completed.inc();
         m.samples_generated

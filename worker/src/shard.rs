@@ -10,7 +10,7 @@ use dig_model::features::{check_sequence, Features};
 use dig_model::pipeline::{sample_ensemble_until, InitialPoses};
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
-use dig_model::{DigModel, ProteinContext, Sampler, Schedule};
+use dig_model::{DigModel, ProteinContext, Sampler, Schedule, Solver};
 use tch::Device;
 
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +142,17 @@ impl ShardSampler {
         let ctx = &self.protein.as_ref().expect("protein loaded").ctx;
         let sequence =
             check_sequence(&spec.sequence, ctx.len()).map_err(|e| invalid(e.to_string()))?;
-        let schedule = Schedule::new(&cfg, &self.so3, spec.steps)?;
+        if *task != spec.shard(task.index) {
+            return Err(invalid(format!(
+                "the task covers samples {}..{}, the job's shard {} is {:?}",
+                task.start,
+                task.end,
+                task.index,
+                spec.shard(task.index)
+            )));
+        }
+        let schedule =
+            Schedule::with_solver(&cfg, &self.so3, spec.steps, model_solver(spec.solver))?;
         let sampler = Sampler::new(&model.net, schedule);
         let init = InitialPoses::Seeded {
             seed: spec.seed,
@@ -168,5 +178,28 @@ impl ShardSampler {
             stop,
         )
         .ok_or(ShardError::Stopped)
+    }
+}
+
+/// The model's solver for the one a job names (exhaustive both ways: a
+/// solver added to either enum must be added here).
+pub fn model_solver(solver: dig_common::job::Solver) -> Solver {
+    use dig_common::job::Solver as Job;
+    match solver {
+        Job::Euler => Solver::Euler,
+        Job::Exp => Solver::Exp,
+        Job::Heun => Solver::Heun,
+        Job::Ab2 => Solver::Ab2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_model_solver_has_a_job_name() {
+        for s in dig_model::Solver::ALL {
+            let job: dig_common::job::Solver = s.as_str().parse().unwrap();
+            assert_eq!(super::model_solver(job), s);
+        }
     }
 }

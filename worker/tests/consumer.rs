@@ -166,6 +166,8 @@ impl Cluster {
             shard_size,
             created_at: 0,
             callback_url: None,
+            solver: Default::default(),
+            filter: None,
         };
         let json = serde_json::to_vec(&spec).unwrap();
         self.ctx

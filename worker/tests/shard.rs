@@ -30,6 +30,8 @@ fn spec(n: u64, shard: u64) -> JobSpec {
         shard_size: shard,
         created_at: 0,
         callback_url: None,
+        solver: Default::default(),
+        filter: None,
     }
 }
 
