@@ -23,6 +23,7 @@ pub mod trainer;
 pub mod training;
 pub mod trajfile;
 pub mod weights;
+pub mod xtc;
 
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};

@@ -1,10 +1,12 @@
 //! Structure output of the sampler: an [`Ensemble`] holds the sampled rigid
 //! frames (translation `T` in Å and rotation `R` per residue) of one protein,
-//! turns them into backbone atoms (N, CA, C), and writes them as an npz that
-//! numpy reads (`tr`, `rot_mat`, `sample_index`) and as a multi-model PDB that
-//! analysis tools such as MDTraj read. File writes are atomic: a crash leaves
-//! either the previous file or the finished new one, never a partial file
-//! under the final name.
+//! turns them into backbone atoms (N, CA, C, and the carbonyl O placed from
+//! ideal peptide geometry, see [`Ensemble::backbone_with_oxygen`]), and
+//! writes them as an npz that numpy reads (`tr`, `rot_mat`, `sample_index`),
+//! as a multi-model PDB that analysis tools such as MDTraj read, and as an
+//! XTC trajectory with a topology PDB ([`crate::xtc`]). File writes are
+//! atomic: a crash leaves either the previous file or the finished new one,
+//! never a partial file under the final name.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -19,6 +21,19 @@ use crate::{ModelError, Result};
 const N_REF: [f64; 3] = [1.45597958, 0.0, 0.0];
 /// Position of C in the residue's local frame (Å), as in the published code.
 const C_REF: [f64; 3] = [-0.533655602, 1.42752619, 0.0];
+
+/// C=O bond length (Å).
+pub const C_O_BOND: f64 = 1.23;
+/// The CA-C-O angle (degrees) of the ideal peptide: AlphaFold's and
+/// OpenFold's `residue_constants.rigid_group_atom_positions` put O at
+/// (0.627, 1.062, 0) Å in the psi frame (x along CA->C), 1.233 Å from C at
+/// 120.56° from C->CA (Engh & Huber 1991 geometry).
+pub const CA_C_O_ANGLE_DEG: f64 = 120.5;
+/// The psi the last residue's O is placed with (it has no next N): 180°, so
+/// N-CA-C-O = 0° and O lies in the residue's N-CA-C plane on N's side, the
+/// plane and side where BioEmu's `_adjust_oxygen_pos`
+/// (`bioemu/convert_chemgraph.py`) puts the C-terminal O.
+pub const TERMINAL_PSI_DEG: f64 = 180.0;
 
 /// The PDB format numbers residues and models with four digits.
 const PDB_MAX_RESIDUES: usize = 9999;
@@ -78,6 +93,25 @@ impl Ensemble {
                     })
                 };
                 [place(N_REF), [t[0], t[1], t[2]], place(C_REF)]
+            })
+            .collect()
+    }
+
+    /// Backbone atoms `[N, CA, C, O]` per residue of structure `sample` (Å):
+    /// N, CA and C of [`Ensemble::backbone`], and the carbonyl O of
+    /// [`carbonyl_oxygen`] (from the next residue's N, or the ideal
+    /// [`TERMINAL_PSI_DEG`] for the last residue). Every structure writer
+    /// (PDB, XTC, topology) writes these atoms in this order.
+    ///
+    /// # Panics
+    /// As [`Ensemble::backbone`].
+    pub fn backbone_with_oxygen(&self, sample: usize) -> Vec<[[f32; 3]; 4]> {
+        let bb = self.backbone(sample);
+        bb.iter()
+            .enumerate()
+            .map(|(i, &[n, ca, c])| {
+                let next_n = bb.get(i + 1).map(|next| next[0]);
+                [n, ca, c, carbonyl_oxygen(n, ca, c, next_n)]
             })
             .collect()
     }
@@ -202,9 +236,10 @@ impl Ensemble {
         })
     }
 
-    /// Writes the backbone (N, CA, C) of every sample as a multi-model PDB:
-    /// one `MODEL n` (n = 1, 2, ...) per sample, chain A, residues numbered
-    /// from 1, and a `REMARK   1` line per model saying its sample index.
+    /// Writes the backbone (N, CA, C, O of [`Ensemble::backbone_with_oxygen`])
+    /// of every sample as a multi-model PDB: one `MODEL n` (n = 1, 2, ...)
+    /// per sample, chain A, residues numbered from 1, and a `REMARK   1` line
+    /// per model saying its sample index.
     ///
     /// Everything is checked before the first byte is written, so an error
     /// leaves `w` untouched. Errors (`InvalidData`): inconsistent array
@@ -221,36 +256,9 @@ impl Ensemble {
                  {PDB_MAX_MODELS} models of {PDB_MAX_RESIDUES} residues); write the npz instead"
             )));
         }
-        let res_names = self
-            .sequence
-            .chars()
-            .enumerate()
-            .map(|(i, code)| {
-                three_letter(code).ok_or_else(|| {
-                    invalid(format!(
-                        "residue {} is `{code}`, not one of the 20 standard one-letter codes \
-                         or X",
-                        i + 1
-                    ))
-                })
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+        let res_names = self.residue_names()?;
         for sample in 0..n {
-            for (residue, atoms) in self.backbone(sample).iter().enumerate() {
-                for (atom, xyz) in BACKBONE_ATOMS.iter().zip(atoms) {
-                    if let Some(&x) = xyz.iter().find(|&&x| pdb_coordinate(x).is_none()) {
-                        return Err(invalid(format!(
-                            "sample index {} (model {}), residue {}, atom {}: coordinate {x} Å \
-                             does not fit the PDB %8.3f field (-999.999 to 9999.999 Å); \
-                             write the npz instead",
-                            self.sample_index[sample],
-                            sample + 1,
-                            residue + 1,
-                            atom.name.trim(),
-                        )));
-                    }
-                }
-            }
+            self.check_pdb_coordinates(sample, &self.backbone_with_oxygen(sample))?;
         }
 
         let mut w = BufWriter::new(w);
@@ -262,40 +270,7 @@ impl Ensemble {
         }
         for sample in 0..n {
             record(&mut w, &format!("MODEL     {:>4}", sample + 1))?;
-            // Serials restart in every model, as the models are alternatives
-            // of the same chain.
-            let mut serial = 0;
-            for (residue, atoms) in self.backbone(sample).iter().enumerate() {
-                for (atom, xyz) in BACKBONE_ATOMS.iter().zip(atoms) {
-                    serial += 1;
-                    let [x, y, z] =
-                        xyz.map(|c| pdb_coordinate(c).expect("coordinates checked above"));
-                    record(
-                        &mut w,
-                        &format!(
-                            "ATOM  {serial:>5} {name}{alt_loc}{res_name:>3} {chain}{res_seq:>4}\
-                             {i_code}   {x}{y}{z}{occupancy:>6.2}{temp_factor:>6.2}          \
-                             {element:>2}",
-                            name = atom.name,
-                            alt_loc = ' ',
-                            res_name = res_names[residue],
-                            chain = CHAIN_ID,
-                            res_seq = residue + 1,
-                            i_code = ' ',
-                            occupancy = 1.0,
-                            temp_factor = 0.0,
-                            element = atom.element,
-                        ),
-                    )?;
-                }
-            }
-            if let Some(last) = res_names.last() {
-                serial += 1;
-                record(
-                    &mut w,
-                    &format!("TER   {serial:>5}      {last:>3} {CHAIN_ID}{l:>4}"),
-                )?;
-            }
+            write_atom_records(&mut w, &self.backbone_with_oxygen(sample), &res_names)?;
             record(&mut w, "ENDMDL")?;
         }
         record(&mut w, "END")?;
@@ -305,6 +280,127 @@ impl Ensemble {
     /// [`Ensemble::write_pdb`] into a file, atomically (see the module doc).
     pub fn write_pdb_file(&self, path: &Path) -> Result<()> {
         write_atomically(path, |tmp| self.write_pdb(File::create(tmp)?))
+    }
+
+    /// Writes the topology of the ensemble's XTC trajectory
+    /// ([`crate::xtc::XtcWriter`]) as a single-structure PDB: the atoms of
+    /// [`Ensemble::backbone_with_oxygen`] (N, CA, C, O per residue, chain A,
+    /// residues numbered from 1) at the coordinates of structure `sample`,
+    /// no `MODEL` and no `CRYST1` record (the XTC has no box either). MDTraj
+    /// (`md.load(xtc, top=pdb)`) and MDAnalysis (`Universe(pdb, xtc)`) read
+    /// it as the XTC's topology; viewers show it as a structure.
+    ///
+    /// Errors (`InvalidData`, nothing written) as [`Ensemble::write_pdb`]'s
+    /// for that structure, and `sample` out of range.
+    pub fn write_topology_pdb<W: Write>(&self, sample: usize, w: W) -> io::Result<()> {
+        if sample >= self.num_samples() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "sample {sample} out of range: the ensemble has {} samples",
+                    self.num_samples()
+                ),
+            ));
+        }
+        self.write_topology(Some(sample), w)
+    }
+
+    /// [`Ensemble::write_topology_pdb`] of the first structure into a file,
+    /// atomically (see the module doc). An ensemble without structures (a
+    /// filter kept none) gets its atoms at the origin: still the topology
+    /// of its (empty) XTC.
+    pub fn write_topology_pdb_file(&self, path: &Path) -> Result<()> {
+        let sample = (self.num_samples() > 0).then_some(0);
+        write_atomically(path, |tmp| self.write_topology(sample, File::create(tmp)?))
+    }
+
+    fn write_topology<W: Write>(&self, sample: Option<usize>, w: W) -> io::Result<()> {
+        let invalid = |message: String| io::Error::new(io::ErrorKind::InvalidData, message);
+        self.check_shapes().map_err(invalid)?;
+        let l = self.len_residues();
+        if l > PDB_MAX_RESIDUES {
+            return Err(invalid(format!(
+                "{l} residues do not fit a PDB file (at most {PDB_MAX_RESIDUES})"
+            )));
+        }
+        let res_names = self.residue_names()?;
+        let (remark, atoms) = match sample {
+            Some(sample) => {
+                let atoms = self.backbone_with_oxygen(sample);
+                self.check_pdb_coordinates(sample, &atoms)?;
+                (
+                    format!(
+                        "REMARK   1 DIG TOPOLOGY N CA C O; COORDINATES OF SAMPLE_INDEX {}",
+                        self.sample_index[sample]
+                    ),
+                    atoms,
+                )
+            }
+            None => (
+                "REMARK   1 DIG TOPOLOGY N CA C O; NO SAMPLE, COORDINATES 0".to_string(),
+                vec![[[0.0; 3]; 4]; l],
+            ),
+        };
+        let mut w = BufWriter::new(w);
+        record(&mut w, &remark)?;
+        write_atom_records(&mut w, &atoms, &res_names)?;
+        record(&mut w, "END")?;
+        w.flush()
+    }
+
+    /// Every structure as an XTC trajectory ([`crate::xtc::XtcWriter`]) into
+    /// a file, atomically (see the module doc).
+    pub fn write_xtc_file(&self, path: &Path) -> Result<()> {
+        write_atomically(path, |tmp| {
+            let mut xtc = crate::xtc::XtcWriter::new(BufWriter::new(File::create(tmp)?));
+            xtc.write_ensemble(self, None)?;
+            xtc.into_inner().flush()
+        })
+    }
+
+    /// The PDB residue names of the sequence; `InvalidData` naming the first
+    /// letter [`three_letter`] does not know.
+    fn residue_names(&self) -> io::Result<Vec<&'static str>> {
+        self.sequence
+            .chars()
+            .enumerate()
+            .map(|(i, code)| {
+                three_letter(code).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "residue {} is `{code}`, not one of the 20 standard one-letter \
+                             codes or X",
+                            i + 1
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// `InvalidData` naming the first coordinate of structure `sample`
+    /// (`atoms`) that does not fit the PDB `%8.3f` field.
+    fn check_pdb_coordinates(&self, sample: usize, atoms: &[[[f32; 3]; 4]]) -> io::Result<()> {
+        for (residue, atoms) in atoms.iter().enumerate() {
+            for (atom, xyz) in BACKBONE_ATOMS.iter().zip(atoms) {
+                if let Some(&x) = xyz.iter().find(|&&x| pdb_coordinate(x).is_none()) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "sample index {} (model {}), residue {}, atom {}: coordinate {x} Å \
+                             does not fit the PDB %8.3f field (-999.999 to 9999.999 Å); \
+                             write the npz instead",
+                            self.sample_index[sample],
+                            sample + 1,
+                            residue + 1,
+                            atom.name.trim(),
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks that the array lengths agree with the sequence and sample count.
@@ -344,6 +440,101 @@ impl Ensemble {
     }
 }
 
+/// The carbonyl O of a residue (Å) from its N, CA, C and the next residue's
+/// N, with ideal peptide geometry: C=O [`C_O_BOND`], CA-C-O
+/// [`CA_C_O_ANGLE_DEG`], and O in the plane of CA, C and N(i+1), on the
+/// other side of the CA-C axis from N(i+1): the dihedral N-CA-C-O is
+/// psi + 180°, psi being N-CA-C-N(i+1). This is AlphaFold's and OpenFold's
+/// construction (the ideal O of the psi rigid group, rotated by the
+/// residue's psi; `openfold/np/residue_constants.py`
+/// `rigid_group_atom_positions`, `openfold/utils/feats.py`
+/// `frames_and_literature_positions_to_atom14_pos`). BioEmu's
+/// `_adjust_oxygen_pos` puts O in the same plane and on the same side, along
+/// the bisector of CA->C and N(i+1)->C; both agree when CA-C-N(i+1) is 119°,
+/// and the fixed angle keeps CA-C-O ideal where a sampled chain is not.
+///
+/// Without a next residue (`next_n` is `None`) psi is [`TERMINAL_PSI_DEG`].
+/// Where N(i+1) lies on the CA-C line psi is undefined and taken as 0.
+pub fn carbonyl_oxygen(
+    n: [f32; 3],
+    ca: [f32; 3],
+    c: [f32; 3],
+    next_n: Option<[f32; 3]>,
+) -> [f32; 3] {
+    let (n, ca, c) = (n.map(f64::from), ca.map(f64::from), c.map(f64::from));
+    let psi = match next_n {
+        Some(next) => dihedral(n, ca, c, next.map(f64::from)),
+        None => TERMINAL_PSI_DEG.to_radians(),
+    };
+    place_atom(
+        n,
+        ca,
+        c,
+        C_O_BOND,
+        CA_C_O_ANGLE_DEG.to_radians(),
+        psi + std::f64::consts::PI,
+    )
+    .map(|x| x as f32)
+}
+
+fn sub(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    [a[0] - b[0], a[1] - b[1], a[2] - b[2]]
+}
+
+fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    [
+        a[1] * b[2] - a[2] * b[1],
+        a[2] * b[0] - a[0] * b[2],
+        a[0] * b[1] - a[1] * b[0],
+    ]
+}
+
+fn unit(a: [f64; 3]) -> [f64; 3] {
+    let norm = dot(a, a).sqrt();
+    a.map(|x| x / norm)
+}
+
+/// The dihedral angle a-b-c-d (radians, IUPAC sign), 0 where it is undefined.
+fn dihedral(a: [f64; 3], b: [f64; 3], c: [f64; 3], d: [f64; 3]) -> f64 {
+    let axis = unit(sub(c, b));
+    let project = |v: [f64; 3]| {
+        let along = dot(v, axis);
+        [
+            v[0] - along * axis[0],
+            v[1] - along * axis[1],
+            v[2] - along * axis[2],
+        ]
+    };
+    let (v, w) = (project(sub(a, b)), project(sub(d, c)));
+    dot(cross(axis, v), w).atan2(dot(v, w))
+}
+
+/// The atom `d` with |cd| = `bond`, angle b-c-d = `angle` and dihedral
+/// a-b-c-d = `torsion` (radians): the natural extension reference frame
+/// (NeRF) of Parsons et al., J. Comput. Chem. 26, 1063 (2005).
+fn place_atom(
+    a: [f64; 3],
+    b: [f64; 3],
+    c: [f64; 3],
+    bond: f64,
+    angle: f64,
+    torsion: f64,
+) -> [f64; 3] {
+    let bc = unit(sub(c, b));
+    let normal = unit(cross(sub(b, a), bc));
+    let m = cross(normal, bc);
+    let local = [
+        -bond * angle.cos(),
+        bond * angle.sin() * torsion.cos(),
+        bond * angle.sin() * torsion.sin(),
+    ];
+    std::array::from_fn(|k| c[k] + local[0] * bc[k] + local[1] * m[k] + local[2] * normal[k])
+}
+
 /// The three-letter PDB residue name of a one-letter amino-acid code: the 20
 /// standard amino acids (upper case) and `X` for unknown (`UNK`).
 pub fn three_letter(code: char) -> Option<&'static str> {
@@ -380,8 +571,8 @@ struct PdbAtom {
     element: &'static str,
 }
 
-/// In the order of [`Ensemble::backbone`].
-const BACKBONE_ATOMS: [PdbAtom; 3] = [
+/// In the order of [`Ensemble::backbone_with_oxygen`].
+const BACKBONE_ATOMS: [PdbAtom; 4] = [
     PdbAtom {
         name: " N  ",
         element: "N",
@@ -394,9 +585,56 @@ const BACKBONE_ATOMS: [PdbAtom; 3] = [
         name: " C  ",
         element: "C",
     },
+    PdbAtom {
+        name: " O  ",
+        element: "O",
+    },
 ];
 
 const CHAIN_ID: char = 'A';
+
+/// The `ATOM` records of one structure (`atoms` per residue, coordinates
+/// checked by the caller) and its `TER` record. Serials count from 1 in
+/// every structure, as the models of a file are alternatives of one chain.
+fn write_atom_records(
+    w: &mut impl Write,
+    atoms: &[[[f32; 3]; 4]],
+    res_names: &[&str],
+) -> io::Result<()> {
+    let mut serial = 0;
+    for (residue, atoms) in atoms.iter().enumerate() {
+        for (atom, xyz) in BACKBONE_ATOMS.iter().zip(atoms) {
+            serial += 1;
+            let [x, y, z] = xyz.map(|c| pdb_coordinate(c).expect("coordinates checked"));
+            record(
+                w,
+                &format!(
+                    "ATOM  {serial:>5} {name}{alt_loc}{res_name:>3} {chain}{res_seq:>4}\
+                     {i_code}   {x}{y}{z}{occupancy:>6.2}{temp_factor:>6.2}          \
+                     {element:>2}",
+                    name = atom.name,
+                    alt_loc = ' ',
+                    res_name = res_names[residue],
+                    chain = CHAIN_ID,
+                    res_seq = residue + 1,
+                    i_code = ' ',
+                    occupancy = 1.0,
+                    temp_factor = 0.0,
+                    element = atom.element,
+                ),
+            )?;
+        }
+    }
+    if let Some(last) = res_names.last() {
+        serial += 1;
+        let l = res_names.len();
+        record(
+            w,
+            &format!("TER   {serial:>5}      {last:>3} {CHAIN_ID}{l:>4}"),
+        )?;
+    }
+    Ok(())
+}
 
 /// `x` as `%8.3f`, or `None` when it would not fit eight columns or is not a
 /// number. Decided on the formatted text, not on a bound, because the sign
