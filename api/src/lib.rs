@@ -18,6 +18,8 @@
 //! | `POST /v1/jobs/{id}/cancel` | cancel a job that is not final (409 if it is) |
 //! | `GET /v1/jobs/{id}/results` | the manifest: every shard of a succeeded job (`"complete": true`), or the finished shards of a failed or cancelled one (`"complete": false`) |
 //! | `GET /v1/jobs/{id}/results.pdb` | the whole ensemble of a succeeded job as one multi-model PDB, streamed shard by shard |
+//! | `GET /v1/jobs/{id}/results.xtc` | the whole ensemble of a succeeded job as an XTC trajectory (N, CA, C, O), streamed shard by shard |
+//! | `GET /v1/jobs/{id}/topology.pdb` | the topology of `results.xtc` (its atoms, at the first sample's coordinates) |
 //! | `GET /v1/jobs/{id}/results/{shard}` | one finished shard: npz (default), or `?format=pdb` / `{shard}.pdb` as PDB |
 //!
 //! Errors are JSON: `{"error": {"code": "...", "message": "..."}}`, the
@@ -196,6 +198,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/results", get(results::get_results))
         .route("/v1/jobs/{id}/results.pdb", get(results::get_results_pdb))
+        .route("/v1/jobs/{id}/results.xtc", get(results::get_results_xtc))
+        .route("/v1/jobs/{id}/topology.pdb", get(results::get_topology_pdb))
         .route("/v1/jobs/{id}/results/{shard}", get(results::get_shard))
         // Request counts and latencies by route template (`metrics.rs`).
         .layer(axum::middleware::from_fn(metrics::track))

@@ -59,6 +59,8 @@ pub(crate) async fn openapi_json() -> impl IntoResponse {
         crate::cancel_job,
         crate::results::get_results,
         crate::results::get_results_pdb,
+        crate::results::get_results_xtc,
+        crate::results::get_topology_pdb,
         crate::results::get_shard,
     ),
     components(schemas(ErrorBody, ErrorDetail, JobStateSchema, PrioritySchema, WebhookStateSchema)),

@@ -1,5 +1,7 @@
 //! Results: the manifest, single shards (npz as stored, or PDB), and the
-//! whole ensemble of a succeeded job as one streamed PDB.
+//! whole ensemble of a succeeded job as one streamed PDB or XTC trajectory
+//! (with its topology PDB). The whole-job formats are converted shard by
+//! shard ([`shard_stream`]), so the API never holds a job's ensemble.
 //!
 //! A failed or cancelled job's shards that were finished stay downloadable:
 //! its manifest lists them (`"complete": false`), built from the object
@@ -15,6 +17,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use dig_common::job::{JobId, JobSpec, JobState};
+use dig_model::structure::Ensemble;
 use futures::{StreamExt, TryStreamExt};
 use object_store::PutPayload;
 use serde::{Deserialize, Serialize};
@@ -25,6 +28,8 @@ use crate::openapi::{BinarySchema, ErrorBody, ManifestSchema};
 use crate::{owned_job, pdb, ApiError, ApiResult, Shared, Tenant};
 
 const PDB_TYPE: &str = "chemical/x-pdb";
+/// XTC has no registered media type.
+const XTC_TYPE: &str = "application/octet-stream";
 
 /// The manifest of a finished job: its shards with their sample ranges,
 /// sizes and SHA-256. Every shard of a succeeded job (`"complete": true`);
@@ -61,6 +66,26 @@ pub(crate) async fn get_results(
                 .map_err(|e| ApiError::internal(format!("job {job}: bad manifest: {e}")))?;
             m.insert("complete".into(), true.into());
             serde_json::Value::Object(m)
+        }
+        // A filtered job that fell short has the manifest of its valid
+        // samples (`kept` per shard) beside its state marker.
+        JobState::Failed if p.filter.is_some() => {
+            match st.store.get(&st.layout.manifest(job)).await {
+                Ok(object) => {
+                    let bytes = object.bytes().await.map_err(ApiError::store)?;
+                    let mut m: serde_json::Map<String, serde_json::Value> =
+                        serde_json::from_slice(&bytes).map_err(|e| {
+                            ApiError::internal(format!("job {job}: bad manifest: {e}"))
+                        })?;
+                    m.insert("complete".into(), false.into());
+                    serde_json::Value::Object(m)
+                }
+                Err(object_store::Error::NotFound { .. }) => {
+                    serde_json::to_value(partial_manifest(&st, job).await?)
+                        .map_err(ApiError::internal)?
+                }
+                Err(e) => return Err(ApiError::store(e)),
+            }
         }
         JobState::Failed | JobState::Cancelled => {
             serde_json::to_value(partial_manifest(&st, job).await?).map_err(ApiError::internal)?
@@ -251,15 +276,9 @@ fn unfit_for_pdb(message: String) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "pdb_unavailable", message)
 }
 
-/// The PDB text of shard `index` (its npz bytes) of `spec`: numbered by
-/// sample index, checked against the shard's planned sample range.
-/// `whole_file`: remarks, models and `END`; else the models only.
-fn convert_shard(
-    spec: &JobSpec,
-    index: u64,
-    npz: &[u8],
-    whole_file: bool,
-) -> Result<Vec<u8>, String> {
+/// Shard `index` (its npz bytes) of `spec` as an ensemble, checked against
+/// the shard's planned sample range.
+fn shard_ensemble(spec: &JobSpec, index: u64, npz: &[u8]) -> Result<Ensemble, String> {
     let fail = |m: String| format!("shard {index} of job {}: {m}", spec.id);
     let ens = pdb::read_shard(npz, &spec.sequence).map_err(fail)?;
     let task = spec.shard(index);
@@ -272,12 +291,40 @@ fn convert_shard(
             task.end
         )));
     }
+    Ok(ens)
+}
+
+/// The PDB text of shard `index` (its npz bytes) of `spec`: numbered by
+/// sample index, checked against the shard's planned sample range.
+/// `whole_file`: remarks, models and `END`; else the models only.
+fn convert_shard(
+    spec: &JobSpec,
+    index: u64,
+    npz: &[u8],
+    whole_file: bool,
+) -> Result<Vec<u8>, String> {
+    let ens = shard_ensemble(spec, index, npz)?;
     let out = if whole_file {
         pdb::shard_pdb(&ens)
     } else {
         pdb::models(&ens)
     };
-    out.map_err(|e| fail(e.to_string()))
+    out.map_err(|e| format!("shard {index} of job {}: {e}", spec.id))
+}
+
+/// The XTC frames of shard `index` (its npz bytes) of `spec`, one per sample
+/// that `keep` selects (every sample when `None`), as
+/// `dig_model::xtc::XtcWriter` appends them: the job's frames are the
+/// concatenation of its shards', byte for byte what `digctl sample` writes.
+fn shard_xtc(
+    spec: &JobSpec,
+    index: u64,
+    npz: &[u8],
+    keep: Option<&[bool]>,
+) -> Result<Vec<u8>, String> {
+    let ens = shard_ensemble(spec, index, npz)?;
+    dig_model::xtc::xtc_bytes(&ens, keep)
+        .map_err(|e| format!("shard {index} of job {}: {e}", spec.id))
 }
 
 /// One finished shard: the stored npz, or the same samples as a
@@ -366,14 +413,6 @@ pub(crate) async fn get_shard(
         .into_response())
 }
 
-/// What the streamed PDB sends next.
-enum Next {
-    Remarks,
-    Shard(u64),
-    End,
-    Done,
-}
-
 /// The whole ensemble of a succeeded job as one multi-model PDB: header
 /// remarks, then the models of every shard in order (`MODEL` = sample index
 /// + 1), then `END`. Streamed shard by shard; a shard that cannot be read
@@ -397,11 +436,8 @@ pub(crate) async fn get_results_pdb(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let (job, p) = owned_job(&st, &tenant, &id).await?;
-    if p.state != JobState::Succeeded {
-        return Err(ApiError::not_found("job has not succeeded yet"));
-    }
-    let spec = job_spec(&st, job).await?;
+    let spec = succeeded_job(&st, &tenant, &id).await?;
+    let job = spec.id;
     if let Some(m) = pdb::unfit_reason(&spec.sequence, spec.num_samples.checked_sub(1)) {
         return Err(unfit_for_pdb(format!(
             "job {job} has {} samples of {} residues: {m}",
@@ -409,46 +445,10 @@ pub(crate) async fn get_results_pdb(
             spec.sequence.chars().count()
         )));
     }
-    // Checked before the first byte, while an error can still be a status.
-    let stored: HashSet<String> = st
-        .store
-        .list(Some(&st.layout.shards_dir(job)))
-        .map_ok(|m| m.location.to_string())
-        .try_collect()
-        .await
-        .map_err(ApiError::store)?;
-    if let Some(missing) =
-        (0..spec.num_shards()).find(|i| !stored.contains(st.layout.shard(job, *i).as_ref()))
-    {
-        tracing::error!(%job, shard = missing, "succeeded job lacks a shard");
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "results_incomplete",
-            format!("shard {missing} of job {job} is missing from the object store"),
-        ));
-    }
-
-    let spec = std::sync::Arc::new(spec);
-    let num_shards = spec.num_shards();
-    let first = |n: u64| if n > 0 { Next::Shard(0) } else { Next::End };
-    let stream = futures::stream::unfold(Next::Remarks, move |next| {
-        let (st, spec) = (st.clone(), spec.clone());
-        async move {
-            let (chunk, next) = match next {
-                Next::Done => return None,
-                Next::Remarks => (Ok(pdb::remarks(0..spec.num_samples)), first(num_shards)),
-                Next::End => (Ok(pdb::end()), Next::Done),
-                Next::Shard(i) => match shard_models(&st, &spec, i).await {
-                    Ok(text) if i + 1 < num_shards => (Ok(text), Next::Shard(i + 1)),
-                    Ok(text) => (Ok(text), Next::End),
-                    Err(e) => {
-                        tracing::error!(job = %spec.id, error = %e, "results.pdb aborted");
-                        (Err(std::io::Error::other(e)), Next::Done)
-                    }
-                },
-            };
-            Some((chunk.map(Bytes::from), next))
-        }
+    check_shards_stored(&st, &spec).await?;
+    let head = pdb::remarks(0..spec.num_samples);
+    let stream = shard_stream(st, spec, head, pdb::end(), "results.pdb", |spec, i, npz| {
+        convert_shard(spec, i, npz, false)
     });
     Ok((
         [
@@ -463,11 +463,216 @@ pub(crate) async fn get_results_pdb(
         .into_response())
 }
 
-/// Fetches shard `index` and converts it to its `MODEL` blocks.
-async fn shard_models(
+/// The whole ensemble of a succeeded job as an XTC trajectory: one frame
+/// per sample in order (N, CA, C, O per residue, nm, precision 0.001 nm,
+/// step and time = sample index, no box), the atoms of `topology.pdb`.
+/// Byte for byte the `samples.xtc` of `digctl sample` for the same inputs.
+/// Streamed shard by shard; a shard that cannot be read or converted
+/// mid-stream aborts the response (the body ends in an error).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/results.xtc",
+    tag = "results",
+    params(("id" = String, Path, format = Uuid, description = "The job id")),
+    responses(
+        (status = 200, description = "Every sample of the job, in order, as XTC frames", content(
+            (inline(BinarySchema) = "application/octet-stream"),
+        )),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant, or it has not succeeded yet", body = ErrorBody),
+        (status = 500, description = "A shard of the job is missing from the object store (code `results_incomplete`)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn get_results_xtc(
+    State(st): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let spec = succeeded_job(&st, &tenant, &id).await?;
+    let job = spec.id;
+    check_shards_stored(&st, &spec).await?;
+    let stream = shard_stream(
+        st,
+        spec,
+        Vec::new(),
+        Vec::new(),
+        "results.xtc",
+        |spec, i, npz| {
+            // Per-shard keep mask (e.g. a filtered job's `valid` array) goes here.
+            let keep: Option<&[bool]> = None;
+            shard_xtc(spec, i, npz, keep)
+        },
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, XTC_TYPE.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{job}.xtc\""),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// The topology of `results.xtc`: one structure of N, CA, C, O per residue
+/// (chain A, residues numbered from 1) at the coordinates of the job's
+/// first sample, no `MODEL` or `CRYST1`; what MDTraj (`md.load(xtc,
+/// top=pdb)`) and MDAnalysis (`Universe(pdb, xtc)`) take as topology.
+/// Byte for byte the `topology.pdb` of `digctl sample`.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/topology.pdb",
+    tag = "results",
+    params(("id" = String, Path, format = Uuid, description = "The job id")),
+    responses(
+        (status = 200, description = "The atoms of every frame of results.xtc", body = String, content_type = "chemical/x-pdb"),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant, or it has not succeeded yet", body = ErrorBody),
+        (status = 422, description = "The protein does not fit a PDB file (more than 9999 residues, or unknown residues)", body = ErrorBody),
+        (status = 500, description = "The job's first shard is missing from the object store (code `results_incomplete`)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn get_topology_pdb(
+    State(st): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let spec = succeeded_job(&st, &tenant, &id).await?;
+    let job = spec.id;
+    if let Some(m) = pdb::unfit_reason(&spec.sequence, None) {
+        return Err(unfit_for_pdb(format!("job {job}: {m}")));
+    }
+    let npz = match st.store.get(&st.layout.shard(job, 0)).await {
+        Ok(r) => r.bytes().await.map_err(ApiError::store)?,
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(results_incomplete(job, 0));
+        }
+        Err(e) => return Err(ApiError::store(e)),
+    };
+    let text = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        let ens = shard_ensemble(&spec, 0, &npz)?;
+        let mut out = Vec::new();
+        ens.write_topology_pdb(0, &mut out)
+            .map_err(|e| format!("shard 0 of job {job}: {e}"))?;
+        Ok(out)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, PDB_TYPE.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{job}-topology.pdb\""),
+            ),
+        ],
+        text,
+    )
+        .into_response())
+}
+
+/// The spec of `id` if it is a job of `tenant` that has succeeded; 404
+/// otherwise (as for a job of another tenant).
+async fn succeeded_job(st: &Shared, tenant: &str, id: &str) -> ApiResult<JobSpec> {
+    let (job, p) = owned_job(st, tenant, id).await?;
+    if p.state != JobState::Succeeded {
+        return Err(ApiError::not_found("job has not succeeded yet"));
+    }
+    job_spec(st, job).await
+}
+
+fn results_incomplete(job: JobId, shard: u64) -> ApiError {
+    tracing::error!(%job, shard, "succeeded job lacks a shard");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "results_incomplete",
+        format!("shard {shard} of job {job} is missing from the object store"),
+    )
+}
+
+/// Every shard of `spec` is in the store: checked before the first byte of
+/// a whole-job download, while an error can still be a status.
+async fn check_shards_stored(st: &Shared, spec: &JobSpec) -> ApiResult<()> {
+    let job = spec.id;
+    let stored: HashSet<String> = st
+        .store
+        .list(Some(&st.layout.shards_dir(job)))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .map_err(ApiError::store)?;
+    match (0..spec.num_shards()).find(|i| !stored.contains(st.layout.shard(job, *i).as_ref())) {
+        Some(missing) => Err(results_incomplete(job, missing)),
+        None => Ok(()),
+    }
+}
+
+/// Converts shard `index` (its npz bytes) of a job to the bytes it
+/// contributes to a whole-job download.
+type ConvertShard = fn(&JobSpec, u64, &[u8]) -> Result<Vec<u8>, String>;
+
+/// What a whole-job download sends next.
+enum Next {
+    Head,
+    Shard(u64),
+    Tail,
+    Done,
+}
+
+/// `head`, then each shard of `spec` in order fetched from the store and
+/// converted by `convert` (on the blocking pool; one shard in memory at a
+/// time), then `tail`. A shard that cannot be fetched or converted ends the
+/// stream in an error (logged with `what`).
+fn shard_stream(
+    st: Shared,
+    spec: JobSpec,
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    what: &'static str,
+    convert: ConvertShard,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
+    let spec = std::sync::Arc::new(spec);
+    let num_shards = spec.num_shards();
+    let after = move |i: u64| {
+        if i < num_shards {
+            Next::Shard(i)
+        } else {
+            Next::Tail
+        }
+    };
+    futures::stream::unfold(Next::Head, move |next| {
+        let (st, spec, head, tail) = (st.clone(), spec.clone(), head.clone(), tail.clone());
+        async move {
+            let (chunk, next) = match next {
+                Next::Done => return None,
+                Next::Head => (Ok(head), after(0)),
+                Next::Tail => (Ok(tail), Next::Done),
+                Next::Shard(i) => match shard_bytes(&st, &spec, i, convert).await {
+                    Ok(bytes) => (Ok(bytes), after(i + 1)),
+                    Err(e) => {
+                        tracing::error!(job = %spec.id, error = %e, "{what} aborted");
+                        (Err(std::io::Error::other(e)), Next::Done)
+                    }
+                },
+            };
+            Some((chunk.map(Bytes::from), next))
+        }
+    })
+    // Empty chunks (an XTC has no head or tail) are not sent.
+    .try_filter(|b| futures::future::ready(!b.is_empty()))
+}
+
+/// Fetches shard `index` and converts it with `convert`.
+async fn shard_bytes(
     st: &Shared,
     spec: &std::sync::Arc<JobSpec>,
     index: u64,
+    convert: ConvertShard,
 ) -> Result<Vec<u8>, String> {
     let npz = st
         .store
@@ -478,7 +683,7 @@ async fn shard_models(
         .await
         .map_err(|e| e.to_string())?;
     let spec = spec.clone();
-    tokio::task::spawn_blocking(move || convert_shard(&spec, index, &npz, false))
+    tokio::task::spawn_blocking(move || convert(&spec, index, &npz))
         .await
         .map_err(|e| e.to_string())?
 }

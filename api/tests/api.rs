@@ -675,6 +675,8 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/jobs/{id}/cancel", &["post"]),
     ("/v1/jobs/{id}/results", &["get"]),
     ("/v1/jobs/{id}/results.pdb", &["get"]),
+    ("/v1/jobs/{id}/results.xtc", &["get"]),
+    ("/v1/jobs/{id}/topology.pdb", &["get"]),
     ("/v1/jobs/{id}/results/{shard}", &["get"]),
     ("/v1/batches", &["post"]),
     ("/v1/batches/{id}", &["get"]),
@@ -1043,8 +1045,13 @@ async fn pdb_results_of_a_succeeded_job() {
         vec![5, 6, 7, 8]
     );
     for (k, (_, atoms)) in models.iter().enumerate() {
-        let expected: Vec<[f32; 3]> = from_npz.backbone(k).into_iter().flatten().collect();
-        assert_eq!(atoms.len(), 3 * SEQUENCE.len());
+        // N, CA, C, O per residue.
+        let expected: Vec<[f32; 3]> = from_npz
+            .backbone_with_oxygen(k)
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(atoms.len(), 4 * SEQUENCE.len());
         for (a, e) in atoms.iter().zip(&expected) {
             for d in 0..3 {
                 assert!((a[d] - e[d]).abs() <= 5.1e-4, "model {k}: {a:?} vs {e:?}");
@@ -1199,6 +1206,127 @@ async fn pdb_results_refusals_and_aborts() {
         .fetch(&format!("/v1/jobs/{big}/results/9.pdb"), Some(&c.key_a))
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------- XTC results
+
+/// Samples `indices` of a synthetic ensemble of the test protein (proper
+/// rotations, distinct coordinates per sample).
+fn synthetic(indices: std::ops::Range<i64>) -> Ensemble {
+    let l = SEQUENCE.len();
+    let (mut tr, mut rot) = (Vec::new(), Vec::new());
+    for s in indices.clone() {
+        for r in 0..l {
+            let a = 0.3 * s as f32 + 0.7 * r as f32;
+            tr.extend([3.8 * r as f32, 1.5 * a.sin() - s as f32, 2.0 * a.cos()]);
+            let (c, n) = (a.cos(), a.sin());
+            rot.extend([c, -n, 0.0, n, c, 0.0, 0.0, 0.0, 1.0]);
+        }
+    }
+    Ensemble {
+        sequence: SEQUENCE.into(),
+        sample_index: indices.collect(),
+        tr,
+        rot_mat: rot,
+    }
+}
+
+#[tokio::test]
+async fn xtc_results_and_topology_of_a_succeeded_job() {
+    let c = ctx().await;
+    let spec = c.submitted(10, 4).await;
+    let id = spec.id;
+    let shards = [synthetic(0..4), synthetic(4..8), synthetic(8..10)];
+    for (i, e) in shards.iter().enumerate() {
+        c.store
+            .put(
+                &c.layout.shard(id, i as u64),
+                PutPayload::from(e.npz_bytes().unwrap()),
+            )
+            .await
+            .unwrap();
+    }
+    let (xtc, top) = (
+        format!("/v1/jobs/{id}/results.xtc"),
+        format!("/v1/jobs/{id}/topology.pdb"),
+    );
+    // Not before the job succeeded.
+    c.redis
+        .set_state(id, JobState::Running, None)
+        .await
+        .unwrap();
+    for uri in [&xtc, &top] {
+        let (s, _, b) = c.fetch(uri, Some(&c.key_a)).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
+        assert!(String::from_utf8(b.unwrap())
+            .unwrap()
+            .contains("not succeeded"));
+    }
+    c.redis
+        .set_state(id, JobState::Succeeded, None)
+        .await
+        .unwrap();
+
+    // Byte for byte the model crate's XTC of the whole ensemble, and its
+    // topology (sample 0's atoms).
+    let whole = Ensemble {
+        sequence: SEQUENCE.into(),
+        sample_index: (0..10).collect(),
+        tr: shards.iter().flat_map(|e| e.tr.clone()).collect(),
+        rot_mat: shards.iter().flat_map(|e| e.rot_mat.clone()).collect(),
+    };
+    let (s, ctype, body) = c.fetch(&xtc, Some(&c.key_a)).await;
+    assert_eq!(
+        (s, ctype.as_str()),
+        (StatusCode::OK, "application/octet-stream")
+    );
+    assert!(
+        body.unwrap() == dig_model::xtc::xtc_bytes(&whole, None).unwrap(),
+        "results.xtc differs from XtcWriter's bytes of the whole ensemble"
+    );
+    let (s, ctype, body) = c.fetch(&top, Some(&c.key_a)).await;
+    assert_eq!((s, ctype.as_str()), (StatusCode::OK, "chemical/x-pdb"));
+    let mut expected = Vec::new();
+    whole.write_topology_pdb(0, &mut expected).unwrap();
+    assert_eq!(
+        String::from_utf8(body.unwrap()).unwrap(),
+        String::from_utf8(expected).unwrap()
+    );
+
+    // Other tenants see nothing; no key, 401.
+    for uri in [&xtc, &top] {
+        let (s, _, _) = c.fetch(uri, Some(&c.key_b)).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
+        let (s, _, _) = c.fetch(uri, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri}");
+    }
+
+    // A shard that turns out unreadable mid-stream aborts the body.
+    c.store
+        .put(
+            &c.layout.shard(id, 1),
+            PutPayload::from(b"not an npz".to_vec()),
+        )
+        .await
+        .unwrap();
+    let (s, _, b) = c.fetch(&xtc, Some(&c.key_a)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(b.is_err(), "the body should end in an error");
+    // A missing shard: an error before the first byte; without shard 0 no topology.
+    for i in [1, 0] {
+        c.store.delete(&c.layout.shard(id, i)).await.unwrap();
+    }
+    for (uri, missing) in [(&xtc, 0), (&top, 0)] {
+        let (s, _, b) = c.fetch(uri, Some(&c.key_a)).await;
+        let v: Value = serde_json::from_slice(&b.unwrap()).unwrap();
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{uri}: {v}");
+        assert_eq!(v["error"]["code"], "results_incomplete");
+        assert_eq!(
+            message(&v),
+            format!("shard {missing} of job {id} is missing from the object store")
+        );
+    }
     c.cleanup().await;
 }
 
