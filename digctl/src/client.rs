@@ -126,6 +126,9 @@ pub enum FetchFormat {
     Npz,
     /// The whole ensemble as one multi-model PDB (`JOB.pdb`).
     Pdb,
+    /// The whole ensemble as an XTC trajectory (`JOB.xtc`, N, CA, C, O) and
+    /// its topology (`JOB-topology.pdb`).
+    Xtc,
 }
 
 /// The client subcommands; main.rs flattens them into its own.
@@ -225,7 +228,7 @@ pub enum ClientCommand {
         /// Output directory.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// npz: shards + manifest.json; pdb: one JOB.pdb.
+        /// npz: shards + manifest.json; pdb: one JOB.pdb; xtc: JOB.xtc + JOB-topology.pdb.
         #[arg(long, value_enum, default_value = "npz")]
         format: FetchFormat,
         /// Shards downloaded at the same time.
@@ -456,6 +459,11 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
                 FetchFormat::Pdb => {
                     let (path, bytes) = transfer::fetch_pdb(&api, job, &out).await?;
                     println!("wrote {} ({})", path.display(), human_bytes(bytes));
+                }
+                FetchFormat::Xtc => {
+                    for (path, bytes) in transfer::fetch_xtc(&api, job, &out).await? {
+                        println!("wrote {} ({})", path.display(), human_bytes(bytes));
+                    }
                 }
             }
             Ok(())
@@ -815,6 +823,8 @@ mod tests {
         assert!(Cli::try_parse_from(["digctl", "status", &id]).is_ok());
         assert!(Cli::try_parse_from(["digctl", "status", "../etc"]).is_err());
         let fetch = Cli::try_parse_from(["digctl", "fetch", &id, "--out", "d", "--format", "pdb"]);
+        assert!(fetch.is_ok());
+        let fetch = Cli::try_parse_from(["digctl", "fetch", &id, "--out", "d", "--format", "xtc"]);
         assert!(fetch.is_ok());
         assert!(Cli::try_parse_from(["digctl", "wait", &id, "--poll-ms", "10"]).is_err());
     }

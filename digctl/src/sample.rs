@@ -66,7 +66,7 @@ pub struct SampleArgs {
     /// Memory for cached per-layer pair values; beyond it the memory-light order is used.
     #[arg(long, default_value_t = 4096)]
     pair_cache_mb: u64,
-    /// Output directory: samples.npz, samples.pdb, run.json.
+    /// Output directory: samples.npz, samples.pdb, samples.xtc + topology.pdb, run.json.
     #[arg(long)]
     out: PathBuf,
 }
@@ -168,6 +168,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let pdb = args.out.join("samples.pdb");
     ensemble.write_npz(&npz)?;
     ensemble.write_pdb_file(&pdb)?;
+    let (xtc, topology) = write_trajectory(&ensemble, &args.out)?;
     let run = serde_json::json!({
         "model": args.model,
         "sequence": sequence,
@@ -180,7 +181,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
         "network_calls_per_sample": calls,
         "device": args.device,
         "seconds": seconds,
-        "files": {"npz": "samples.npz", "pdb": "samples.pdb"},
+        "files": {
+            "npz": "samples.npz",
+            "pdb": "samples.pdb",
+            "xtc": "samples.xtc",
+            "topology": "topology.pdb",
+        },
     });
     let tmp = args.out.join(".run.json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(&run)? + "\n")?;
@@ -191,5 +197,19 @@ pub fn run(args: SampleArgs) -> Result<()> {
         npz.display(),
         pdb.display()
     );
+    println!("  {}\n  {}", xtc.display(), topology.display());
     Ok(())
+}
+
+/// Writes `ensemble` as the trajectory `samples.xtc` (N, CA, C, O of every
+/// sample, nm) and its topology `topology.pdb` (the first sample's atoms)
+/// in `out`, each atomically; their paths.
+fn write_trajectory(
+    ensemble: &dig_model::structure::Ensemble,
+    out: &std::path::Path,
+) -> Result<(PathBuf, PathBuf)> {
+    let (xtc, topology) = (out.join("samples.xtc"), out.join("topology.pdb"));
+    ensemble.write_xtc_file(&xtc)?;
+    ensemble.write_topology_pdb_file(&topology)?;
+    Ok((xtc, topology))
 }

@@ -379,16 +379,46 @@ async fn fetch_shard(
 /// Streams `GET /v1/jobs/{id}/results.pdb` to `out/{job}.pdb`; returns the
 /// path and size.
 pub async fn fetch_pdb(api: &Api, job: JobId, out: &Path) -> Result<(PathBuf, u64)> {
+    fetch_whole(api, job, out, "results.pdb", &format!("{job}.pdb"), "pdb").await
+}
+
+/// Streams `GET /v1/jobs/{id}/results.xtc` to `out/{job}.xtc` and `GET
+/// /v1/jobs/{id}/topology.pdb` to `out/{job}-topology.pdb`; returns their
+/// paths and sizes.
+pub async fn fetch_xtc(api: &Api, job: JobId, out: &Path) -> Result<[(PathBuf, u64); 2]> {
+    let xtc = fetch_whole(api, job, out, "results.xtc", &format!("{job}.xtc"), "xtc").await?;
+    let topology = fetch_whole(
+        api,
+        job,
+        out,
+        "topology.pdb",
+        &format!("{job}-topology.pdb"),
+        "topology",
+    )
+    .await?;
+    Ok([xtc, topology])
+}
+
+/// Streams `GET /v1/jobs/{id}/{route}` to `out/{file}` (through a partial
+/// file renamed at the end); returns the path and size.
+async fn fetch_whole(
+    api: &Api,
+    job: JobId,
+    out: &Path,
+    route: &str,
+    file: &str,
+    label: &str,
+) -> Result<(PathBuf, u64)> {
     tokio::fs::create_dir_all(out)
         .await
         .with_context(|| format!("cannot create {}", out.display()))?;
-    let dest = out.join(format!("{job}.pdb"));
-    let url = api.url(&["v1", "jobs", &job.to_string(), "results.pdb"]);
+    let dest = out.join(file);
+    let url = api.url(&["v1", "jobs", &job.to_string(), route]);
     let response = api.send(api.request(Method::GET, url.clone())).await?;
     let meter = Meter::new(
         response.content_length(),
         Unit::Bytes,
-        &format!("job {job} pdb"),
+        &format!("job {job} {label}"),
     );
     let part = part_path(&dest);
     let received = stream_to_file(api, &url, response, &part, &meter, None).await;
