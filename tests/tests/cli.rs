@@ -134,7 +134,7 @@ print(t.n_frames, t.n_atoms, float(np.abs(pdb - ref).max()))
     );
     let v: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(v[0], "5", "frames");
-    assert_eq!(v[1], "72", "atoms = 3 per residue");
+    assert_eq!(v[1], "96", "atoms = 4 per residue (N, CA, C, O)");
     let err: f64 = v[2].parse().unwrap();
     assert!(
         err < 2e-3,
