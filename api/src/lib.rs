@@ -72,7 +72,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use dig_common::job::{default_shard_size, JobId, JobSpec, JobState, Priority};
+use dig_common::job::{
+    default_shard_size, FilterCriteria, JobId, JobSpec, JobState, Priority, SampleFilter, Solver,
+};
 use dig_common::layout::ObjectLayout;
 use dig_common::progress::{
     JobProgress, LimitExceeded, ProgressStore, TenantCaps, WebhookState, WebhookStatus,
@@ -345,9 +347,22 @@ pub(crate) struct SubmitJob {
     num_samples: u64,
     /// The RNG seed; random when absent.
     seed: Option<u64>,
-    /// Sampler steps; the model's own number when absent.
+    /// Sampler steps, at most the model's `n_time_step`; the model's own
+    /// number when absent.
     #[schema(minimum = 1)]
     steps: Option<i64>,
+    /// How the sampler integrates: `euler` (the published update, the
+    /// default), `exp`, `heun` or `ab2` (see the README's fidelity table).
+    #[schema(value_type = Option<String>, example = "ab2")]
+    solver: Option<Solver>,
+    /// `physical`: return exactly `num_samples` physically valid samples,
+    /// drawing sample indices past `num_samples` to replace invalid ones.
+    #[schema(value_type = Option<String>, example = "physical")]
+    filter: Option<FilterCriteria>,
+    /// With `filter`: draw at most this many times `num_samples` (1 to 10,
+    /// default 3); past it the job fails, its valid samples fetchable.
+    #[schema(minimum = 1, maximum = 10)]
+    max_draw_factor: Option<u64>,
     /// A model listed by `GET /v1/models`; the service's default when absent.
     model: Option<String>,
     #[schema(value_type = Option<PrioritySchema>)]
@@ -385,6 +400,21 @@ pub(crate) fn links(id: JobId) -> JobLinks {
         this: format!("/v1/jobs/{id}"),
         results: format!("/v1/jobs/{id}/results"),
     }
+}
+
+/// How a job samples (from its spec).
+#[derive(Serialize, ToSchema)]
+struct SamplingView {
+    #[schema(value_type = String, example = "euler")]
+    solver: Solver,
+    /// Sampler steps (null for a job submitted before steps were resolved).
+    steps: Option<u64>,
+    /// Network calls per sample.
+    network_calls_per_sample: Option<u64>,
+    /// `physical` when the job keeps valid samples only.
+    #[schema(value_type = Option<String>, example = "physical")]
+    filter: Option<FilterCriteria>,
+    max_draw_factor: Option<u64>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -425,7 +455,13 @@ pub(crate) struct JobView {
     #[schema(value_type = JobStateSchema)]
     state: JobState,
     num_samples: u64,
+    /// Samples drawn so far (with a filter, may pass `num_samples`).
     samples_done: u64,
+    /// Physically valid samples among `samples_done` (null when unknown).
+    samples_valid: Option<u64>,
+    sampling: SamplingView,
+    /// Shards done and failed; `total` is every shard the job may have (with
+    /// a filter, up to the draw limit; most are drawn only if needed).
     shards: ShardCounts,
     /// The first failure, e.g. `"shard 3: reason"`.
     error: Option<String>,
@@ -507,6 +543,14 @@ pub(crate) fn job_view(id: JobId, p: &JobProgress) -> JobView {
         state: p.state,
         num_samples: p.num_samples,
         samples_done: p.samples_done,
+        samples_valid: p.samples_valid,
+        sampling: SamplingView {
+            solver: p.solver,
+            steps: p.steps,
+            network_calls_per_sample: p.steps.map(|s| p.solver.network_calls(s)),
+            filter: p.filter.map(|f| f.criteria),
+            max_draw_factor: p.filter.map(|f| f.max_draw_factor),
+        },
         shards: ShardCounts {
             done: p.shards_done,
             failed: p.shards_failed,
@@ -553,7 +597,8 @@ pub(crate) fn limit_error(tenant: &str, refused: LimitExceeded) -> ApiError {
 #[derive(Default)]
 pub(crate) struct Lookups {
     features: std::collections::HashMap<String, Result<u64, ApiError>>,
-    models: std::collections::HashMap<String, Result<(), ApiError>>,
+    /// A model's `n_time_step`, or why it cannot be used.
+    models: std::collections::HashMap<String, Result<i64, ApiError>>,
 }
 
 fn copy_err(e: &ApiError) -> ApiError {
@@ -575,16 +620,27 @@ impl Lookups {
         copy
     }
 
-    async fn model(&mut self, st: &ApiState, model: &str) -> ApiResult<()> {
+    /// The model's `n_time_step` (from its `config.json`).
+    async fn model(&mut self, st: &ApiState, model: &str) -> ApiResult<i64> {
         if let Some(r) = self.models.get(model) {
-            return r.as_ref().map(|_| ()).map_err(copy_err);
+            return r.as_ref().copied().map_err(copy_err);
         }
         let r = match st
             .store
-            .head(&st.layout.model_file(model, "config.json"))
+            .get(&st.layout.model_file(model, "config.json"))
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(object) => {
+                let bytes = object.bytes().await.map_err(ApiError::store)?;
+                match serde_json::from_slice::<dig_model::ModelConfig>(&bytes) {
+                    Ok(cfg) => Ok(cfg.n_time_step),
+                    Err(e) => Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "unknown_model",
+                        format!("model: '{model}' has an unreadable config.json ({e})"),
+                    )),
+                }
+            }
             Err(object_store::Error::NotFound { .. }) => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "unknown_model",
@@ -592,7 +648,7 @@ impl Lookups {
             )),
             Err(e) => return Err(ApiError::store(e)),
         };
-        let copy = r.as_ref().map(|_| ()).map_err(copy_err);
+        let copy = r.as_ref().copied().map_err(copy_err);
         self.models.insert(model.to_string(), r);
         copy
     }
@@ -668,8 +724,37 @@ pub(crate) async fn validate(
             "sequence length {seq_len} does not match the features' length {length}"
         )));
     }
-    lookups.model(st, &model).await?;
-    let steps_for_size = req.steps.map(|s| s as u64).unwrap_or(lim.default_steps);
+    let n_time_step = lookups.model(st, &model).await?;
+    if let Some(s) = req.steps {
+        if s > n_time_step {
+            return Err(ApiError::invalid(format!(
+                "steps: model '{model}' has {n_time_step} time steps; steps must be between 1 \
+                 and {n_time_step}, got {s}"
+            )));
+        }
+    }
+    let filter = match (req.filter, req.max_draw_factor) {
+        (None, Some(_)) => {
+            return Err(ApiError::invalid(
+                "max_draw_factor: only with filter (\"physical\")",
+            ))
+        }
+        (None, None) => None,
+        (Some(criteria), factor) => {
+            let factor = factor.unwrap_or(SampleFilter::DEFAULT_MAX_DRAW_FACTOR);
+            if !(1..=10).contains(&factor) {
+                return Err(ApiError::invalid(format!(
+                    "max_draw_factor: must be between 1 and 10, got {factor}"
+                )));
+            }
+            Some(SampleFilter {
+                criteria,
+                max_draw_factor: factor,
+            })
+        }
+    };
+    let steps = req.steps.unwrap_or(n_time_step);
+    let steps_for_size = req.solver.unwrap_or_default().network_calls(steps as u64);
     Ok(JobSpec {
         id: JobId::new(),
         tenant: tenant.to_string(),
@@ -678,7 +763,7 @@ pub(crate) async fn validate(
         features_sha256: req.features_sha256,
         num_samples: req.num_samples,
         seed: req.seed.unwrap_or_else(rand::random),
-        steps: req.steps,
+        steps: Some(steps),
         model,
         priority: req.priority.unwrap_or_default(),
         shard_size: req
@@ -686,6 +771,8 @@ pub(crate) async fn validate(
             .unwrap_or_else(|| default_shard_size(length, steps_for_size)),
         created_at: now_secs(),
         callback_url: req.callback_url,
+        solver: req.solver.unwrap_or_default(),
+        filter,
     })
 }
 
@@ -1051,6 +1138,10 @@ mod tests {
             created_at: 900,
             started_at: started,
             finished_at: finished,
+            samples_valid: None,
+            solver: Default::default(),
+            steps: None,
+            filter: None,
         }
     }
 

@@ -13,7 +13,6 @@
 //! what `write_pdb` writes for the whole ensemble.
 
 use std::io::{self, Cursor, Read};
-use std::ops::Range;
 
 use dig_model::structure::{three_letter, Ensemble};
 
@@ -64,8 +63,8 @@ fn remark_line(index: u64) -> String {
 }
 
 /// The `REMARK   1` header lines of samples `indices` (global indices).
-pub fn remarks(indices: Range<u64>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(indices.clone().count() * 81);
+pub fn remarks(indices: impl IntoIterator<Item = u64>) -> Vec<u8> {
+    let mut out = Vec::new();
     for i in indices {
         record(&mut out, &remark_line(i));
     }
@@ -304,7 +303,7 @@ mod tests {
     use super::*;
 
     /// A deterministic ensemble with proper rotation matrices.
-    fn ensemble(sequence: &str, indices: Range<i64>) -> Ensemble {
+    fn ensemble(sequence: &str, indices: std::ops::Range<i64>) -> Ensemble {
         let l = sequence.len();
         let (mut tr, mut rot) = (Vec::new(), Vec::new());
         for s in indices.clone() {

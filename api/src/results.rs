@@ -302,8 +302,12 @@ fn convert_shard(
     index: u64,
     npz: &[u8],
     whole_file: bool,
+    kept: Option<&[u64]>,
 ) -> Result<Vec<u8>, String> {
-    let ens = shard_ensemble(spec, index, npz)?;
+    let mut ens = shard_ensemble(spec, index, npz)?;
+    if let Some(kept) = kept {
+        ens = select_samples(&ens, kept);
+    }
     let out = if whole_file {
         pdb::shard_pdb(&ens)
     } else {
@@ -312,18 +316,44 @@ fn convert_shard(
     out.map_err(|e| format!("shard {index} of job {}: {e}", spec.id))
 }
 
+/// The samples of `ens` whose indices `kept` lists, in the ensemble's order.
+fn select_samples(ens: &Ensemble, kept: &[u64]) -> Ensemble {
+    let l = ens.len_residues();
+    let pos: Vec<usize> = (0..ens.num_samples())
+        .filter(|&p| kept.contains(&(ens.sample_index[p] as u64)))
+        .collect();
+    Ensemble {
+        sequence: ens.sequence.clone(),
+        sample_index: pos.iter().map(|&p| ens.sample_index[p]).collect(),
+        tr: pos
+            .iter()
+            .flat_map(|&p| ens.tr[p * l * 3..(p + 1) * l * 3].iter().copied())
+            .collect(),
+        rot_mat: pos
+            .iter()
+            .flat_map(|&p| ens.rot_mat[p * l * 9..(p + 1) * l * 9].iter().copied())
+            .collect(),
+    }
+}
+
 /// The XTC frames of shard `index` (its npz bytes) of `spec`, one per sample
-/// that `keep` selects (every sample when `None`), as
+/// that `kept` lists (every sample when `None`), as
 /// `dig_model::xtc::XtcWriter` appends them: the job's frames are the
 /// concatenation of its shards', byte for byte what `digctl sample` writes.
 fn shard_xtc(
     spec: &JobSpec,
     index: u64,
     npz: &[u8],
-    keep: Option<&[bool]>,
+    kept: Option<&[u64]>,
 ) -> Result<Vec<u8>, String> {
     let ens = shard_ensemble(spec, index, npz)?;
-    dig_model::xtc::xtc_bytes(&ens, keep)
+    let keep: Option<Vec<bool>> = kept.map(|k| {
+        ens.sample_index
+            .iter()
+            .map(|j| k.contains(&(*j as u64)))
+            .collect()
+    });
+    dig_model::xtc::xtc_bytes(&ens, keep.as_deref())
         .map_err(|e| format!("shard {index} of job {}: {e}", spec.id))
 }
 
@@ -396,7 +426,7 @@ pub(crate) async fn get_shard(
             .into_response());
     };
     let npz = result.bytes().await.map_err(ApiError::store)?;
-    let text = tokio::task::spawn_blocking(move || convert_shard(&spec, index, &npz, true))
+    let text = tokio::task::spawn_blocking(move || convert_shard(&spec, index, &npz, true, None))
         .await
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
@@ -436,20 +466,27 @@ pub(crate) async fn get_results_pdb(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let spec = succeeded_job(&st, &tenant, &id).await?;
+    let (spec, selection) = succeeded_job(&st, &tenant, &id).await?;
     let job = spec.id;
-    if let Some(m) = pdb::unfit_reason(&spec.sequence, spec.num_samples.checked_sub(1)) {
+    let indices: Vec<u64> = selection.sample_indices(&spec);
+    if let Some(m) = pdb::unfit_reason(&spec.sequence, indices.last().copied()) {
         return Err(unfit_for_pdb(format!(
             "job {job} has {} samples of {} residues: {m}",
             spec.num_samples,
             spec.sequence.chars().count()
         )));
     }
-    check_shards_stored(&st, &spec).await?;
-    let head = pdb::remarks(0..spec.num_samples);
-    let stream = shard_stream(st, spec, head, pdb::end(), "results.pdb", |spec, i, npz| {
-        convert_shard(spec, i, npz, false)
-    });
+    check_shards_stored(&st, &spec, &selection).await?;
+    let head = pdb::remarks(indices);
+    let stream = shard_stream(
+        st,
+        spec,
+        selection,
+        head,
+        pdb::end(),
+        "results.pdb",
+        |spec, i, npz, kept| convert_shard(spec, i, npz, false, kept),
+    );
     Ok((
         [
             (header::CONTENT_TYPE, PDB_TYPE.to_string()),
@@ -489,20 +526,17 @@ pub(crate) async fn get_results_xtc(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let spec = succeeded_job(&st, &tenant, &id).await?;
+    let (spec, selection) = succeeded_job(&st, &tenant, &id).await?;
     let job = spec.id;
-    check_shards_stored(&st, &spec).await?;
+    check_shards_stored(&st, &spec, &selection).await?;
     let stream = shard_stream(
         st,
         spec,
+        selection,
         Vec::new(),
         Vec::new(),
         "results.xtc",
-        |spec, i, npz| {
-            // Per-shard keep mask (e.g. a filtered job's `valid` array) goes here.
-            let keep: Option<&[bool]> = None;
-            shard_xtc(spec, i, npz, keep)
-        },
+        shard_xtc,
     );
     Ok((
         [
@@ -541,23 +575,38 @@ pub(crate) async fn get_topology_pdb(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let spec = succeeded_job(&st, &tenant, &id).await?;
+    let (spec, selection) = succeeded_job(&st, &tenant, &id).await?;
     let job = spec.id;
     if let Some(m) = pdb::unfit_reason(&spec.sequence, None) {
         return Err(unfit_for_pdb(format!("job {job}: {m}")));
     }
-    let npz = match st.store.get(&st.layout.shard(job, 0)).await {
+    // The first sample of the result: of a filtered job, its first kept one.
+    let (shard, first) = match &selection.0 {
+        None => (0, 0),
+        Some(kept) => kept
+            .iter()
+            .find_map(|(&i, k)| k.first().map(|&j| (i, j)))
+            .ok_or_else(|| {
+                ApiError::internal(format!("job {job}: its manifest keeps no sample"))
+            })?,
+    };
+    let npz = match st.store.get(&st.layout.shard(job, shard)).await {
         Ok(r) => r.bytes().await.map_err(ApiError::store)?,
         Err(object_store::Error::NotFound { .. }) => {
-            return Err(results_incomplete(job, 0));
+            return Err(results_incomplete(job, shard));
         }
         Err(e) => return Err(ApiError::store(e)),
     };
     let text = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
-        let ens = shard_ensemble(&spec, 0, &npz)?;
+        let ens = shard_ensemble(&spec, shard, &npz)?;
+        let pos = ens
+            .sample_index
+            .iter()
+            .position(|&j| j as u64 == first.max(spec.shard(shard).start))
+            .unwrap_or(0);
         let mut out = Vec::new();
-        ens.write_topology_pdb(0, &mut out)
-            .map_err(|e| format!("shard 0 of job {job}: {e}"))?;
+        ens.write_topology_pdb(pos, &mut out)
+            .map_err(|e| format!("shard {shard} of job {job}: {e}"))?;
         Ok(out)
     })
     .await
@@ -576,14 +625,66 @@ pub(crate) async fn get_topology_pdb(
         .into_response())
 }
 
-/// The spec of `id` if it is a job of `tenant` that has succeeded; 404
-/// otherwise (as for a job of another tenant).
-async fn succeeded_job(st: &Shared, tenant: &str, id: &str) -> ApiResult<JobSpec> {
+/// Which shards and samples make a job's result: every sample of every
+/// shard, or for a filtered job the manifest's shards and kept indices.
+struct Selection(Option<BTreeMap<u64, Vec<u64>>>);
+
+impl Selection {
+    fn shards(&self, spec: &JobSpec) -> Vec<u64> {
+        match &self.0 {
+            None => (0..spec.num_shards()).collect(),
+            Some(kept) => kept.keys().copied().collect(),
+        }
+    }
+
+    fn kept(&self, shard: u64) -> Option<Vec<u64>> {
+        self.0
+            .as_ref()
+            .map(|k| k.get(&shard).cloned().unwrap_or_default())
+    }
+
+    /// The result's sample indices, in order.
+    fn sample_indices(&self, spec: &JobSpec) -> Vec<u64> {
+        match &self.0 {
+            None => (0..spec.num_samples).collect(),
+            Some(kept) => kept.values().flatten().copied().collect(),
+        }
+    }
+}
+
+/// The spec of `id` if it is a job of `tenant` that has succeeded, and the
+/// selection its result is; 404 otherwise (as for a job of another tenant).
+async fn succeeded_job(st: &Shared, tenant: &str, id: &str) -> ApiResult<(JobSpec, Selection)> {
     let (job, p) = owned_job(st, tenant, id).await?;
     if p.state != JobState::Succeeded {
         return Err(ApiError::not_found("job has not succeeded yet"));
     }
-    job_spec(st, job).await
+    let spec = job_spec(st, job).await?;
+    if spec.filter.is_none() {
+        return Ok((spec, Selection(None)));
+    }
+    #[derive(Deserialize)]
+    struct Kept {
+        index: u64,
+        #[serde(default)]
+        kept: Vec<u64>,
+    }
+    #[derive(Deserialize)]
+    struct KeptManifest {
+        shards: Vec<Kept>,
+    }
+    let bytes = st
+        .store
+        .get(&st.layout.manifest(job))
+        .await
+        .map_err(ApiError::store)?
+        .bytes()
+        .await
+        .map_err(ApiError::store)?;
+    let m: KeptManifest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::internal(format!("job {job}: bad manifest: {e}")))?;
+    let kept = m.shards.into_iter().map(|s| (s.index, s.kept)).collect();
+    Ok((spec, Selection(Some(kept))))
 }
 
 fn results_incomplete(job: JobId, shard: u64) -> ApiError {
@@ -597,7 +698,7 @@ fn results_incomplete(job: JobId, shard: u64) -> ApiError {
 
 /// Every shard of `spec` is in the store: checked before the first byte of
 /// a whole-job download, while an error can still be a status.
-async fn check_shards_stored(st: &Shared, spec: &JobSpec) -> ApiResult<()> {
+async fn check_shards_stored(st: &Shared, spec: &JobSpec, selection: &Selection) -> ApiResult<()> {
     let job = spec.id;
     let stored: HashSet<String> = st
         .store
@@ -606,7 +707,11 @@ async fn check_shards_stored(st: &Shared, spec: &JobSpec) -> ApiResult<()> {
         .try_collect()
         .await
         .map_err(ApiError::store)?;
-    match (0..spec.num_shards()).find(|i| !stored.contains(st.layout.shard(job, *i).as_ref())) {
+    match selection
+        .shards(spec)
+        .into_iter()
+        .find(|i| !stored.contains(st.layout.shard(job, *i).as_ref()))
+    {
         Some(missing) => Err(results_incomplete(job, missing)),
         None => Ok(()),
     }
@@ -614,7 +719,8 @@ async fn check_shards_stored(st: &Shared, spec: &JobSpec) -> ApiResult<()> {
 
 /// Converts shard `index` (its npz bytes) of a job to the bytes it
 /// contributes to a whole-job download.
-type ConvertShard = fn(&JobSpec, u64, &[u8]) -> Result<Vec<u8>, String>;
+/// With a filter, only the kept sample indices (the last argument).
+type ConvertShard = fn(&JobSpec, u64, &[u8], Option<&[u64]>) -> Result<Vec<u8>, String>;
 
 /// What a whole-job download sends next.
 enum Next {
@@ -631,29 +737,42 @@ enum Next {
 fn shard_stream(
     st: Shared,
     spec: JobSpec,
+    selection: Selection,
     head: Vec<u8>,
     tail: Vec<u8>,
     what: &'static str,
     convert: ConvertShard,
 ) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
+    let shards = std::sync::Arc::new(selection.shards(&spec));
+    let selection = std::sync::Arc::new(selection);
     let spec = std::sync::Arc::new(spec);
-    let num_shards = spec.num_shards();
-    let after = move |i: u64| {
-        if i < num_shards {
-            Next::Shard(i)
+    // `Next::Shard(k)`: the k-th shard of the selection.
+    let count = shards.len() as u64;
+    let after = move |k: u64| {
+        if k < count {
+            Next::Shard(k)
         } else {
             Next::Tail
         }
     };
     futures::stream::unfold(Next::Head, move |next| {
         let (st, spec, head, tail) = (st.clone(), spec.clone(), head.clone(), tail.clone());
+        let (shards, selection) = (shards.clone(), selection.clone());
         async move {
             let (chunk, next) = match next {
                 Next::Done => return None,
                 Next::Head => (Ok(head), after(0)),
                 Next::Tail => (Ok(tail), Next::Done),
-                Next::Shard(i) => match shard_bytes(&st, &spec, i, convert).await {
-                    Ok(bytes) => (Ok(bytes), after(i + 1)),
+                Next::Shard(k) => match shard_bytes(
+                    &st,
+                    &spec,
+                    shards[k as usize],
+                    selection.kept(shards[k as usize]),
+                    convert,
+                )
+                .await
+                {
+                    Ok(bytes) => (Ok(bytes), after(k + 1)),
                     Err(e) => {
                         tracing::error!(job = %spec.id, error = %e, "{what} aborted");
                         (Err(std::io::Error::other(e)), Next::Done)
@@ -672,6 +791,7 @@ async fn shard_bytes(
     st: &Shared,
     spec: &std::sync::Arc<JobSpec>,
     index: u64,
+    kept: Option<Vec<u64>>,
     convert: ConvertShard,
 ) -> Result<Vec<u8>, String> {
     let npz = st
@@ -683,7 +803,7 @@ async fn shard_bytes(
         .await
         .map_err(|e| e.to_string())?;
     let spec = spec.clone();
-    tokio::task::spawn_blocking(move || convert(&spec, index, &npz))
+    tokio::task::spawn_blocking(move || convert(&spec, index, &npz, kept.as_deref()))
         .await
         .map_err(|e| e.to_string())?
 }

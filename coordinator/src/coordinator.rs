@@ -568,19 +568,19 @@ impl Coordinator {
         let (mut valid, mut drawn) = (0u64, 0u64);
         let mut index = 0;
         while index < spec.num_shards() && done.contains(&index) {
-            if !active.valid.contains_key(&index) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = active.valid.entry(index) {
                 let v = self
                     .reconciler
                     .shard_valid(&spec, index)
                     .await?
                     .ok_or_else(|| {
                         CoordinatorError::Inconsistent(format!(
-                            "shard {index} of filtered job {} has no `valid` array (written by an \
-                         older worker?)",
+                            "shard {index} of filtered job {} has no `valid` array (written by \
+                             an older worker?)",
                             spec.id
                         ))
                     })?;
-                active.valid.insert(index, v);
+                slot.insert(v);
             }
             let v = &active.valid[&index];
             let take = (want - valid).min(v.len() as u64) as usize;

@@ -12,6 +12,7 @@ use clap::Args;
 use dig_model::features::{check_sequence, read_fasta, Features};
 use dig_model::pipeline::{read_initial_state, sample_ensemble, InitialPoses};
 use dig_model::so3::So3Tables;
+use dig_model::structure::Ensemble;
 use dig_model::{DigModel, Sampler, Schedule};
 
 use crate::device::parse_device;
@@ -54,6 +55,16 @@ pub struct SampleArgs {
     /// order, 1 call per step). See docs/performance.md for their fidelity.
     #[arg(long, default_value = "euler")]
     solver: dig_model::sampler::Solver,
+    /// Keep only physically valid samples (`physical`: consecutive CA-CA
+    /// < 4.5 Å, C(i)-N(i+1) < 2.0 Å, no atoms of residues more than two apart
+    /// closer than 1.0 Å): exactly --num-samples valid ones, the first in
+    /// sample-index order, drawing indices past --num-samples as needed (the
+    /// same set a service job with `filter: "physical"` returns).
+    #[arg(long, value_parser = ["physical"])]
+    filter: Option<String>,
+    /// With --filter: draw at most this many times --num-samples.
+    #[arg(long, default_value_t = 3, requires = "filter")]
+    max_draw_factor: u64,
     /// libtorch threads (default: libtorch's choice, one per core).
     #[arg(long)]
     threads: Option<i32>,
@@ -151,18 +162,47 @@ pub fn run(args: SampleArgs) -> Result<()> {
         args.batch_size,
         device
     );
-    let mut progress = Progress::new((n * steps) as u64, "sampling");
-    let ensemble = sample_ensemble(
-        &sampler,
-        &ctx,
-        &init,
-        args.batch_size,
-        cfg.tr_sigma_max,
-        &sequence,
-        |b| progress.inc(b as u64),
-    );
-    progress.finish();
+    let draw = |init: &InitialPoses| {
+        let mut progress = Progress::new((init.len() * steps) as u64, "sampling");
+        let e = sample_ensemble(
+            &sampler,
+            &ctx,
+            init,
+            args.batch_size,
+            cfg.tr_sigma_max,
+            &sequence,
+            |b| progress.inc(b as u64),
+        );
+        progress.finish();
+        e
+    };
+    let mut filtered = None;
+    let ensemble = if args.filter.is_some() {
+        if args.init_state.is_some() {
+            bail!("--filter draws further seeded samples; it cannot be used with --init-state");
+        }
+        if !(1..=10).contains(&args.max_draw_factor) {
+            bail!(
+                "--max-draw-factor must be between 1 and 10, got {}",
+                args.max_draw_factor
+            );
+        }
+        let (e, summary) = draw_valid(
+            n as u64,
+            args.seed,
+            args.max_draw_factor,
+            args.batch_size as u64,
+            &draw,
+        );
+        filtered = Some(summary);
+        e
+    } else {
+        draw(&init)
+    };
     let seconds = started.elapsed().as_secs_f64();
+    let n = ensemble.num_samples();
+    let validity = ensemble.validity();
+    let valid = validity.iter().filter(|v| v.valid).count();
 
     let npz = args.out.join("samples.npz");
     let pdb = args.out.join("samples.pdb");
@@ -179,6 +219,15 @@ pub fn run(args: SampleArgs) -> Result<()> {
         "steps": steps,
         "solver": args.solver.as_str(),
         "network_calls_per_sample": calls,
+        "samples_valid": valid,
+        "filter": filtered.as_ref().map(|f: &FilterSummary| serde_json::json!({
+            "criteria": "physical",
+            "max_draw_factor": args.max_draw_factor,
+            "requested": f.requested,
+            "drawn": f.drawn,
+            "valid_fraction": f.valid_drawn as f64 / f.drawn.max(1) as f64,
+            "complete": f.requested as usize == n,
+        })),
         "device": args.device,
         "seconds": seconds,
         "files": {
@@ -192,13 +241,119 @@ pub fn run(args: SampleArgs) -> Result<()> {
     std::fs::write(&tmp, serde_json::to_string_pretty(&run)? + "\n")?;
     std::fs::rename(&tmp, args.out.join("run.json"))?;
     println!(
-        "{n} structures in {seconds:.1} s ({:.2} s/sample)\n  {}\n  {}",
-        seconds / n as f64,
+        "{n} structures in {seconds:.1} s ({:.2} s/sample), {valid} physically valid\n  {}\n  {}",
+        seconds / n.max(1) as f64,
         npz.display(),
         pdb.display()
     );
     println!("  {}\n  {}", xtc.display(), topology.display());
+    if let Some(f) = filtered {
+        if (n as u64) < f.requested {
+            bail!(
+                "physical filter: {} of {} drawn samples are valid ({:.1}%), {} requested; \
+                 --max-draw-factor {} allows at most {} draws. The {n} valid samples are in {}",
+                f.valid_drawn,
+                f.drawn,
+                100.0 * f.valid_drawn as f64 / f.drawn.max(1) as f64,
+                f.requested,
+                args.max_draw_factor,
+                f.requested * args.max_draw_factor,
+                args.out.display()
+            );
+        }
+    }
     Ok(())
+}
+
+/// What `--filter` drew.
+struct FilterSummary {
+    requested: u64,
+    drawn: u64,
+    valid_drawn: u64,
+}
+
+/// The first `requested` physically valid samples in index order, drawing
+/// indices `0..requested` first and then further ones, as many as the valid
+/// fraction so far says are needed (a fifth more), up to `factor` times the
+/// request. The set is the first `requested` valid indices, whatever the
+/// rounds, as a service job's; rounds end at multiples of `batch` so batches
+/// start where a worker's do (shards a multiple of the batch size), and the
+/// samples are bit-identical to the service's.
+fn draw_valid(
+    requested: u64,
+    seed: u64,
+    factor: u64,
+    batch: u64,
+    draw: &dyn Fn(&InitialPoses) -> Ensemble,
+) -> (Ensemble, FilterSummary) {
+    let limit = requested * factor;
+    let align = |i: u64| i.div_ceil(batch.max(1)) * batch.max(1);
+    let (mut drawn, mut valid_drawn) = (0u64, 0u64);
+    let mut kept: Option<Ensemble> = None;
+    let mut next = align(requested).min(limit);
+    loop {
+        let e = draw(&InitialPoses::Seeded {
+            seed,
+            indices: (drawn..next).collect(),
+        });
+        let valid: Vec<usize> = e
+            .validity()
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.valid)
+            .map(|(i, _)| i)
+            .collect();
+        valid_drawn += valid.len() as u64;
+        drawn = next;
+        let have = kept.as_ref().map_or(0, |k| k.num_samples() as u64);
+        let take = (requested - have).min(valid.len() as u64) as usize;
+        let picked = select(&e, &valid[..take]);
+        kept = Some(match kept {
+            None => picked,
+            Some(k) => concat(k, picked),
+        });
+        let have = have + take as u64;
+        if have == requested || drawn >= limit {
+            let summary = FilterSummary {
+                requested,
+                drawn,
+                valid_drawn,
+            };
+            return (kept.expect("set above"), summary);
+        }
+        let fraction = valid_drawn as f64 / drawn as f64;
+        let more = ((requested - have) as f64 / fraction.max(0.01) * 1.2).ceil() as u64;
+        next = align(drawn + more.max(1)).min(limit);
+        tracing::info!(
+            "{have} of {requested} valid after {drawn} draws ({:.0}%); drawing {} more",
+            100.0 * fraction,
+            next - drawn
+        );
+    }
+}
+
+/// The samples of `e` at `positions`, in that order.
+fn select(e: &Ensemble, positions: &[usize]) -> Ensemble {
+    let l = e.len_residues();
+    Ensemble {
+        sequence: e.sequence.clone(),
+        sample_index: positions.iter().map(|&i| e.sample_index[i]).collect(),
+        tr: positions
+            .iter()
+            .flat_map(|&i| e.tr[i * l * 3..(i + 1) * l * 3].iter().copied())
+            .collect(),
+        rot_mat: positions
+            .iter()
+            .flat_map(|&i| e.rot_mat[i * l * 9..(i + 1) * l * 9].iter().copied())
+            .collect(),
+    }
+}
+
+fn concat(mut a: Ensemble, b: Ensemble) -> Ensemble {
+    a.sample_index.extend(b.sample_index);
+    a.tr.extend(b.tr);
+    a.rot_mat.extend(b.rot_mat);
+    a
 }
 
 /// Writes `ensemble` as the trajectory `samples.xtc` (N, CA, C, O of every

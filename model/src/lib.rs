@@ -28,5 +28,5 @@ pub mod xtc;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use network::{ProteinContext, ScoreNetwork};
-pub use sampler::{Sampler, Schedule};
+pub use sampler::{Sampler, Schedule, Solver};
 pub use weights::DigModel;

@@ -116,8 +116,18 @@ impl Ensemble {
             .collect()
     }
 
-    /// Writes `tr` (N,L,3) f32, `rot_mat` (N,L,3,3) f32 and `sample_index`
-    /// (N,) i64 as an npz that `numpy.load` reads. Atomic: see the module doc.
+    /// Physical validity of every sample ([`crate::evaluate::validity`] of
+    /// its N, CA, C backbone), in sample order.
+    pub fn validity(&self) -> Vec<crate::evaluate::Validity> {
+        (0..self.num_samples())
+            .map(|i| crate::evaluate::validity(&self.backbone(i)))
+            .collect()
+    }
+
+    /// Writes `tr` (N,L,3) f32, `rot_mat` (N,L,3,3) f32, `sample_index`
+    /// (N,) i64 and each sample's physical validity (`valid` (N,) bool and
+    /// the measured `ca_ca_max`, `c_n_max`, `clash_min` (N,) f32, Å) as an
+    /// npz that `numpy.load` reads. Atomic: see the module doc.
     pub fn write_npz(&self, path: &Path) -> Result<()> {
         self.check_shapes().map_err(ModelError::Invalid)?;
         write_atomically(path, |tmp| self.write_npz_to(File::create(tmp)?))
@@ -144,7 +154,13 @@ impl Ensemble {
             .last_modified_time(zip::DateTime::default())
             .large_file(self.tr.len() as u64 * 12 > u32::MAX as u64);
         let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let members: [(&str, &str, Vec<i64>, Vec<u8>); 3] = [
+        // Physical validity per sample (evaluate.rs), from the coordinates
+        // alone, so the same samples still give the same bytes.
+        let validity = self.validity();
+        let measured = |f: fn(&crate::evaluate::Validity) -> f64| {
+            f32s(&validity.iter().map(|v| f(v) as f32).collect::<Vec<_>>())
+        };
+        let members: [(&str, &str, Vec<i64>, Vec<u8>); 7] = [
             ("tr", "<f4", vec![n, l, 3], f32s(&self.tr)),
             ("rot_mat", "<f4", vec![n, l, 3, 3], f32s(&self.rot_mat)),
             (
@@ -156,6 +172,15 @@ impl Ensemble {
                     .flat_map(|x| x.to_le_bytes())
                     .collect(),
             ),
+            (
+                "valid",
+                "|b1",
+                vec![n],
+                validity.iter().map(|v| u8::from(v.valid)).collect(),
+            ),
+            ("ca_ca_max", "<f4", vec![n], measured(|v| v.ca_ca_max)),
+            ("c_n_max", "<f4", vec![n], measured(|v| v.c_n_max)),
+            ("clash_min", "<f4", vec![n], measured(|v| v.clash_min)),
         ];
         for (name, descr, shape, data) in members {
             zip.start_file(format!("{name}.npy"), opts)

@@ -200,11 +200,15 @@ print(json.dumps({k: {"shape": list(d[k].shape), "dtype": str(d[k].dtype),
         &[&path],
     );
     let entries = got.as_object().unwrap();
-    assert_eq!(entries.len(), 3, "{got}");
+    assert_eq!(entries.len(), 7, "{got}");
     for (name, shape, dtype) in [
         ("tr", vec![2, 7, 3], "float32"),
         ("rot_mat", vec![2, 7, 3, 3], "float32"),
         ("sample_index", vec![2], "int64"),
+        ("valid", vec![2], "bool"),
+        ("ca_ca_max", vec![2], "float32"),
+        ("c_n_max", vec![2], "float32"),
+        ("clash_min", vec![2], "float32"),
     ] {
         assert_eq!(got[name]["shape"], serde_json::json!(shape), "{name}");
         assert_eq!(got[name]["dtype"], dtype, "{name}");
@@ -215,6 +219,16 @@ print(json.dumps({k: {"shape": list(d[k].shape), "dtype": str(d[k].dtype),
     assert_eq!(values("tr"), bits(&ensemble.tr));
     assert_eq!(values("rot_mat"), bits(&ensemble.rot_mat));
     assert_eq!(values("sample_index"), vec![5, 6]);
+    // Each sample's validity, as `evaluate` measures it.
+    let validity = ensemble.validity();
+    let valid: Vec<bool> = serde_json::from_value(got["valid"]["values"].clone()).unwrap();
+    assert_eq!(valid, validity.iter().map(|v| v.valid).collect::<Vec<_>>());
+    let measured = |f: fn(&dig_model::evaluate::Validity) -> f64| {
+        bits(&validity.iter().map(|v| f(v) as f32).collect::<Vec<_>>())
+    };
+    assert_eq!(values("ca_ca_max"), measured(|v| v.ca_ca_max));
+    assert_eq!(values("c_n_max"), measured(|v| v.c_n_max));
+    assert_eq!(values("clash_min"), measured(|v| v.clash_min));
 }
 
 #[test]

@@ -353,6 +353,12 @@ pub struct SubmitRequest {
     pub shard_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub solver: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_draw_factor: Option<u64>,
 }
 
 /// `POST /v1/jobs` answer (202, or the full view on an idempotent replay).
@@ -556,6 +562,9 @@ mod tests {
             priority: Some(Priority::Bulk),
             shard_size: None,
             callback_url: None,
+            solver: None,
+            filter: None,
+            max_draw_factor: None,
         };
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(

@@ -271,7 +271,7 @@ pub async fn fetch_npz(api: &Api, job: JobId, out: &Path, parallel: usize) -> Re
             Some(Partial {
                 state: super::render::state_name(view.state).to_string(),
                 total_shards: view.shards.total,
-                samples: manifest.shards.iter().map(|s| s.end - s.start).sum(),
+                samples: manifest.result_samples(),
                 num_samples: manifest.num_samples,
             })
         }
@@ -302,6 +302,18 @@ pub async fn fetch_npz(api: &Api, job: JobId, out: &Path, parallel: usize) -> Re
     meter.finish();
     let outcomes = outcomes?;
 
+    // A filtered job's result is the kept samples of its shards: gathered
+    // into samples.npz (before the manifest, which marks the end).
+    if manifest.shards.iter().any(|s| s.kept.is_some()) {
+        let (m, dir, dest) = (
+            manifest.clone(),
+            shards_dir.clone(),
+            out.join("samples.npz"),
+        );
+        tokio::task::spawn_blocking(move || kept_samples(&m, &dir, &dest))
+            .await
+            .context("gathering the kept samples panicked")??;
+    }
     let manifest_path = out.join("manifest.json");
     let part = part_path(&manifest_path);
     tokio::fs::write(&part, &raw)
@@ -321,6 +333,39 @@ pub async fn fetch_npz(api: &Api, job: JobId, out: &Path, parallel: usize) -> Re
         bytes: total_bytes,
         partial,
     })
+}
+
+/// Writes the samples a filtered job's manifest keeps (`kept` per shard),
+/// in index order, from the downloaded shards into `dest`.
+fn kept_samples(m: &Manifest, shards_dir: &Path, dest: &Path) -> Result<()> {
+    let mut all: Option<dig_model::structure::Ensemble> = None;
+    for s in &m.shards {
+        let path = shards_dir.join(shard_file_name(s.index));
+        let e = dig_model::structure::Ensemble::read_npz_any(&path)?;
+        let l = e.len_residues();
+        let kept = s.kept.as_deref().unwrap_or_default();
+        let acc = all.get_or_insert_with(|| dig_model::structure::Ensemble {
+            sequence: e.sequence.clone(),
+            sample_index: vec![],
+            tr: vec![],
+            rot_mat: vec![],
+        });
+        for &k in kept {
+            let p = e
+                .sample_index
+                .iter()
+                .position(|&j| j as u64 == k)
+                .with_context(|| format!("{} lacks sample {k}", path.display()))?;
+            acc.sample_index.push(k as i64);
+            acc.tr.extend_from_slice(&e.tr[p * l * 3..(p + 1) * l * 3]);
+            acc.rot_mat
+                .extend_from_slice(&e.rot_mat[p * l * 9..(p + 1) * l * 9]);
+        }
+    }
+    if let Some(all) = all {
+        all.write_npz(dest)?;
+    }
+    Ok(())
 }
 
 /// The manifest's `complete` flag, if it has one.
@@ -449,6 +494,8 @@ mod tests {
             key: format!("jobs/x/shards/{index}.npz"),
             bytes: 3,
             sha256: sha.into(),
+            valid: None,
+            kept: None,
         }
     }
 
@@ -494,11 +541,21 @@ mod tests {
             job,
             num_samples: 20,
             shards: vec![shard(0, &good), shard(1, &good)],
+            samples_valid: None,
+            solver: Default::default(),
+            steps: None,
+            network_calls_per_sample: None,
+            filter: None,
         };
         check_manifest(&m, job).unwrap();
         assert!(check_manifest(&m, JobId::new()).is_err());
         let dup = Manifest {
             shards: vec![shard(1, &good), shard(1, &good)],
+            samples_valid: None,
+            solver: Default::default(),
+            steps: None,
+            network_calls_per_sample: None,
+            filter: None,
             ..m.clone()
         };
         assert!(check_manifest(&dup, job)
@@ -507,6 +564,11 @@ mod tests {
             .contains("shard 1 twice"));
         let bad = Manifest {
             shards: vec![shard(0, "../../etc")],
+            samples_valid: None,
+            solver: Default::default(),
+            steps: None,
+            network_calls_per_sample: None,
+            filter: None,
             ..m
         };
         assert!(check_manifest(&bad, job).is_err());
