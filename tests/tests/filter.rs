@@ -350,6 +350,8 @@ fn submissions_name_a_bad_solver_or_filter_and_a_bad_draw_factor() {
             "sequence": dig_tests::cluster::SEQUENCE,
             "features_sha256": sha,
             "num_samples": 3,
+            "seed": 5,
+            "shard_size": 2,
             "steps": 25,
             "solver": "heun",
         }),
@@ -361,6 +363,34 @@ fn submissions_name_a_bad_solver_or_filter_and_a_bad_draw_factor() {
         .to_string();
     let view = c.status(&c.key_a, &id);
     assert_eq!(view["sampling"]["solver"], "heun");
+    // Its samples (two shards of 2 and 1) are digctl sample's with heun.
+    let done = c.wait_final(&c.key_a, &id, Duration::from_secs(120), &mut []);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let service = c.fetch(&c.key_a, &id);
+    let out = c.dir.path().join("local-heun");
+    dig_tests::digctl_ok(&[
+        "sample",
+        "--model",
+        dig_tests::fixture("").to_str().unwrap(),
+        "--features",
+        dig_tests::fixture("features.npz").to_str().unwrap(),
+        "--sequence",
+        dig_tests::cluster::SEQUENCE,
+        "--num-samples",
+        "3",
+        "--seed",
+        "5",
+        "--steps",
+        "25",
+        "--solver",
+        "heun",
+        "--batch-size",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let local = Ensemble::read_npz(&out.join("samples.npz"), dig_tests::cluster::SEQUENCE).unwrap();
+    dig_tests::cluster::assert_same_samples(&service, &local);
     assert_eq!(view["sampling"]["steps"], 25);
     assert_eq!(view["sampling"]["network_calls_per_sample"], 49);
     assert_eq!(view["sampling"]["filter"], serde_json::Value::Null);
