@@ -109,6 +109,9 @@ pub struct Limits {
     pub max_page: usize,
     /// How long each `/readyz` check may take before it counts as failed.
     pub ready_timeout: Duration,
+    /// Longest a request may take until its response starts (408 past it);
+    /// feature uploads are exempt.
+    pub request_timeout: Duration,
     /// Most unfinished (queued or running) jobs of one tenant.
     pub max_jobs_per_tenant: u64,
     /// Most samples one tenant may have waiting: `num_samples -
@@ -136,6 +139,7 @@ impl Default for Limits {
             default_page: 50,
             max_page: 500,
             ready_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(30),
             max_jobs_per_tenant: 20_000,
             max_queued_samples_per_tenant: 10_000_000,
             max_batch_entries: 10_000,
@@ -179,6 +183,7 @@ type ApiResult<T> = Result<T, ApiError>;
 /// The service's routes. Every route here is in the OpenAPI document
 /// ([`openapi`]); add new ones to both.
 pub fn router(state: ApiState) -> Router {
+    let timeout = state.limits.request_timeout;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(ready::readyz))
@@ -203,9 +208,37 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{id}/results.xtc", get(results::get_results_xtc))
         .route("/v1/jobs/{id}/topology.pdb", get(results::get_topology_pdb))
         .route("/v1/jobs/{id}/results/{shard}", get(results::get_shard))
+        // A stalled or trickling client cannot hold a request open.
+        .layer(axum::middleware::from_fn(move |req, next| {
+            within(timeout, req, next)
+        }))
         // Request counts and latencies by route template (`metrics.rs`).
         .layer(axum::middleware::from_fn(metrics::track))
         .with_state(Arc::new(state))
+}
+
+/// Runs the request with a deadline on its response's start: 408 past it.
+/// Uploads (`POST /v1/features`, up to gigabytes) are exempt.
+async fn within(
+    limit: Duration,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.uri().path() == "/v1/features" {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request took longer than {} s (api.request_timeout_secs); send it whole",
+                limit.as_secs()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// Liveness: the process answers.

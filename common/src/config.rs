@@ -133,6 +133,10 @@ pub struct ApiSection {
     pub max_num_samples: u64,
     /// Largest shard a job may ask for.
     pub max_shard_size: u64,
+    /// Longest a request may take until its response starts (reading its
+    /// body included; a slow or stalled client gets 408). Feature uploads
+    /// are exempt (they are large); streamed responses are not cut.
+    pub request_timeout_secs: u64,
     /// Model of jobs that name none.
     pub default_model: String,
     /// Where uploads are spooled while validated; empty: the system's
@@ -255,6 +259,7 @@ impl Default for ApiSection {
             max_feature_bytes: 2 << 30,
             max_num_samples: 1_000_000,
             max_shard_size: 100_000,
+            request_timeout_secs: 30,
             default_model: "dig-protein".into(),
             spool_dir: PathBuf::new(),
             max_jobs_per_tenant: 20_000,
@@ -567,7 +572,7 @@ mod tests {
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing");
         }
-        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 15 + 3 + 9 + 1);
+        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 16 + 3 + 9 + 1);
     }
 
     #[test]

@@ -129,6 +129,7 @@ impl Backends {
             limits: Limits {
                 max_num_samples: cfg.api.max_num_samples,
                 max_shard_size: cfg.api.max_shard_size,
+                request_timeout: Duration::from_secs(cfg.api.request_timeout_secs.max(1)),
                 default_model: cfg.api.default_model.clone(),
                 max_jobs_per_tenant: cfg.api.max_jobs_per_tenant,
                 max_batch_entries: usize::try_from(cfg.api.max_batch_entries).unwrap_or(usize::MAX),
