@@ -10,7 +10,7 @@ DIGCTL := target/release/digctl
 # an unchanged set-up costs nothing.
 STAMP  := $(VENV)/.dig-setup-$(shell sha256sum requirements-dev.txt | cut -c1-12)
 
-.PHONY: help setup build run run-hp35 test lint bench bench-pipeline services train-adk evaluate-adk
+.PHONY: help setup build run run-hp35 test lint bench bench-pipeline bench-load services train-adk evaluate-adk
 
 help:
 	@echo "make run    sample adenylate kinase from the trained model through digctl standalone, fetch and score it"
@@ -20,6 +20,7 @@ help:
 	@echo "make evaluate-adk  256 samples x 500 steps of the AdK model, scored (examples/adk/README.md)"
 	@echo "make bench  sampler benchmark (naive vs optimized, published architecture)"
 	@echo "make bench-pipeline  a 1000-sample job through API, RabbitMQ, worker, S3 vs digctl sample"
+	@echo "make bench-load  status reads and submissions (wrk) against digctl api while a job samples"
 
 setup: $(STAMP)
 
@@ -73,3 +74,9 @@ bench: build
 bench-pipeline: build services
 	cargo build --release -p dig-tests --bin pipeline-bench
 	set -a && . .services/env && set +a && target/release/pipeline-bench $(ARGS)
+
+# ARGS="--seconds 30 --connections 64"; needs wrk (Debian: apt-get install wrk)
+bench-load: build services
+	@command -v wrk >/dev/null || { echo "error: wrk not found; apt-get install wrk"; exit 1; }
+	cargo build --release -p dig-tests --bin load-bench
+	set -a && . .services/env && set +a && target/release/load-bench $(ARGS)
