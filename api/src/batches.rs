@@ -542,27 +542,11 @@ async fn undo(st: &ApiState, batch: &BatchRecord, specs: &[JobSpec], done: &[Don
 
 /// The batch's record if it exists and belongs to `tenant`; 404 otherwise.
 async fn load_record(st: &ApiState, tenant: &str, id: JobId) -> ApiResult<BatchRecord> {
-    match read_record(st.store.as_ref(), &st.layout, id).await {
+    match dig_common::store::read_batch_record(st.store.as_ref(), &st.layout, id).await {
         Ok(Some(record)) if record.tenant == tenant => Ok(record),
         Ok(_) => Err(ApiError::not_found(format!("batch {id} not found"))),
         Err(e) => Err(ApiError::from(e)),
     }
-}
-
-/// The batch's record as stored; `None` when there is none.
-async fn read_record(
-    store: &dyn ObjectStore,
-    layout: &ObjectLayout,
-    id: JobId,
-) -> Result<Option<BatchRecord>, CommonError> {
-    let bytes = match store.get(&layout.batch(id)).await {
-        Ok(r) => r.bytes().await?,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| CommonError::Other(format!("batch {id}: unreadable record: {e}")))
 }
 
 /// Every job's progress, in entry order (`None`: gone).
@@ -600,7 +584,7 @@ pub(crate) async fn ended_body(
     progress: &Arc<dyn ProgressStore>,
     batch: JobId,
 ) -> Result<Option<(String, JobState, String)>, String> {
-    let record = read_record(store, layout, batch)
+    let record = dig_common::store::read_batch_record(store, layout, batch)
         .await
         .map_err(|e| format!("cannot read batch {batch}: {e}"))?
         .ok_or_else(|| format!("batch {batch} has no record"))?;

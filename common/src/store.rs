@@ -605,6 +605,24 @@ fn validate_npz(path: &FsPath, unpack_limit: u64) -> Result<u64> {
     Ok(length)
 }
 
+/// `batches/{id}.json`, the record of a submitted batch; `None` when there
+/// is none (never submitted, or a submission undone). The one reader of
+/// batch records (the API's batch routes, the coordinator's reconciler).
+pub async fn read_batch_record(
+    store: &dyn ObjectStore,
+    layout: &ObjectLayout,
+    id: crate::job::JobId,
+) -> Result<Option<crate::job::BatchRecord>> {
+    let bytes = match store.get(&layout.batch(id)).await {
+        Ok(r) => r.bytes().await?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| CommonError::Other(format!("batch {id}: unreadable record: {e}")))
+}
+
 /// The `valid` (N,) array of a shard's `.npz` (bool, `|b1`), as written by
 /// the workers since samples carry their physical validity; `None` for a
 /// shard written before (no `valid` member).

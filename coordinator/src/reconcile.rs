@@ -47,9 +47,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dig_common::job::{BatchRecord, JobId, JobSpec, JobState};
+use dig_common::job::{JobId, JobSpec, JobState};
 use dig_common::layout::ObjectLayout;
 use dig_common::progress::{JobProgress, ProgressStore};
+use dig_common::CommonError;
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStore, PutPayload};
 use serde::Serialize;
@@ -437,18 +438,18 @@ impl Reconciler {
         if self.progress.webhook(batch).await?.is_some() {
             return Ok(false);
         }
-        let bytes = match self.store.get(&self.layout.batch(batch)).await {
-            Ok(object) => object.bytes().await?,
-            Err(e) if is_not_found(&e) => return Ok(false), // an undone submission
-            Err(e) => return Err(e.into()),
-        };
-        let record: BatchRecord = match serde_json::from_slice(&bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                error!(%batch, error = %e, "ignoring an unreadable batch record");
-                return Ok(false);
-            }
-        };
+        let record =
+            match dig_common::store::read_batch_record(self.store.as_ref(), &self.layout, batch)
+                .await
+            {
+                Ok(Some(r)) => r,
+                Ok(None) => return Ok(false), // an undone submission
+                Err(CommonError::Other(e)) => {
+                    error!(%batch, error = %e, "ignoring an unreadable batch record");
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            };
         let Some(url) = &record.callback_url else {
             return Ok(false);
         };
