@@ -53,19 +53,19 @@ evaluate-adk: build
 	scripts/evaluate-adk.sh
 
 lint: setup
-	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	scripts/stage.sh fmt cargo fmt --all -- --check
+	scripts/stage.sh clippy cargo clippy --workspace --all-targets -- -D warnings
 
 # Tests talk to real RabbitMQ, Redis and SeaweedFS (S3): scripts/services.sh
 # installs and starts them when absent and writes their endpoints to
 # .services/env, which the tests read from the environment.
 services: setup
-	scripts/services.sh >/dev/null
-	scripts/deploy-tools.sh
+	scripts/stage.sh services scripts/services.sh >/dev/null
+	scripts/stage.sh deploy-tools scripts/deploy-tools.sh
 
 test: lint services
-	cargo build -p digctl
-	set -a && . .services/env && set +a && cargo test --workspace
+	scripts/stage.sh build-digctl cargo build -p digctl
+	set -a && . .services/env && set +a && scripts/stage.sh tests cargo test --workspace
 
 bench: build
 	$(DIGCTL) bench
