@@ -59,6 +59,11 @@ impl RedisKeys {
     pub fn unfinished(&self) -> String {
         format!("{}:unfinished", self.prefix)
     }
+    /// Jobs that reached each final state: a hash `state -> count`, so that
+    /// counting jobs by state visits the unfinished jobs only.
+    pub fn final_counts(&self) -> String {
+        format!("{}:final-counts", self.prefix)
+    }
     /// The tenant's unfinished jobs: `{unfinished}:{tenant}` (scripts that
     /// know the tenant only from the job's hash derive it the same way).
     pub fn tenant_unfinished(&self, tenant: &str) -> String {

@@ -356,8 +356,10 @@ pub trait ProgressStore: Send + Sync {
     async fn unfinished_jobs(&self) -> Result<Vec<JobId>>;
 
     /// How many jobs of all tenants are in each state, every state listed
-    /// (for metrics). Visits every job the store lists (Redis: in pipelined
-    /// batches), so callers ask every few seconds, not per request.
+    /// (for metrics). Redis: final states from counters kept by the state
+    /// transitions (and rebuilds), queued and running by visiting the
+    /// unfinished jobs only (pipelined), so the cost follows the jobs under
+    /// way, not every job ever submitted.
     async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>>;
 
     /// Gives batch `batch` a pending webhook to `url` (kept like a job's,
@@ -625,8 +627,9 @@ return 1
 /// between our read and our write. The final state names come from Rust
 /// (`JobState::is_final`) so the rule lives in one place. A final state
 /// also takes the job out of its tenant's unfinished set (`{unfinished}:{tenant}`,
-/// the tenant read from the hash) and makes a pending webhook due now.
-/// KEYS: job, unfinished, webhook, webhooks_pending. ARGV: state, is_final (0/1),
+/// the tenant read from the hash), makes a pending webhook due now and
+/// counts the job in `final_counts` (once: a final state is never left).
+/// KEYS: job, unfinished, webhook, webhooks_pending, final_counts. ARGV: state, is_final (0/1),
 /// now, has_error (0/1), error, job id, now_ms, final names...
 /// Returns -1 unknown job, 0 ignored (already final), 1 done.
 const SET_STATE_LUA: &str = r#"
@@ -639,6 +642,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1])
 if ARGV[1] == 'running' then redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3]) end
 if ARGV[2] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
+  redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
   redis.call('SREM', KEYS[2], ARGV[6])
   local tenant = redis.call('HGET', KEYS[1], 'tenant')
   if tenant then redis.call('SREM', KEYS[2] .. ':' .. tenant, ARGV[6]) end
@@ -1079,6 +1083,7 @@ impl ProgressStore for RedisProgress {
             .key(self.keys.unfinished())
             .key(self.keys.job_webhook(job))
             .key(self.keys.webhooks_pending())
+            .key(self.keys.final_counts())
             .arg(state_name(state))
             .arg(if state.is_final() { 1 } else { 0 })
             .arg(now_secs())
@@ -1361,12 +1366,33 @@ impl ProgressStore for RedisProgress {
         }
         fields.extend(sampling_fields(spec));
         let (job_key, done_key) = (self.keys.job(spec.id), self.keys.job_done(spec.id));
+        // The final-state counts follow the entry's change of state.
+        let mut conn = self.conn.clone();
+        let prior: Option<String> = redis::cmd("HGET")
+            .arg(&job_key)
+            .arg("state")
+            .query_async(&mut conn)
+            .await?;
+        let prior_final = prior
+            .as_deref()
+            .and_then(|s| parse_state(s).ok())
+            .filter(|s| s.is_final());
         let mut pipe = redis::pipe();
         pipe.atomic()
             .del(&[&job_key, &done_key, &self.job_failed(spec.id)])
             .ignore()
             .hset_multiple(&job_key, &fields)
             .ignore();
+        if prior_final != Some(state) {
+            if let Some(p) = prior_final {
+                pipe.hincr(self.keys.final_counts(), state_name(p), -1)
+                    .ignore();
+            }
+            if is_final {
+                pipe.hincr(self.keys.final_counts(), state_name(state), 1)
+                    .ignore();
+            }
+        }
         if !done.is_empty() {
             pipe.sadd(&done_key, done.iter().collect::<Vec<_>>())
                 .ignore();
@@ -1389,7 +1415,6 @@ impl ProgressStore for RedisProgress {
                 .sadd(&tenant_unfinished, spec.id.to_string())
                 .ignore();
         }
-        let mut conn = self.conn.clone();
         let () = pipe.query_async(&mut conn).await?;
         let _: i64 = self
             .scripts
@@ -1412,26 +1437,29 @@ impl ProgressStore for RedisProgress {
     }
 
     async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>> {
-        // Every job is in its tenant's sorted set: `{p}:jobs:{tenant}`.
-        let sets = self
-            .scan(&self.pattern(&format!("{}*", self.keys.tenant_jobs(""))))
-            .await?;
+        // Final states from their counters; queued and running from the
+        // unfinished jobs, the only ones visited (not every job ever).
         let mut conn = self.conn.clone();
-        let mut counts: HashMap<String, u64> = HashMap::new();
-        for set in sets {
-            let ids: Vec<String> = redis::cmd("ZRANGE")
-                .arg(&set)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut conn)
-                .await?;
-            for batch in ids.chunks(500) {
-                let mut pipe = redis::pipe();
-                for id in batch {
-                    pipe.hget(format!("{}{id}", self.keys.job_prefix()), "state");
-                }
-                let states: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
-                for state in states.into_iter().flatten() {
+        let finals: HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(self.keys.final_counts())
+            .query_async(&mut conn)
+            .await?;
+        let mut counts: HashMap<String, u64> = finals
+            .into_iter()
+            .map(|(k, v)| (k, v.max(0) as u64))
+            .collect();
+        let ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.unfinished())
+            .query_async(&mut conn)
+            .await?;
+        for batch in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in batch {
+                pipe.hget(format!("{}{id}", self.keys.job_prefix()), "state");
+            }
+            let states: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+            for state in states.into_iter().flatten() {
+                if parse_state(&state).is_ok_and(|s| !s.is_final()) {
                     *counts.entry(state).or_default() += 1;
                 }
             }

@@ -1082,6 +1082,23 @@ async fn jobs_are_counted_by_state_across_tenants(store: Store) {
         count(store.count_jobs_by_state().await.unwrap()),
         [0, 2, 1, 0, 1]
     );
+    // Rebuilt entries count once, in their new state.
+    store
+        .rebuild_with_state(&jobs[3], &[], JobState::Succeeded, None, None)
+        .await
+        .unwrap();
+    store
+        .rebuild_with_state(&jobs[4], &[], JobState::Failed, Some("x"), None)
+        .await
+        .unwrap();
+    store
+        .rebuild_with_state(&jobs[1], &[], JobState::Cancelled, None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(store.count_jobs_by_state().await.unwrap()),
+        [0, 1, 1, 1, 1]
+    );
 }
 
 async fn batch_webhooks_are_watched_then_due_once_and_forgettable(store: Store) {
