@@ -92,7 +92,9 @@ pub(crate) struct BatchErrorDetail {
     /// `invalid_batch`.
     code: String,
     message: String,
-    /// Every invalid entry, in order.
+    /// Every invalid entry, in order (absent for a batch-level error such
+    /// as an invalid `callback_url`, code `invalid_request`).
+    #[schema(required = false)]
     entries: Vec<EntryError>,
 }
 

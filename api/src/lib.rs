@@ -259,6 +259,21 @@ struct FeatureMarker {
 
 // ---------------------------------------------------------------- auth
 
+/// `Query` whose rejection (a malformed or repeated parameter) is a JSON
+/// 400 `invalid_request` like every other error, not axum's plain text.
+pub(crate) struct JsonQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for JsonQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| JsonQuery(q))
+            .map_err(|e| ApiError::invalid(format!("query: {}", e.body_text())))
+    }
+}
+
 /// The authenticated tenant of a request.
 pub struct Tenant(pub String);
 
@@ -1064,7 +1079,8 @@ pub(crate) async fn write_cancel_marker(st: &ApiState, job: JobId) {
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct ListQuery {
-    /// Page size (default 50, at most 500 unless configured otherwise).
+    /// Page size (default 50, at most 500).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<usize>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -1088,7 +1104,7 @@ struct ListQuery {
 async fn list_jobs(
     State(st): State<Shared>,
     Tenant(tenant): Tenant,
-    Query(q): Query<ListQuery>,
+    JsonQuery(q): JsonQuery<ListQuery>,
 ) -> ApiResult<Json<JobList>> {
     let limit = q.limit.unwrap_or(st.limits.default_page);
     if !(1..=st.limits.max_page).contains(&limit) {

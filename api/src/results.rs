@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use dig_common::job::{JobId, JobSpec, JobState};
@@ -384,7 +384,7 @@ pub(crate) async fn get_shard(
     State(st): State<Shared>,
     Tenant(tenant): Tenant,
     Path((id, shard)): Path<(String, String)>,
-    Query(q): Query<ShardQuery>,
+    crate::JsonQuery(q): crate::JsonQuery<ShardQuery>,
 ) -> ApiResult<Response> {
     let (job, p) = owned_job(&st, &tenant, &id).await?;
     let (number, format) = shard_and_format(&shard, q.format.as_deref())?;

@@ -1,0 +1,100 @@
+//! Generated API testing: Schemathesis (from the project's venv) on every
+//! route of `/openapi.json`, against `digctl standalone` as tenant a and
+//! against `digctl api` on the real RabbitMQ, Redis and SeaweedFS as tenant
+//! b. Every response must be no 5xx and conform to the document (status
+//! code, content type, headers, body schema). Not checked: that every
+//! schema-valid request is accepted (`positive_data_acceptance`): the API
+//! rightly refuses requests the schema cannot rule out (features not
+//! uploaded, an empty sequence, a callback without a webhook secret), each
+//! with a documented 4xx. Afterwards the object store holds nothing that
+//! belongs to no job.
+
+use std::process::Command;
+
+use dig_tests::cluster::Cluster;
+use dig_tests::repo_root;
+
+/// Runs Schemathesis against `c`'s API as `key`; the number of generated
+/// cases. Panics with its report unless every check passed.
+fn schemathesis(c: &Cluster, key: &str, seed: &str) -> u64 {
+    let out = Command::new(repo_root().join(".venv/bin/schemathesis"))
+        .args([
+            "run",
+            &format!("{}/openapi.json", c.api_url),
+            "-H",
+            &format!("Authorization: Bearer {key}"),
+            "--max-examples",
+            "60",
+            "--workers",
+            "1",
+            "--seed",
+            seed,
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--no-color",
+        ])
+        .env("SCHEMATHESIS_HOOKS", "")
+        .output()
+        .expect("schemathesis in .venv (requirements-dev.txt; make test installs it)");
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "schemathesis found failures:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "  1796 generated, 1796 passed, 4 skipped"
+    let line = report
+        .lines()
+        .find(|l| l.contains(" generated,"))
+        .unwrap_or_else(|| panic!("no summary in:\n{report}"));
+    let generated: u64 = line.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(
+        line.contains(&format!("{generated} passed")),
+        "not every case passed: {line}"
+    );
+    eprintln!("schemathesis: {}", line.trim());
+    generated
+}
+
+#[test]
+fn generated_requests_get_documented_answers_and_no_5xx_in_both_modes() {
+    let (c, _svc) = Cluster::standalone("schemathesis");
+    let standalone = schemathesis(&c, &c.key_a, "1");
+
+    let d = Cluster::distributed("schemathesis");
+    d.upload_model();
+    let _api = d.start_api();
+    let distributed = schemathesis(&d, &d.key_b, "2");
+    assert!(
+        standalone + distributed >= 1000,
+        "{standalone} + {distributed} cases"
+    );
+
+    // No object without a job: every job key in the store has its spec and
+    // a progress entry.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let b = rt.block_on(d.backends());
+    let objects = rt.block_on(b.objects());
+    for key in &objects {
+        if let Some(rest) = key.split("/jobs/").nth(1) {
+            let id = rest.split('/').next().unwrap();
+            assert!(
+                objects
+                    .iter()
+                    .any(|k| k.ends_with(&format!("jobs/{id}/spec.json"))),
+                "{key} belongs to no job spec"
+            );
+            let job = id.parse().unwrap();
+            assert!(
+                rt.block_on(dig_common::progress::ProgressStore::get(&b.progress, job))
+                    .unwrap()
+                    .is_some(),
+                "{key} belongs to no job in the progress store"
+            );
+        }
+    }
+    rt.block_on(d.cleanup());
+}
