@@ -32,6 +32,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use dig_common::job::{BatchRecord, JobId, JobSpec, JobState, Priority};
 use dig_common::CommonError;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use dig_common::layout::ObjectLayout;
@@ -542,9 +543,30 @@ async fn undo(st: &ApiState, batch: &BatchRecord, specs: &[JobSpec], done: &[Don
     }
 }
 
+/// Batch records read, by object key: a record never changes once written
+/// (cancelling a batch changes its jobs, not the record), so a portal
+/// polling a batch costs the object store one read per API process, not
+/// one per poll. Bounded: emptied when it reaches [`RECORD_CACHE_ENTRIES`].
+static RECORDS: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Arc<BatchRecord>>>> =
+    std::sync::LazyLock::new(Default::default);
+const RECORD_CACHE_ENTRIES: usize = 4096;
+
 /// The batch's record if it exists and belongs to `tenant`; 404 otherwise.
 async fn load_record(st: &ApiState, tenant: &str, id: JobId) -> ApiResult<BatchRecord> {
-    match dig_common::store::read_batch_record(st.store.as_ref(), &st.layout, id).await {
+    let key = st.layout.batch(id).to_string();
+    let cached = RECORDS.lock().expect("record cache").get(&key).cloned();
+    let found = match cached {
+        Some(record) => Ok(Some((*record).clone())),
+        None => dig_common::store::read_batch_record(st.store.as_ref(), &st.layout, id).await,
+    };
+    if let Ok(Some(record)) = &found {
+        let mut cache = RECORDS.lock().expect("record cache");
+        if cache.len() >= RECORD_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, Arc::new(record.clone()));
+    }
+    match found {
         Ok(Some(record)) if record.tenant == tenant => Ok(record),
         Ok(_) => Err(ApiError::not_found(format!("batch {id} not found"))),
         Err(e) => Err(ApiError::from(e)),

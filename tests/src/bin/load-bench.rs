@@ -10,7 +10,9 @@
 //! ```
 //!
 //! Cores: the worker is pinned to CPU 0 with one libtorch thread; the API,
-//! the coordinator and `wrk` share CPU 1 (`taskset`). That is how a
+//! the coordinator, `wrk` and the servers (Redis, RabbitMQ, SeaweedFS, which
+//! a deployment runs elsewhere) share CPU 1 (`taskset`; the servers get both
+//! cores back at the end). That is how a
 //! deployment keeps reads from stealing the sampler's cores: CPU sets or
 //! Kubernetes requests/limits per container; on a GPU node the sampler
 //! needs one core to feed the GPU.
@@ -64,6 +66,18 @@ fn pin(pid: u32, cpu: &str) {
         ok,
         "taskset -p -c {cpu} {pid} failed (util-linux installed?)"
     );
+}
+
+/// Redis, RabbitMQ (beam.smp) and SeaweedFS processes of this machine.
+fn server_pids() -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-f", "redis-server|beam.smp|weed mini"])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 /// What wrk measured.
@@ -139,6 +153,10 @@ fn main() {
     pin(worker.pid(), "0");
     pin(api.pid(), "1");
     pin(coordinator.pid(), "1");
+    let servers = server_pids();
+    for &pid in &servers {
+        pin(pid, "1");
+    }
     let key = c.key_a.clone();
     let sha = c.upload_features(&key);
 
@@ -167,7 +185,7 @@ fn main() {
         &key,
         &sha,
         1_000_000,
-        &["--steps", "100", "--shard-size", "20"],
+        &["--steps", "100", "--shard-size", "10"],
     );
     while c.status(&key, &job)["samples_done"].as_u64().unwrap() == 0 {
         std::thread::sleep(Duration::from_millis(200));
@@ -257,6 +275,9 @@ fn main() {
         "\n{} s per read route, {post_secs} s of submissions; unloaded sampling {idle:.1} samples/s",
         args.seconds
     );
+    for &pid in &servers {
+        pin(pid, "0-1");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
