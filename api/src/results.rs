@@ -306,7 +306,7 @@ fn convert_shard(
 ) -> Result<Vec<u8>, String> {
     let mut ens = shard_ensemble(spec, index, npz)?;
     if let Some(kept) = kept {
-        ens = select_samples(&ens, kept);
+        ens = ens.select_indices(kept);
     }
     let out = if whole_file {
         pdb::shard_pdb(&ens)
@@ -314,26 +314,6 @@ fn convert_shard(
         pdb::models(&ens)
     };
     out.map_err(|e| format!("shard {index} of job {}: {e}", spec.id))
-}
-
-/// The samples of `ens` whose indices `kept` lists, in the ensemble's order.
-fn select_samples(ens: &Ensemble, kept: &[u64]) -> Ensemble {
-    let l = ens.len_residues();
-    let pos: Vec<usize> = (0..ens.num_samples())
-        .filter(|&p| kept.contains(&(ens.sample_index[p] as u64)))
-        .collect();
-    Ensemble {
-        sequence: ens.sequence.clone(),
-        sample_index: pos.iter().map(|&p| ens.sample_index[p]).collect(),
-        tr: pos
-            .iter()
-            .flat_map(|&p| ens.tr[p * l * 3..(p + 1) * l * 3].iter().copied())
-            .collect(),
-        rot_mat: pos
-            .iter()
-            .flat_map(|&p| ens.rot_mat[p * l * 9..(p + 1) * l * 9].iter().copied())
-            .collect(),
-    }
 }
 
 /// The XTC frames of shard `index` (its npz bytes) of `spec`, one per sample
@@ -346,14 +326,11 @@ fn shard_xtc(
     npz: &[u8],
     kept: Option<&[u64]>,
 ) -> Result<Vec<u8>, String> {
-    let ens = shard_ensemble(spec, index, npz)?;
-    let keep: Option<Vec<bool>> = kept.map(|k| {
-        ens.sample_index
-            .iter()
-            .map(|j| k.contains(&(*j as u64)))
-            .collect()
-    });
-    dig_model::xtc::xtc_bytes(&ens, keep.as_deref())
+    let mut ens = shard_ensemble(spec, index, npz)?;
+    if let Some(kept) = kept {
+        ens = ens.select_indices(kept);
+    }
+    dig_model::xtc::xtc_bytes(&ens, None)
         .map_err(|e| format!("shard {index} of job {}: {e}", spec.id))
 }
 

@@ -296,22 +296,23 @@ fn draw_valid(
             seed,
             indices: (drawn..next).collect(),
         });
-        let valid: Vec<usize> = e
+        // Sample indices of the valid samples (the draw is in index order).
+        let valid: Vec<u64> = e
             .validity()
             .iter()
-            .enumerate()
-            .filter(|(_, v)| v.valid)
-            .map(|(i, _)| i)
+            .zip(&e.sample_index)
+            .filter(|(v, _)| v.valid)
+            .map(|(_, &i)| i as u64)
             .collect();
         valid_drawn += valid.len() as u64;
         drawn = next;
         let have = kept.as_ref().map_or(0, |k| k.num_samples() as u64);
         let take = (requested - have).min(valid.len() as u64) as usize;
-        let picked = select(&e, &valid[..take]);
-        kept = Some(match kept {
-            None => picked,
-            Some(k) => concat(k, picked),
-        });
+        let picked = e.select_indices(&valid[..take]);
+        match kept.as_mut() {
+            None => kept = Some(picked),
+            Some(k) => k.append(picked),
+        }
         let have = have + take as u64;
         if have == requested || drawn >= limit {
             let summary = FilterSummary {
@@ -330,30 +331,6 @@ fn draw_valid(
             next - drawn
         );
     }
-}
-
-/// The samples of `e` at `positions`, in that order.
-fn select(e: &Ensemble, positions: &[usize]) -> Ensemble {
-    let l = e.len_residues();
-    Ensemble {
-        sequence: e.sequence.clone(),
-        sample_index: positions.iter().map(|&i| e.sample_index[i]).collect(),
-        tr: positions
-            .iter()
-            .flat_map(|&i| e.tr[i * l * 3..(i + 1) * l * 3].iter().copied())
-            .collect(),
-        rot_mat: positions
-            .iter()
-            .flat_map(|&i| e.rot_mat[i * l * 9..(i + 1) * l * 9].iter().copied())
-            .collect(),
-    }
-}
-
-fn concat(mut a: Ensemble, b: Ensemble) -> Ensemble {
-    a.sample_index.extend(b.sample_index);
-    a.tr.extend(b.tr);
-    a.rot_mat.extend(b.rot_mat);
-    a
 }
 
 /// Writes `ensemble` as the trajectory `samples.xtc` (N, CA, C, O of every

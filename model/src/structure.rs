@@ -124,20 +124,64 @@ impl Ensemble {
             .collect()
     }
 
+    /// The samples whose sample index `indices` lists (ascending, as a
+    /// manifest's `kept`), in this ensemble's order.
+    pub fn select_indices(&self, indices: &[u64]) -> Ensemble {
+        let l = self.len_residues();
+        let pos: Vec<usize> = (0..self.num_samples())
+            .filter(|&p| {
+                u64::try_from(self.sample_index[p]).is_ok_and(|i| indices.binary_search(&i).is_ok())
+            })
+            .collect();
+        Ensemble {
+            sequence: self.sequence.clone(),
+            sample_index: pos.iter().map(|&p| self.sample_index[p]).collect(),
+            tr: pos
+                .iter()
+                .flat_map(|&p| self.tr[p * l * 3..(p + 1) * l * 3].iter().copied())
+                .collect(),
+            rot_mat: pos
+                .iter()
+                .flat_map(|&p| self.rot_mat[p * l * 9..(p + 1) * l * 9].iter().copied())
+                .collect(),
+        }
+    }
+
+    /// Appends `other`'s samples (of the same protein) after this one's.
+    pub fn append(&mut self, other: Ensemble) {
+        self.sample_index.extend(other.sample_index);
+        self.tr.extend(other.tr);
+        self.rot_mat.extend(other.rot_mat);
+    }
+
     /// Writes `tr` (N,L,3) f32, `rot_mat` (N,L,3,3) f32, `sample_index`
     /// (N,) i64 and each sample's physical validity (`valid` (N,) bool and
     /// the measured `ca_ca_max`, `c_n_max`, `clash_min` (N,) f32, Å) as an
     /// npz that `numpy.load` reads. Atomic: see the module doc.
     pub fn write_npz(&self, path: &Path) -> Result<()> {
         self.check_shapes().map_err(ModelError::Invalid)?;
-        write_atomically(path, |tmp| self.write_npz_to(File::create(tmp)?))
+        let validity = self.validity();
+        write_atomically(path, |tmp| self.write_npz_to(File::create(tmp)?, &validity))
     }
 
     /// The same `.npz` as [`Ensemble::write_npz`], in memory (for object stores).
     pub fn npz_bytes(&self) -> Result<Vec<u8>> {
+        self.npz_bytes_with(&self.validity())
+    }
+
+    /// [`Ensemble::npz_bytes`] with the samples' validity already measured
+    /// ([`Ensemble::validity`]), for a caller that needs it too.
+    pub fn npz_bytes_with(&self, validity: &[crate::evaluate::Validity]) -> Result<Vec<u8>> {
         self.check_shapes().map_err(ModelError::Invalid)?;
+        if validity.len() != self.num_samples() {
+            return Err(ModelError::Invalid(format!(
+                "{} validity records for {} samples",
+                validity.len(),
+                self.num_samples()
+            )));
+        }
         let mut buf = io::Cursor::new(Vec::new());
-        self.write_npz_to(&mut buf)
+        self.write_npz_to(&mut buf, validity)
             .map_err(|e| ModelError::Invalid(e.to_string()))?;
         Ok(buf.into_inner())
     }
@@ -146,7 +190,11 @@ impl Ensemble {
     /// with tch's writer so that the zip carries a fixed timestamp: the same
     /// samples give the same bytes, which is what lets a re-run shard
     /// overwrite itself harmlessly and lets users compare runs by checksum.
-    fn write_npz_to<W: Write + io::Seek>(&self, w: W) -> io::Result<()> {
+    fn write_npz_to<W: Write + io::Seek>(
+        &self,
+        w: W,
+        validity: &[crate::evaluate::Validity],
+    ) -> io::Result<()> {
         let (n, l) = (self.num_samples() as i64, self.len_residues() as i64);
         let mut zip = zip::ZipWriter::new(w);
         let opts = zip::write::SimpleFileOptions::default()
@@ -156,7 +204,6 @@ impl Ensemble {
         let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         // Physical validity per sample (evaluate.rs), from the coordinates
         // alone, so the same samples still give the same bytes.
-        let validity = self.validity();
         let measured = |f: fn(&crate::evaluate::Validity) -> f64| {
             f32s(&validity.iter().map(|v| f(v) as f32).collect::<Vec<_>>())
         };

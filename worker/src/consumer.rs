@@ -652,10 +652,11 @@ impl Worker {
                 let ensemble =
                     sampler
                         .sample_until(&spec2, &task2, &model_dir, &features, &|| stop2.is_set())?;
+                let validity = ensemble.validity();
                 let bytes = ensemble
-                    .npz_bytes()
+                    .npz_bytes_with(&validity)
                     .map_err(|e| WorkerError::Other(e.to_string()))?;
-                let valid = ensemble.validity().iter().filter(|v| v.valid).count() as u64;
+                let valid = validity.iter().filter(|v| v.valid).count() as u64;
                 Ok((ensemble.len_residues(), valid, bytes))
             })
             .await

@@ -341,25 +341,19 @@ fn kept_samples(m: &Manifest, shards_dir: &Path, dest: &Path) -> Result<()> {
     let mut all: Option<dig_model::structure::Ensemble> = None;
     for s in &m.shards {
         let path = shards_dir.join(shard_file_name(s.index));
-        let e = dig_model::structure::Ensemble::read_npz_any(&path)?;
-        let l = e.len_residues();
         let kept = s.kept.as_deref().unwrap_or_default();
-        let acc = all.get_or_insert_with(|| dig_model::structure::Ensemble {
-            sequence: e.sequence.clone(),
-            sample_index: vec![],
-            tr: vec![],
-            rot_mat: vec![],
-        });
-        for &k in kept {
-            let p = e
-                .sample_index
-                .iter()
-                .position(|&j| j as u64 == k)
-                .with_context(|| format!("{} lacks sample {k}", path.display()))?;
-            acc.sample_index.push(k as i64);
-            acc.tr.extend_from_slice(&e.tr[p * l * 3..(p + 1) * l * 3]);
-            acc.rot_mat
-                .extend_from_slice(&e.rot_mat[p * l * 9..(p + 1) * l * 9]);
+        let picked = dig_model::structure::Ensemble::read_npz_any(&path)?.select_indices(kept);
+        if picked.num_samples() != kept.len() {
+            bail!(
+                "{} holds {} of the {} samples the manifest keeps from it",
+                path.display(),
+                picked.num_samples(),
+                kept.len()
+            );
+        }
+        match all.as_mut() {
+            None => all = Some(picked),
+            Some(a) => a.append(picked),
         }
     }
     if let Some(all) = all {
