@@ -10,7 +10,7 @@ DIGCTL := target/release/digctl
 # an unchanged set-up costs nothing.
 STAMP  := $(VENV)/.dig-setup-$(shell sha256sum requirements-dev.txt | cut -c1-12)
 
-.PHONY: help setup build run run-hp35 test lint bench bench-pipeline bench-load services train-adk evaluate-adk
+.PHONY: help setup build run run-hp35 test lint bench bench-pipeline bench-load services train-adk evaluate-adk chaos
 
 help:
 	@echo "make run    sample adenylate kinase from the trained model through digctl standalone, fetch and score it"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench  sampler benchmark (naive vs optimized, published architecture)"
 	@echo "make bench-pipeline  a 1000-sample job through API, RabbitMQ, worker, S3 vs digctl sample"
 	@echo "make bench-load  status reads and submissions (wrk) against digctl api while a job samples"
+	@echo "make chaos  faults at random moments (kills, broker/Redis restarts) while a batch runs; every sample checked"
 
 setup: $(STAMP)
 
@@ -80,3 +81,11 @@ bench-load: build services
 	@command -v wrk >/dev/null || { echo "error: wrk not found; apt-get install wrk"; exit 1; }
 	cargo build --release -p dig-tests --bin load-bench
 	set -a && . .services/env && set +a && target/release/load-bench $(ARGS)
+
+# Faults at random moments while a batch runs (SIGKILL of workers, the
+# coordinator, an API replica; RabbitMQ and Redis restarts); every sample
+# checked. ARGS="--minutes 10 --jobs 40 --seed N" (target/release/chaos --help).
+# make test runs a one-minute version (tests/tests/chaos.rs).
+chaos: build services
+	cargo build --release -p dig-tests --bin chaos
+	set -a && . .services/env && set +a && target/release/chaos $(ARGS)

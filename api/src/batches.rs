@@ -20,9 +20,10 @@
 //! Tenant limits count the batch whole: the tenant's unfinished jobs plus the
 //! batch's entries, and its queued samples plus the batch's, must stay within
 //! the caps, or the batch is refused with 429 and nothing is created. The
-//! check is made once before creation (a single job's check is atomic with
-//! its creation; a batch's is not, so submissions racing with a batch can
-//! pass a cap by at most that batch).
+//! check that counts is atomic with the creation of every entry's progress
+//! entry (one Redis script), as a single job's is with its own, so
+//! submissions racing with a batch cannot pass a cap; an early check
+//! refuses most such batches before any spec is written.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -36,7 +37,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dig_common::layout::ObjectLayout;
-use dig_common::progress::{JobProgress, ProgressStore};
+use dig_common::progress::{JobProgress, LimitExceeded, ProgressStore};
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStore, PutMode, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -350,30 +351,37 @@ pub(crate) async fn submit_batch(
 }
 
 /// 429 unless the tenant's unfinished jobs and queued samples, with the
-/// batch's, stay within its caps.
+/// batch's, stay within its caps: a cheap early refusal, before any spec is
+/// written; the check that counts is atomic with the creation of the
+/// progress entries ([`ProgressStore::create_jobs_within`]).
 async fn check_caps(st: &ApiState, tenant: &str, specs: &[JobSpec]) -> ApiResult<()> {
     let usage = st.progress.tenant_usage(tenant).await?;
-    let caps = &st.limits;
-    let jobs = specs.len() as u64;
     let samples: u64 = specs.iter().map(|s| s.num_samples).sum();
-    let message = if usage.unfinished_jobs + jobs > caps.max_jobs_per_tenant {
-        format!(
-            "tenant {tenant} has {} unfinished jobs; the batch's {jobs} more would pass the limit of {}",
-            usage.unfinished_jobs, caps.max_jobs_per_tenant
-        )
-    } else if usage.queued_samples.saturating_add(samples) > caps.max_queued_samples_per_tenant {
-        format!(
-            "tenant {tenant} has {} samples queued; the batch's {samples} more would pass the limit of {}",
-            usage.queued_samples, caps.max_queued_samples_per_tenant
-        )
-    } else {
-        return Ok(());
+    match st
+        .limits
+        .tenant_caps()
+        .check_many(usage, specs.len() as u64, samples)
+    {
+        Some(refused) => Err(batch_limit_error(tenant, specs.len(), refused)),
+        None => Ok(()),
+    }
+}
+
+/// The 429 of a batch of `jobs` jobs that `refused` names.
+fn batch_limit_error(tenant: &str, jobs: usize, refused: LimitExceeded) -> ApiError {
+    let message = match refused {
+        LimitExceeded::Jobs { unfinished, limit } => format!(
+            "tenant {tenant} has {unfinished} unfinished jobs; the batch's {jobs} more would pass the limit of {limit}"
+        ),
+        LimitExceeded::Samples {
+            queued,
+            requested,
+            limit,
+        } => format!(
+            "tenant {tenant} has {queued} samples queued; the batch's {requested} more would pass the limit of {limit}"
+        ),
     };
-    Err(ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "limit_exceeded",
-        message,
-    ))
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_exceeded", message)
 }
 
 /// Specs, record, progress entries, job ids: each step for every job before
@@ -384,9 +392,10 @@ async fn create(st: &ApiState, batch: &BatchRecord, specs: &[JobSpec]) -> ApiRes
     if let Err(e) = result {
         tracing::error!(batch = %batch.id, error = %e.detail, "batch submission failed; undoing it");
         undo(st, batch, specs, &written).await;
-        return Err(match e.unavailable {
-            Some(server) => ApiError::unavailable(server, e.detail),
-            None => ApiError::internal(e.detail),
+        return Err(match (e.refused, e.unavailable) {
+            (Some(refused), _) => batch_limit_error(&batch.tenant, specs.len(), refused),
+            (None, Some(server)) => ApiError::unavailable(server, e.detail),
+            (None, None) => ApiError::internal(e.detail),
         });
     }
     Ok(())
@@ -397,6 +406,8 @@ async fn create(st: &ApiState, batch: &BatchRecord, specs: &[JobSpec]) -> ApiRes
 struct StepFailed {
     detail: String,
     unavailable: Option<&'static str>,
+    /// The tenant's caps refused the batch (a 429).
+    refused: Option<LimitExceeded>,
 }
 
 fn step_failed(what: impl std::fmt::Display, e: impl Into<CommonError>) -> StepFailed {
@@ -404,6 +415,7 @@ fn step_failed(what: impl std::fmt::Display, e: impl Into<CommonError>) -> StepF
     StepFailed {
         detail: format!("{what}: {e}"),
         unavailable: e.unavailable(),
+        refused: None,
     }
 }
 
@@ -411,6 +423,7 @@ fn encoding_failed(e: serde_json::Error) -> StepFailed {
     StepFailed {
         detail: e.to_string(),
         unavailable: None,
+        refused: None,
     }
 }
 
@@ -465,20 +478,20 @@ async fn create_steps(
         .await
         .map_err(|e| step_failed("batch record", e))?;
     done.push(Done::Progress);
-    let progress = st.progress.clone();
-    futures::stream::iter(specs.to_vec())
-        .map(move |spec| {
-            let progress = progress.clone();
-            async move {
-                progress
-                    .create_job(&spec)
-                    .await
-                    .map_err(|e| step_failed(format_args!("job {}: progress", spec.id), e))
-            }
-        })
-        .buffer_unordered(CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await?;
+    // Every entry in one atomic step with the tenant's caps: single
+    // submissions racing with the batch cannot pass a cap.
+    let refused = st
+        .progress
+        .create_jobs_within(specs, st.limits.tenant_caps())
+        .await
+        .map_err(|e| step_failed("progress entries", e))?;
+    if let Some(refused) = refused {
+        return Err(StepFailed {
+            detail: format!("refused by the tenant's caps: {refused:?}"),
+            unavailable: None,
+            refused: Some(refused),
+        });
+    }
     if let Some(url) = &batch.callback_url {
         done.push(Done::Webhook);
         st.progress

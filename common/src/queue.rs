@@ -473,6 +473,12 @@ impl RabbitQueue {
         .await
     }
 
+    /// Job ids waiting in the jobs queue, not counting those delivered but
+    /// unsettled.
+    pub async fn jobs_queue_depth(&self) -> Result<u64> {
+        self.depth(&self.names.jobs).await
+    }
+
     /// Ready messages in `queue`, by a passive declare on a throwaway channel:
     /// a passive declare of a missing queue closes its channel (404), which
     /// must not take the publishing channel down with it.

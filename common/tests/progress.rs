@@ -113,6 +113,7 @@ behaviours!(
     delete_job_undoes_a_creation,
     released_idempotency_key_binds_again,
     tenant_caps_are_checked_with_the_creation,
+    a_batch_is_created_whole_within_the_caps_or_not_at_all,
     final_states_and_done_samples_free_tenant_usage,
     webhooks_become_due_when_final_and_are_claimed_once,
     webhook_attempts_are_recorded_until_delivered_or_given_up,
@@ -777,6 +778,94 @@ async fn tenant_caps_are_checked_with_the_creation(store: Store) {
     }
     assert_eq!(created, 4);
     assert_eq!(store.tenant_usage(tenant).await.unwrap(), usage(4, 20));
+}
+
+async fn a_batch_is_created_whole_within_the_caps_or_not_at_all(store: Store) {
+    let c = caps(5, 100);
+    let single = spec("acme", 10, 5, 100);
+    store.create_job(&single).await.unwrap();
+    // Five more jobs would make six: refused, nothing created.
+    let five: Vec<JobSpec> = (0..5).map(|i| spec("acme", 2, 1, 110 + i)).collect();
+    assert_eq!(
+        store.create_jobs_within(&five, c).await.unwrap(),
+        Some(LimitExceeded::Jobs {
+            unfinished: 1,
+            limit: 5
+        })
+    );
+    for s in &five {
+        assert_eq!(store.get(s.id).await.unwrap(), None);
+    }
+    // 10 + 4 x 23 = 102 samples: refused by the sample cap.
+    let heavy: Vec<JobSpec> = (0..4).map(|i| spec("acme", 23, 5, 120 + i)).collect();
+    assert_eq!(
+        store.create_jobs_within(&heavy, c).await.unwrap(),
+        Some(LimitExceeded::Samples {
+            queued: 10,
+            requested: 92,
+            limit: 100
+        })
+    );
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(1, 10));
+    // Four fit; each entry as create_job makes it, listed in creation order.
+    let four = &five[..4];
+    assert_eq!(store.create_jobs_within(four, c).await.unwrap(), None);
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(5, 18));
+    for s in four {
+        let p = store.get(s.id).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                p.state,
+                p.num_samples,
+                p.num_shards,
+                p.samples_done,
+                p.created_at
+            ),
+            (JobState::Queued, 2, 2, 0, s.created_at)
+        );
+    }
+    let listed = store.list_jobs("acme", 10, None).await.unwrap();
+    assert_eq!(listed.len(), 5);
+    assert_eq!(listed[0], four[3].id);
+    assert_eq!(listed[4], single.id);
+    // The same batch again (a retried submission): nothing new, not counted twice.
+    assert_eq!(store.create_jobs_within(four, c).await.unwrap(), None);
+    assert_eq!(store.tenant_usage("acme").await.unwrap(), usage(5, 18));
+
+    // Single submissions racing with batches never pass the cap together.
+    let tenant = "race";
+    let mut tries = Vec::new();
+    for i in 0..6u64 {
+        let batch_store = store.clone();
+        let batch: Vec<JobSpec> = (0..3)
+            .map(|k| spec(tenant, 1, 1, 300 + 10 * i + k))
+            .collect();
+        tries.push(tokio::spawn(async move {
+            let n = batch.len() as u64;
+            match batch_store
+                .create_jobs_within(&batch, caps(7, 1000))
+                .await
+                .unwrap()
+            {
+                None => n,
+                Some(_) => 0,
+            }
+        }));
+        let (store, s) = (store.clone(), spec(tenant, 1, 1, 400 + i));
+        tries.push(tokio::spawn(async move {
+            match store.create_job_within(&s, caps(7, 1000)).await.unwrap() {
+                None => 1,
+                Some(_) => 0,
+            }
+        }));
+    }
+    let mut created = 0;
+    for t in tries {
+        created += t.await.unwrap();
+    }
+    let used = store.tenant_usage(tenant).await.unwrap();
+    assert_eq!(used.unfinished_jobs, created);
+    assert!(created <= 7 && created >= 5, "{created} jobs created");
 }
 
 async fn final_states_and_done_samples_free_tenant_usage(store: Store) {

@@ -93,11 +93,14 @@ pub struct Cluster {
     pub key_a: String,
     pub key_b: String,
     env: Vec<(String, String)>,
+    /// `digctl standalone`'s `--data-dir`, inside `dir` ("data").
+    pub data_name: String,
     standalone: bool,
     next_worker: usize,
 }
 
-fn free_port() -> u16 {
+/// A TCP port nothing listens on now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -175,6 +178,7 @@ impl Cluster {
             key_b,
             dir,
             env,
+            data_name: "data".into(),
             standalone,
             next_worker: 0,
         }
@@ -198,7 +202,7 @@ impl Cluster {
     ) -> (Cluster, Service) {
         let mut c = Cluster::base(label, true);
         configure(&mut c);
-        let data = c.dir.path().join("data");
+        let data = c.dir.path().join(&c.data_name);
         let keys = c.dir.path().join("api-keys");
         let svc = c.spawn(
             "standalone",
@@ -224,11 +228,18 @@ impl Cluster {
     }
 
     pub fn spawn(&self, name: &str, args: &[&str]) -> Service {
+        self.spawn_with(name, args, &[])
+    }
+
+    /// [`Cluster::spawn`] with `extra` variables set over the deployment's
+    /// (e.g. a second API replica's `DIG_API_LISTEN`).
+    pub fn spawn_with(&self, name: &str, args: &[&str], extra: &[(&str, &str)]) -> Service {
         let log = self.dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(digctl_path())
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(extra.iter().copied())
             .env("DIG_WORKER_ID", name)
             .env(
                 "DIG_WORKER_CACHE_DIR",

@@ -5,6 +5,7 @@
 //! bad input, and the cluster's processes against real RabbitMQ, Redis and
 //! S3 servers ([`cluster`]).
 
+pub mod chaos;
 pub mod cluster;
 
 use std::path::{Path, PathBuf};

@@ -237,3 +237,142 @@ fn raw_post(c: &Cluster, path: &str, body: &[u8], stall: Duration) -> (u16, Stri
         .to_string();
     (status, body)
 }
+
+/// A directory name with everything a shell or a careless join could
+/// trip on: spaces, quotes, `$VAR`, backticks, glob characters, unicode.
+const ODD: &str = "odd dir ü ✓ $HOME `id` ;'\"*?[x]";
+
+/// Every path under `root`, relative, sorted.
+fn tree(root: &std::path::Path) -> Vec<String> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+            if p.is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn odd_characters_in_data_dir_and_out_paths_are_taken_literally() {
+    let (c, mut svc) = Cluster::standalone_with("odd-dirs", |c| c.data_name = ODD.into());
+    let sha = c.upload_features(&c.key_a);
+    let job = c.submit(
+        &c.key_a,
+        &sha,
+        4,
+        &["--steps", "3", "--shard-size", "2", "--seed", "5"],
+    );
+    let view = c.wait_final(&c.key_a, &job, Duration::from_secs(300), &mut [&mut svc]);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let out = c.dir.path().join(format!("{ODD} out"));
+    let fetched = c.client_ok(&c.key_a, &["fetch", &job, "--out", out.to_str().unwrap()]);
+    assert!(out.join("manifest.json").is_file(), "{fetched}");
+    assert!(out.join("shards/000000.npz").is_file());
+    assert!(out.join("shards/000001.npz").is_file());
+
+    // `digctl sample --out` with the same name, one level down.
+    let sample_out = c.dir.path().join(ODD).join(ODD);
+    dig_tests::digctl_ok(&[
+        "sample",
+        "--model",
+        dig_tests::fixture("").to_str().unwrap(),
+        "--features",
+        dig_tests::fixture("features.npz").to_str().unwrap(),
+        "--sequence",
+        SEQUENCE,
+        "--num-samples",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        sample_out.to_str().unwrap(),
+    ]);
+    assert!(sample_out.join("samples.npz").is_file());
+    drop(svc);
+
+    // Nothing was made anywhere else: only the two odd directories, the
+    // keys file and the logs sit beside each other, and no `$HOME` or
+    // glob was expanded into another name.
+    let top: Vec<String> = std::fs::read_dir(c.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| !n.ends_with(".log"))
+        .collect();
+    let mut top = top;
+    top.sort();
+    let mut want = vec![ODD.to_string(), format!("{ODD} out"), "api-keys".into()];
+    want.sort();
+    assert_eq!(top, want);
+    let data = tree(&c.dir.path().join(ODD));
+    assert!(
+        data.iter().all(|p| p.starts_with(ODD)
+            || p.starts_with("store")
+            || p.starts_with("cache")
+            || p.starts_with("uploads")
+            || p.starts_with("api-key")),
+        "{data:?}"
+    );
+    assert!(
+        data.iter()
+            .any(|p| p.contains(&format!("jobs/{job}/shards/000001.npz"))),
+        "{data:?}"
+    );
+}
+
+#[test]
+fn hostile_ids_and_unusable_paths_on_the_command_line_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // A job id that is a path: refused before any request or file.
+    for id in [
+        "../../etc/passwd",
+        "..",
+        "a/b",
+        "0190d3a0-0000-7000-8000-00000000000/",
+    ] {
+        let out = dir.path().join("fetched");
+        let err = dig_tests::digctl_err(&["fetch", id, "--out", out.to_str().unwrap()]);
+        assert!(
+            err.contains("invalid value") && err.contains(id),
+            "{id}: {err}"
+        );
+        assert!(!out.exists(), "{id}: {} was created", out.display());
+    }
+    // --data-dir and --out that are files, not directories.
+    let file = dir.path().join("a file");
+    std::fs::write(&file, "x").unwrap();
+    let err = dig_tests::digctl_err(&[
+        "standalone",
+        "--data-dir",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        err.contains("cannot create the data directory") && err.contains("a file"),
+        "{err}"
+    );
+    let err = dig_tests::digctl_err(&[
+        "sample",
+        "--model",
+        dig_tests::fixture("").to_str().unwrap(),
+        "--features",
+        dig_tests::fixture("features.npz").to_str().unwrap(),
+        "--sequence",
+        SEQUENCE,
+        "--num-samples",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(err.contains("a file"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}

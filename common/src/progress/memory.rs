@@ -133,6 +133,30 @@ impl ProgressStore for MemoryProgress {
         Ok(self.lock().create(spec, Some(caps)))
     }
 
+    async fn create_jobs_within(
+        &self,
+        specs: &[JobSpec],
+        caps: TenantCaps,
+    ) -> Result<Option<LimitExceeded>> {
+        let mut inner = self.lock();
+        let fresh: Vec<&JobSpec> = specs
+            .iter()
+            .filter(|s| !inner.jobs.get(&s.id).is_some_and(|e| e.progress.is_some()))
+            .collect();
+        let Some(first) = fresh.first() else {
+            return Ok(None);
+        };
+        let samples = fresh.iter().map(|s| s.num_samples).sum();
+        let usage = inner.usage(&first.tenant);
+        if let Some(refused) = caps.check_many(usage, fresh.len() as u64, samples) {
+            return Ok(Some(refused));
+        }
+        for spec in fresh {
+            inner.create(spec, None);
+        }
+        Ok(None)
+    }
+
     async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage> {
         Ok(self.lock().usage(tenant))
     }

@@ -119,7 +119,18 @@ pub struct TenantUsage {
 impl TenantCaps {
     /// Whether a new job of `requested` samples fits beside `usage`.
     pub fn check(&self, usage: TenantUsage, requested: u64) -> Option<LimitExceeded> {
-        if usage.unfinished_jobs >= self.max_jobs {
+        self.check_many(usage, 1, requested)
+    }
+
+    /// Whether `jobs` new jobs of `requested` samples in all fit beside
+    /// `usage` (a batch counts whole).
+    pub fn check_many(
+        &self,
+        usage: TenantUsage,
+        jobs: u64,
+        requested: u64,
+    ) -> Option<LimitExceeded> {
+        if usage.unfinished_jobs.saturating_add(jobs) > self.max_jobs {
             Some(LimitExceeded::Jobs {
                 unfinished: usage.unfinished_jobs,
                 limit: self.max_jobs,
@@ -229,6 +240,17 @@ pub trait ProgressStore: Send + Sync {
     async fn create_job_within(
         &self,
         spec: &JobSpec,
+        caps: TenantCaps,
+    ) -> Result<Option<LimitExceeded>>;
+
+    /// [`ProgressStore::create_job`] for every spec of `specs` (one
+    /// tenant's, a batch) if the tenant stays within `caps` with all of
+    /// them; otherwise none is created. Check and creation are one atomic
+    /// step, so single submissions racing with a batch cannot pass a cap.
+    /// Jobs that exist already are left as they are and not counted twice.
+    async fn create_jobs_within(
+        &self,
+        specs: &[JobSpec],
         caps: TenantCaps,
     ) -> Result<Option<LimitExceeded>>;
 

@@ -56,6 +56,49 @@ end
 return {1, jobs, queued}
 "#;
 
+/// Create a batch's jobs (one tenant's) within the tenant's caps, all or
+/// none, in one step; jobs that exist are skipped and not counted.
+/// KEYS: tenant_jobs, unfinished, tenant_unfinished. ARGV: tenant, max_jobs,
+/// max_queued_samples, job key prefix, number of jobs, then per job: id,
+/// num_shards, num_samples, created_at, callback url ('' = none), delivery
+/// id, n, then n field/value pairs.
+/// Returns {status, jobs, queued, new jobs, new samples}: 1 created, -1 job
+/// cap, -2 sample cap.
+const CREATE_MANY_BODY_LUA: &str = r#"
+local prefix = ARGV[4]
+local entries = {}
+local new_jobs, new_samples = 0, 0
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
+  local n = tonumber(ARGV[i + 6])
+  if redis.call('EXISTS', prefix .. ARGV[i]) == 0 then
+    table.insert(entries, i)
+    new_jobs = new_jobs + 1
+    new_samples = new_samples + tonumber(ARGV[i + 2])
+  end
+  i = i + 7 + 2 * n
+end
+local jobs, queued = usage(KEYS[3], prefix)
+if jobs + new_jobs > tonumber(ARGV[2]) then return {-1, jobs, queued, new_jobs, new_samples} end
+if queued + new_samples > tonumber(ARGV[3]) then return {-2, jobs, queued, new_jobs, new_samples} end
+for _, e in ipairs(entries) do
+  local id = ARGV[e]
+  local key = prefix .. id
+  redis.call('HSET', key, 'state', 'queued', 'tenant', ARGV[1], 'num_shards', ARGV[e + 1],
+    'num_samples', ARGV[e + 2], 'samples_done', 0, 'shards_failed', 0, 'created_at', ARGV[e + 3])
+  local n = tonumber(ARGV[e + 6])
+  for f = e + 7, e + 6 + 2 * n, 2 do redis.call('HSET', key, ARGV[f], ARGV[f + 1]) end
+  redis.call('ZADD', KEYS[1], ARGV[e + 3], id)
+  redis.call('SADD', KEYS[2], id)
+  redis.call('SADD', KEYS[3], id)
+  if ARGV[e + 4] ~= '' then
+    redis.call('HSET', key .. ':webhook', 'url', ARGV[e + 4], 'state', 'pending', 'attempts', 0,
+      'delivery', ARGV[e + 5])
+  end
+end
+return {1, jobs, queued, new_jobs, new_samples}
+"#;
+
 /// KEYS: tenant_unfinished. ARGV: job key prefix. Returns {jobs, queued}.
 const USAGE_BODY_LUA: &str = r#"
 local jobs, queued = usage(KEYS[1], ARGV[1])
@@ -213,6 +256,7 @@ pub struct RedisProgress {
 struct Scripts {
     create: Script,
     usage: Script,
+    create_many: Script,
     claim_webhooks: Script,
     record_webhook: Script,
     webhook_rebuild: Script,
@@ -244,6 +288,7 @@ impl RedisProgress {
             scripts: std::sync::Arc::new(Scripts {
                 create: Script::new(&format!("{USAGE_LUA_FN}{CREATE_BODY_LUA}")),
                 usage: Script::new(&format!("{USAGE_LUA_FN}{USAGE_BODY_LUA}")),
+                create_many: Script::new(&format!("{USAGE_LUA_FN}{CREATE_MANY_BODY_LUA}")),
                 claim_webhooks: Script::new(CLAIM_WEBHOOKS_LUA),
                 record_webhook: Script::new(RECORD_WEBHOOK_LUA),
                 webhook_rebuild: Script::new(WEBHOOK_REBUILD_LUA),
@@ -460,6 +505,54 @@ impl ProgressStore for RedisProgress {
         caps: TenantCaps,
     ) -> Result<Option<LimitExceeded>> {
         self.create(spec, Some(caps)).await
+    }
+
+    async fn create_jobs_within(
+        &self,
+        specs: &[JobSpec],
+        caps: TenantCaps,
+    ) -> Result<Option<LimitExceeded>> {
+        let Some(first) = specs.first() else {
+            return Ok(None);
+        };
+        let tenant = &first.tenant;
+        if let Some(other) = specs.iter().find(|s| &s.tenant != tenant) {
+            return Err(CommonError::Invalid(format!(
+                "jobs {} and {} belong to different tenants",
+                first.id, other.id
+            )));
+        }
+        let mut invocation = self.scripts.create_many.prepare_invoke();
+        invocation
+            .key(self.keys.tenant_jobs(tenant))
+            .key(self.keys.unfinished())
+            .key(self.keys.tenant_unfinished(tenant))
+            .arg(tenant)
+            .arg(caps.max_jobs)
+            .arg(caps.max_queued_samples)
+            .arg(self.keys.job_prefix())
+            .arg(specs.len());
+        for spec in specs {
+            let fields: Vec<(&str, String)> = sampling_fields(spec)
+                .into_iter()
+                .chain([("samples_valid", "0".to_string())])
+                .collect();
+            invocation
+                .arg(spec.id.to_string())
+                .arg(spec.num_shards())
+                .arg(spec.num_samples)
+                .arg(spec.created_at)
+                .arg(spec.callback_url.as_deref().unwrap_or(""))
+                .arg(delivery_id(spec.id))
+                .arg(fields.len());
+            for (k, v) in fields {
+                invocation.arg(k).arg(v);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let (status, jobs, queued, _new_jobs, new_samples): (i64, u64, u64, u64, u64) =
+            invocation.invoke_async(&mut conn).await?;
+        Ok(refusal(status, jobs, queued, new_samples, caps))
     }
 
     async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage> {
