@@ -10,7 +10,7 @@ DIGCTL := target/release/digctl
 # an unchanged set-up costs nothing.
 STAMP  := $(VENV)/.dig-setup-$(shell sha256sum requirements-dev.txt | cut -c1-12)
 
-.PHONY: help setup build run run-hp35 test lint bench bench-pipeline bench-load services train-adk evaluate-adk chaos
+.PHONY: help setup build run run-hp35 test lint bench bench-pipeline bench-load services train-adk evaluate-adk chaos bench-scale
 
 help:
 	@echo "make run    sample adenylate kinase from the trained model through digctl standalone, fetch and score it"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench-pipeline  a 1000-sample job through API, RabbitMQ, worker, S3 vs digctl sample"
 	@echo "make bench-load  status reads and submissions (wrk) against digctl api while a job samples"
 	@echo "make chaos  faults at random moments (kills, broker/Redis restarts) while a batch runs; every sample checked"
+	@echo "make bench-scale  two 10 000-entry batches and a 10^6-sample job: control-plane times and memory"
 
 setup: $(STAMP)
 
@@ -89,3 +90,10 @@ bench-load: build services
 chaos: build services
 	cargo build --release -p dig-tests --bin chaos
 	set -a && . .services/env && set +a && target/release/chaos $(ARGS)
+
+# Control-plane times and memory at scale: two 10 000-entry batches and a
+# 10^6-sample job (shards of 1000), fetch interrupted and resumed.
+# ARGS="--entries 10000 --big-samples 1000000" (target/release/scale-bench --help).
+bench-scale: build services
+	cargo build --release -p dig-tests --bin scale-bench
+	set -a && . .services/env && set +a && target/release/scale-bench $(ARGS)

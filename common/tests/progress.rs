@@ -865,7 +865,9 @@ async fn a_batch_is_created_whole_within_the_caps_or_not_at_all(store: Store) {
     }
     let used = store.tenant_usage(tenant).await.unwrap();
     assert_eq!(used.unfinished_jobs, created);
-    assert!(created <= 7 && created >= 5, "{created} jobs created");
+    // A single is refused only at 7 unfinished, so the six singles alone
+    // make at least 6.
+    assert!((6..=7).contains(&created), "{created} jobs created");
 }
 
 async fn final_states_and_done_samples_free_tenant_usage(store: Store) {

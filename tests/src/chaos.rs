@@ -273,7 +273,7 @@ fn serving(svc: &Service) -> bool {
 /// nothing else may use them meanwhile.
 pub fn run(opts: &ChaosOptions) -> ChaosReport {
     assert!(
-        opts.shard_size % BATCH as u64 == 0,
+        opts.shard_size.is_multiple_of(BATCH as u64),
         "shard size must be a multiple of {BATCH}"
     );
     // One libtorch thread per process: the workers share the cores.

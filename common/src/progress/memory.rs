@@ -141,7 +141,7 @@ impl ProgressStore for MemoryProgress {
         let mut inner = self.lock();
         let fresh: Vec<&JobSpec> = specs
             .iter()
-            .filter(|s| !inner.jobs.get(&s.id).is_some_and(|e| e.progress.is_some()))
+            .filter(|s| inner.jobs.get(&s.id).is_none_or(|e| e.progress.is_none()))
             .collect();
         let Some(first) = fresh.first() else {
             return Ok(None);
