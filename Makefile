@@ -65,8 +65,12 @@ services: setup
 	scripts/stage.sh services scripts/services.sh >/dev/null
 	scripts/stage.sh deploy-tools scripts/deploy-tools.sh
 
+# One build of the graph: `cargo test --workspace --no-run` builds every test
+# target and target/debug/digctl (digctl/tests/cli.rs makes cargo build the
+# binary) with one feature resolution; a separate `cargo build -p digctl`
+# would resolve features for digctl alone and build part of it twice.
 test: lint services
-	scripts/stage.sh build-digctl cargo build -p digctl
+	scripts/stage.sh build cargo test --workspace --no-run
 	set -a && . .services/env && set +a && scripts/stage.sh tests cargo test --workspace
 
 bench: build

@@ -29,10 +29,7 @@ use tower::ServiceExt;
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../model/tests/data");
 const SEQUENCE: &str = "MKTAYIAKQRQISFVKSHFSRQLE";
 
-fn env(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: run scripts/services.sh (make test does)"))
-}
+use dig_test_support::Servers;
 
 struct Ctx {
     app: Router,
@@ -44,6 +41,7 @@ struct Ctx {
     key_a: String,
     key_b: String,
     _tmp: tempfile::TempDir,
+    servers: Servers,
 }
 
 async fn ctx() -> Ctx {
@@ -56,36 +54,14 @@ async fn ctx_with_limit(max_bytes: u64) -> Ctx {
 
 /// A test context whose state `tweak` may change before the router is built.
 async fn ctx_with(max_bytes: u64, tweak: impl FnOnce(&mut ApiState)) -> Ctx {
-    let prefix = format!("test-{}", JobId::new());
-    let store = open_store(&StoreConfig {
-        kind: StoreKind::S3,
-        s3_endpoint: Some(env("DIG_TEST_S3_ENDPOINT")),
-        s3_bucket: Some(env("DIG_TEST_S3_BUCKET")),
-        prefix: prefix.clone(),
-        ..Default::default()
-    })
-    .unwrap();
-    let layout = ObjectLayout::new(&prefix);
-    for file in ["config.json", "model.safetensors"] {
-        let data = std::fs::read(format!("{FIXTURES}/{file}")).unwrap();
-        store
-            .put(
-                &layout.model_file("dig-small", file),
-                PutPayload::from(data),
-            )
-            .await
-            .unwrap();
-    }
-    let queue = Arc::new(
-        RabbitQueue::connect(&env("DIG_TEST_AMQP"), &prefix)
-            .await
-            .unwrap(),
+    let servers = Servers::fresh().await;
+    servers.upload_fixture_model().await;
+    let (prefix, store, layout) = (
+        servers.prefix.clone(),
+        servers.store.clone(),
+        servers.layout.clone(),
     );
-    let redis = Arc::new(
-        RedisProgress::connect(&env("DIG_TEST_REDIS"), &prefix)
-            .await
-            .unwrap(),
-    );
+    let (queue, redis) = (servers.queue.clone(), servers.progress.clone());
     let tmp = tempfile::tempdir().unwrap();
     let features = Arc::new(
         FeatureStore::new(
@@ -129,6 +105,7 @@ async fn ctx_with(max_bytes: u64, tweak: impl FnOnce(&mut ApiState)) -> Ctx {
         key_a,
         key_b,
         _tmp: tmp,
+        servers,
     }
 }
 
@@ -271,12 +248,7 @@ impl Ctx {
     }
 
     async fn cleanup(self) {
-        self.queue.purge_and_delete().await.unwrap();
-        self.redis.delete_all().await.unwrap();
-        let all = self.keys_under("").await;
-        for k in all {
-            self.store.delete(&k.into()).await.unwrap();
-        }
+        self.servers.cleanup().await;
     }
 }
 

@@ -16,8 +16,7 @@ use dig_api::{
 use dig_common::job::{JobId, JobSpec, JobState};
 use dig_common::layout::ObjectLayout;
 use dig_common::progress::{ProgressStore, RedisProgress, TenantUsage};
-use dig_common::queue::{RabbitQueue, ShardQueue};
-use dig_common::store::{open_store, FeatureStore, StoreConfig, StoreKind};
+use dig_common::store::FeatureStore;
 use futures::{StreamExt, TryStreamExt};
 use hmac::{Hmac, Mac};
 use object_store::{ObjectStore, PutPayload};
@@ -30,14 +29,10 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../model/tests/data
 const SEQUENCE: &str = "MKTAYIAKQRQISFVKSHFSRQLE";
 const SECRET_A: &str = "whsec-lab-a-0123456789abcdef";
 
-fn env(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: run scripts/services.sh (make test does)"))
-}
+use dig_test_support::Servers;
 
 struct Ctx {
     app: Router,
-    queue: Arc<RabbitQueue>,
     redis: Arc<RedisProgress>,
     store: Arc<dyn ObjectStore>,
     layout: ObjectLayout,
@@ -48,41 +43,20 @@ struct Ctx {
     /// Sends the server's shutdown.
     stop: watch::Sender<bool>,
     _tmp: tempfile::TempDir,
+    servers: Servers,
 }
 
 /// A context whose limits `tweak` may change. Tenant lab-a has a webhook
 /// secret, lab-b none. Event streams poll every 50 ms.
 async fn ctx_with(tweak: impl FnOnce(&mut Limits)) -> Ctx {
-    let prefix = format!("test-{}", JobId::new());
-    let store = open_store(&StoreConfig {
-        kind: StoreKind::S3,
-        s3_endpoint: Some(env("DIG_TEST_S3_ENDPOINT")),
-        s3_bucket: Some(env("DIG_TEST_S3_BUCKET")),
-        prefix: prefix.clone(),
-        ..Default::default()
-    })
-    .unwrap();
-    let layout = ObjectLayout::new(&prefix);
-    for file in ["config.json", "model.safetensors"] {
-        let data = std::fs::read(format!("{FIXTURES}/{file}")).unwrap();
-        store
-            .put(
-                &layout.model_file("dig-small", file),
-                PutPayload::from(data),
-            )
-            .await
-            .unwrap();
-    }
-    let queue = Arc::new(
-        RabbitQueue::connect(&env("DIG_TEST_AMQP"), &prefix)
-            .await
-            .unwrap(),
+    let servers = Servers::fresh().await;
+    servers.upload_fixture_model().await;
+    let (prefix, store, layout) = (
+        servers.prefix.clone(),
+        servers.store.clone(),
+        servers.layout.clone(),
     );
-    let redis = Arc::new(
-        RedisProgress::connect(&env("DIG_TEST_REDIS"), &prefix)
-            .await
-            .unwrap(),
-    );
+    let (queue, redis) = (servers.queue.clone(), servers.progress.clone());
     let tmp = tempfile::tempdir().unwrap();
     let features = Arc::new(
         FeatureStore::new(
@@ -119,7 +93,6 @@ async fn ctx_with(tweak: impl FnOnce(&mut Limits)) -> Ctx {
     };
     Ctx {
         app: router(state),
-        queue,
         redis,
         store,
         layout,
@@ -129,6 +102,7 @@ async fn ctx_with(tweak: impl FnOnce(&mut Limits)) -> Ctx {
         secrets,
         stop,
         _tmp: tmp,
+        servers,
     }
 }
 
@@ -240,11 +214,7 @@ impl Ctx {
     }
 
     async fn cleanup(self) {
-        self.queue.purge_and_delete().await.unwrap();
-        self.redis.delete_all().await.unwrap();
-        for k in self.keys_under("").await {
-            self.store.delete(&k.into()).await.unwrap();
-        }
+        self.servers.cleanup().await;
     }
 }
 

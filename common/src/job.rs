@@ -141,6 +141,15 @@ pub enum FilterCriteria {
 
 impl SampleFilter {
     pub const DEFAULT_MAX_DRAW_FACTOR: u64 = 3;
+
+    /// How many more samples to draw when `valid` of the `drawn` so far
+    /// passed and `missing` more are wanted: the missing count over the
+    /// valid fraction seen (taken as at least 1 %), with 20 % to spare; at
+    /// least one. The one top-up rule of the coordinator and `digctl sample`.
+    pub fn more_draws(missing: u64, valid: u64, drawn: u64) -> u64 {
+        let fraction = valid as f64 / drawn.max(1) as f64;
+        ((missing as f64 / fraction.max(0.01) * 1.2).ceil() as u64).max(1)
+    }
 }
 
 /// The immutable description of a job, stored once at submission.

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dig_common::job::{JobId, JobSpec, JobState};
+use dig_common::job::{JobId, JobSpec, JobState, SampleFilter};
 use dig_common::layout::ObjectLayout;
 use dig_common::progress::{JobProgress, ProgressStore};
 use dig_common::queue::{JobDelivery, JobStream, ShardQueue};
@@ -597,9 +597,8 @@ impl Coordinator {
         }
         if index >= active.planned {
             // Every planned shard is done: plan more.
-            let fraction = valid as f64 / drawn.max(1) as f64;
-            let need = (want - valid) as f64 / fraction.max(0.01) * 1.2;
-            let more = (need / spec.shard_size as f64).ceil().max(1.0) as u64;
+            let need = SampleFilter::more_draws(want - valid, valid, drawn);
+            let more = need.div_ceil(spec.shard_size).max(1);
             let before = active.planned;
             active.planned = (active.planned + more).min(spec.num_shards());
             info!(job = %spec.id, valid, drawn, shards = active.planned - before, "valid samples fall short; drawing more");

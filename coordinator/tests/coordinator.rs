@@ -17,18 +17,14 @@ use dig_common::progress::{
     JobProgress, ProgressStore, RedisProgress, WebhookAttempt, WebhookState,
 };
 use dig_common::queue::{JobStream, RabbitQueue, ShardQueue, ShardStream};
-use dig_common::store::{open_store, StoreConfig, StoreKind};
 use dig_coordinator::{
     Action, Coordinator, CoordinatorError, CoordinatorSettings, Manifest, Reconciled, StateMarker,
 };
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::{ObjectStore, PutPayload};
 use sha2::{Digest, Sha256};
 
-fn env(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: run scripts/services.sh (make test does)"))
-}
+use dig_test_support::Servers;
 
 /// The real queue, remembering every shard published through it, so that
 /// tests can count outstanding shards exactly (queue depth alone misses the
@@ -85,35 +81,21 @@ struct Cluster {
     redis: Arc<RedisProgress>,
     store: Arc<dyn ObjectStore>,
     layout: ObjectLayout,
-    prefix: String,
+    servers: Servers,
 }
 
 async fn cluster() -> Cluster {
-    let prefix = format!("test-{}", JobId::new());
-    let store = open_store(&StoreConfig {
-        kind: StoreKind::S3,
-        s3_endpoint: Some(env("DIG_TEST_S3_ENDPOINT")),
-        s3_bucket: Some(env("DIG_TEST_S3_BUCKET")),
-        prefix: prefix.clone(),
-        ..Default::default()
-    })
-    .unwrap();
-    let rabbit = RabbitQueue::connect(&env("DIG_TEST_AMQP"), &prefix)
-        .await
-        .unwrap();
-    let redis = RedisProgress::connect(&env("DIG_TEST_REDIS"), &prefix)
-        .await
-        .unwrap();
+    let servers = Servers::fresh().await;
     Cluster {
         queue: Arc::new(CountingQueue {
-            inner: Arc::new(rabbit),
+            inner: servers.queue.clone(),
             published: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
         }),
-        redis: Arc::new(redis),
-        store,
-        layout: ObjectLayout::new(&prefix),
-        prefix,
+        redis: servers.progress.clone(),
+        store: servers.store.clone(),
+        layout: servers.layout.clone(),
+        servers,
     }
 }
 
@@ -230,19 +212,7 @@ impl Cluster {
     }
 
     async fn cleanup(self) {
-        self.queue.purge_and_delete().await.unwrap();
-        self.redis.delete_all().await.unwrap();
-        let prefix = object_store::path::Path::from(self.prefix.as_str());
-        let keys: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .unwrap();
-        for k in keys {
-            self.store.delete(&k).await.unwrap();
-        }
+        self.servers.cleanup().await;
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use dig_common::job::SampleFilter;
 use dig_model::features::{check_sequence, read_fasta, Features};
 use dig_model::pipeline::{read_initial_state, sample_ensemble, InitialPoses};
 use dig_model::so3::So3Tables;
@@ -323,8 +324,8 @@ fn draw_valid(
             return (kept.expect("set above"), summary);
         }
         let fraction = valid_drawn as f64 / drawn as f64;
-        let more = ((requested - have) as f64 / fraction.max(0.01) * 1.2).ceil() as u64;
-        next = align(drawn + more.max(1)).min(limit);
+        let more = SampleFilter::more_draws(requested - have, valid_drawn, drawn);
+        next = align(drawn + more).min(limit);
         tracing::info!(
             "{have} of {requested} valid after {drawn} draws ({:.0}%); drawing {} more",
             100.0 * fraction,

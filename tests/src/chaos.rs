@@ -613,14 +613,7 @@ async fn check_no_orphans(c: &Cluster, b: &crate::cluster::Backends, batch: &str
     }
     assert!(strays.is_empty(), "chaos: objects of no job: {strays:?}");
 
-    let client =
-        redis::Client::open(std::env::var("DIG_TEST_REDIS").expect("DIG_TEST_REDIS")).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{ns}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let keys = b.redis_keys().await;
     let ids: Vec<&str> = jobs
         .iter()
         .map(String::as_str)

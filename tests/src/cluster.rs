@@ -14,24 +14,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dig_common::progress::{ProgressStore, RedisProgress, WorkerHeartbeat};
-use dig_common::queue::{RabbitQueue, ShardQueue};
-use dig_common::store::{open_store, StoreConfig, StoreKind};
+use dig_common::queue::RabbitQueue;
 use dig_model::structure::Ensemble;
-use futures::TryStreamExt;
 use object_store::ObjectStore;
 
 use crate::{digctl_path, fixture};
 
-/// The fixture protein's sequence (`model/tests/data/features.npz`).
-pub const SEQUENCE: &str = "MKTAYIAKQRQISFVKSHFSRQLE";
-/// The id the fixture model is uploaded under.
-pub const MODEL: &str = "dig-small";
+pub use dig_test_support::{MODEL, SEQUENCE};
 
-fn env_var(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run `make test`, or `scripts/services.sh` and `source .services/env`")
-    })
-}
+use dig_test_support::{env as env_var, Servers};
 
 /// A running `digctl` service; killed (SIGKILL) when dropped.
 pub struct Service {
@@ -622,24 +613,12 @@ impl Cluster {
     /// Redis, RabbitMQ and S3 clients on this deployment's namespace.
     pub async fn backends(&self) -> Backends {
         assert!(!self.standalone);
-        let progress = RedisProgress::connect(&env_var("DIG_TEST_REDIS"), &self.namespace)
-            .await
-            .unwrap();
-        let queue = RabbitQueue::connect(&env_var("DIG_TEST_AMQP"), &self.namespace)
-            .await
-            .unwrap();
-        let cfg = StoreConfig {
-            kind: StoreKind::S3,
-            s3_endpoint: Some(env_var("DIG_TEST_S3_ENDPOINT")),
-            s3_bucket: Some(env_var("DIG_TEST_S3_BUCKET")),
-            prefix: self.namespace.clone(),
-            ..StoreConfig::default()
-        };
+        let servers = Servers::connect(&self.namespace).await;
         Backends {
-            progress,
-            queue,
-            store: open_store(&cfg).unwrap(),
-            prefix: self.namespace.clone(),
+            progress: servers.progress.clone(),
+            queue: servers.queue.clone(),
+            store: servers.store.clone(),
+            servers,
         }
     }
 
@@ -648,15 +627,7 @@ impl Cluster {
         if self.standalone {
             return;
         }
-        let b = self.backends().await;
-        b.queue.purge_and_delete().await.unwrap();
-        b.progress.delete_all().await.unwrap();
-        for key in b.objects().await {
-            b.store
-                .delete(&object_store::path::Path::from(key))
-                .await
-                .unwrap();
-        }
+        Servers::connect(&self.namespace).await.cleanup().await;
     }
 }
 
@@ -750,21 +721,26 @@ fn nanos() -> u32 {
 
 /// Direct clients of the servers, for assertions and cleanup.
 pub struct Backends {
-    pub progress: RedisProgress,
-    pub queue: RabbitQueue,
+    pub progress: Arc<RedisProgress>,
+    pub queue: Arc<RabbitQueue>,
     pub store: Arc<dyn ObjectStore>,
-    prefix: String,
+    servers: Servers,
 }
 
 impl Backends {
     /// Every object key of the deployment, sorted.
     pub async fn objects(&self) -> Vec<String> {
-        let prefix = object_store::path::Path::from(self.prefix.as_str());
-        let mut keys: Vec<String> = self
-            .store
-            .list(Some(&prefix))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
+        self.servers.objects().await
+    }
+
+    /// Every Redis key of the deployment (`{namespace}:*`), sorted. KEYS, not
+    /// SCAN: test namespaces are small.
+    pub async fn redis_keys(&self) -> Vec<String> {
+        let client = redis::Client::open(env_var("DIG_TEST_REDIS")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.servers.prefix))
+            .query_async(&mut conn)
             .await
             .unwrap();
         keys.sort();
@@ -779,7 +755,7 @@ impl Backends {
     /// index order: what a job has written so far, manifest or not.
     pub async fn shard_ensembles(&self, job: &str, sequence: &str) -> Vec<(u64, Ensemble)> {
         let dir = tempfile::tempdir().unwrap();
-        let prefix = format!("{}/jobs/{job}/shards/", self.prefix);
+        let prefix = format!("{}/jobs/{job}/shards/", self.servers.prefix);
         let mut out = Vec::new();
         for key in self.objects().await {
             let Some(name) = key.strip_prefix(&prefix) else {

@@ -41,7 +41,7 @@ pub fn digctl_path() -> PathBuf {
     };
     assert!(
         path.is_file(),
-        "{} is missing: run `cargo build -p digctl` (make test does)",
+        "{} is missing: run `cargo test --workspace --no-run` or `cargo build -p digctl` (make test does the first)",
         path.display()
     );
     path

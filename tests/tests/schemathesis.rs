@@ -6,8 +6,8 @@
 //! schema-valid request is accepted (`positive_data_acceptance`): the API
 //! rightly refuses requests the schema cannot rule out (features not
 //! uploaded, an empty sequence, a callback without a webhook secret), each
-//! with a documented 4xx. Afterwards the object store holds nothing that
-//! belongs to no job.
+//! with a documented 4xx. Afterwards neither the object store nor Redis
+//! holds anything that belongs to no job.
 
 use std::process::Command;
 
@@ -89,12 +89,48 @@ fn generated_requests_get_documented_answers_and_no_5xx_in_both_modes() {
             );
             let job = id.parse().unwrap();
             assert!(
-                rt.block_on(dig_common::progress::ProgressStore::get(&b.progress, job))
+                rt.block_on(dig_common::progress::ProgressStore::get(b.progress.as_ref(), job))
                     .unwrap()
                     .is_some(),
                 "{key} belongs to no job in the progress store"
             );
         }
+    }
+    // No Redis key without a job: every job's key family has the job's
+    // entry and spec, and every Idempotency-Key names a job that exists.
+    let keys = rt.block_on(b.redis_keys());
+    let ns = &d.namespace;
+    let client = redis::Client::open(std::env::var("DIG_TEST_REDIS").unwrap()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    for key in &keys {
+        let rest = &key[ns.len() + 1..];
+        let job = if let Some(r) = rest.strip_prefix("job:") {
+            r.split(':').next().unwrap().to_string()
+        } else if rest.starts_with("idem:") {
+            redis::cmd("GET")
+                .arg(key)
+                .query::<String>(&mut conn)
+                .unwrap()
+        } else {
+            continue;
+        };
+        // A batch's webhook is kept under its id, beside its record.
+        if objects
+            .iter()
+            .any(|k| k.ends_with(&format!("batches/{job}.json")))
+        {
+            continue;
+        }
+        assert!(
+            keys.contains(&format!("{ns}:job:{job}")),
+            "{key} belongs to no job in the progress store"
+        );
+        assert!(
+            objects
+                .iter()
+                .any(|k| k.ends_with(&format!("jobs/{job}/spec.json"))),
+            "{key} belongs to no job spec"
+        );
     }
     rt.block_on(d.cleanup());
 }

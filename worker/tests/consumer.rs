@@ -6,39 +6,27 @@
 //! failures cost no attempt and workers dying on a shard do. Servers come
 //! from `scripts/services.sh` (`make test` runs it).
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dig_common::job::{JobId, JobSpec, JobState, Priority};
-use dig_common::layout::ObjectLayout;
 use dig_common::progress::{ProgressStore, RedisProgress};
 use dig_common::queue::{RabbitQueue, ShardQueue};
-use dig_common::store::{open_store, FeatureStore, StoreConfig, StoreKind};
+use dig_common::store::FeatureStore;
 use dig_worker::consumer::{Worker, WorkerContext, WorkerSettings};
 use dig_worker::shard::ShardSampler;
-use futures::TryStreamExt;
 use object_store::{ObjectStore, PutPayload};
 use tch::Device;
 
-fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../model/tests/data")
-        .join(name)
-}
-
-fn env(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: run scripts/services.sh (make test does)"))
-}
+use dig_test_support::{fixture as data, Servers};
 
 struct Cluster {
     ctx: WorkerContext,
     rabbit: Arc<RabbitQueue>,
     redis: Arc<RedisProgress>,
-    prefix: String,
     cache: tempfile::TempDir,
+    servers: Servers,
 }
 
 /// A worker running in the test's runtime.
@@ -84,16 +72,8 @@ impl Running {
 }
 
 async fn cluster() -> Cluster {
-    let prefix = format!("test-{}", JobId::new());
-    let store = open_store(&StoreConfig {
-        kind: StoreKind::S3,
-        s3_endpoint: Some(env("DIG_TEST_S3_ENDPOINT")),
-        s3_bucket: Some(env("DIG_TEST_S3_BUCKET")),
-        prefix: prefix.clone(),
-        ..Default::default()
-    })
-    .unwrap();
-    let layout = ObjectLayout::new(&prefix);
+    let servers = Servers::fresh().await;
+    let (store, layout) = (servers.store.clone(), servers.layout.clone());
     let cache = tempfile::tempdir().unwrap();
     let features = Arc::new(
         FeatureStore::new(
@@ -104,16 +84,7 @@ async fn cluster() -> Cluster {
         )
         .unwrap(),
     );
-    let rabbit = Arc::new(
-        RabbitQueue::connect(&env("DIG_TEST_AMQP"), &prefix)
-            .await
-            .unwrap(),
-    );
-    let redis = Arc::new(
-        RedisProgress::connect(&env("DIG_TEST_REDIS"), &prefix)
-            .await
-            .unwrap(),
-    );
+    let (rabbit, redis) = (servers.queue.clone(), servers.progress.clone());
     let ctx = WorkerContext {
         queue: rabbit.clone(),
         store,
@@ -125,8 +96,8 @@ async fn cluster() -> Cluster {
         ctx,
         rabbit,
         redis,
-        prefix,
         cache,
+        servers,
     }
 }
 
@@ -141,17 +112,7 @@ impl Cluster {
         let bytes = std::fs::read(data("features.npz")).unwrap();
         let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(bytes))]);
         let feature = self.ctx.features.put_stream(body).await.unwrap();
-        for file in ["config.json", "model.safetensors"] {
-            let bytes = std::fs::read(data(file)).unwrap();
-            self.ctx
-                .store
-                .put(
-                    &self.ctx.layout.model_file("dig-small", file),
-                    PutPayload::from(bytes),
-                )
-                .await
-                .unwrap();
-        }
+        self.servers.upload_fixture_model().await;
         let spec = JobSpec {
             id: JobId::new(),
             tenant: "lab".into(),
@@ -237,20 +198,7 @@ impl Cluster {
     }
 
     async fn cleanup(self) {
-        self.rabbit.purge_and_delete().await.unwrap();
-        self.redis.delete_all().await.unwrap();
-        let prefix = object_store::path::Path::from(self.prefix.as_str());
-        let keys: Vec<_> = self
-            .ctx
-            .store
-            .list(Some(&prefix))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .unwrap();
-        for k in keys {
-            self.ctx.store.delete(&k).await.unwrap();
-        }
+        self.servers.cleanup().await;
     }
 }
 

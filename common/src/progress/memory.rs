@@ -61,21 +61,8 @@ impl Inner {
         }
         let entry = self.jobs.entry(spec.id).or_default();
         entry.progress = Some(JobProgress {
-            state: JobState::Queued,
-            tenant: spec.tenant.clone(),
-            num_shards: spec.num_shards(),
-            num_samples: spec.num_samples,
             shards_done: entry.done.len() as u64,
-            samples_done: 0,
-            shards_failed: 0,
-            error: None,
-            created_at: spec.created_at,
-            started_at: None,
-            finished_at: None,
-            samples_valid: Some(0),
-            solver: spec.solver,
-            steps: spec.steps.map(|s| s.max(0) as u64),
-            filter: spec.filter,
+            ..JobProgress::queued(spec)
         });
         if let Some(url) = &spec.callback_url {
             entry.webhook = Some((new_webhook(spec.id, url), None));
@@ -463,26 +450,18 @@ impl ProgressStore for MemoryProgress {
     ) -> Result<()> {
         let done: BTreeSet<u64> = done_shards.iter().copied().collect();
         let samples_done = done_samples(spec, &done)?;
-        let num_shards = spec.num_shards();
         let now = now_secs();
         let mut inner = self.lock();
         let entry = inner.jobs.entry(spec.id).or_default();
         entry.progress = Some(JobProgress {
             state,
-            tenant: spec.tenant.clone(),
-            num_shards,
-            num_samples: spec.num_samples,
             shards_done: done.len() as u64,
             samples_done,
-            shards_failed: 0,
             error: error.map(str::to_string),
-            created_at: spec.created_at,
             started_at: Some(now),
             finished_at: state.is_final().then_some(now),
             samples_valid,
-            solver: spec.solver,
-            steps: spec.steps.map(|s| s.max(0) as u64),
-            filter: spec.filter,
+            ..JobProgress::queued(spec)
         });
         entry.done = done;
         entry.failed.clear();

@@ -84,6 +84,29 @@ pub struct JobProgress {
     pub filter: Option<SampleFilter>,
 }
 
+impl JobProgress {
+    /// A new job's entry: queued, nothing done, the spec's settings.
+    pub fn queued(spec: &JobSpec) -> JobProgress {
+        JobProgress {
+            state: JobState::Queued,
+            tenant: spec.tenant.clone(),
+            num_shards: spec.num_shards(),
+            num_samples: spec.num_samples,
+            shards_done: 0,
+            samples_done: 0,
+            shards_failed: 0,
+            error: None,
+            created_at: spec.created_at,
+            started_at: None,
+            finished_at: None,
+            samples_valid: Some(0),
+            solver: spec.solver,
+            steps: spec.steps.map(|s| s.max(0) as u64),
+            filter: spec.filter,
+        }
+    }
+}
+
 /// The spec's sampling settings as progress-store fields (name, value).
 fn sampling_fields(spec: &JobSpec) -> Vec<(&'static str, String)> {
     let mut fields = vec![("solver", spec.solver.as_str().to_string())];

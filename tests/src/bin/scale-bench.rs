@@ -95,7 +95,10 @@ fn server_pids() -> Vec<(String, u32)> {
         ("rabbitmq", "beam.smp"),
         ("seaweedfs", "weed mini"),
     ] {
-        let o = Command::new("pgrep").args(["-f", pattern]).output().unwrap();
+        let o = Command::new("pgrep")
+            .args(["-f", pattern])
+            .output()
+            .unwrap();
         for pid in String::from_utf8_lossy(&o.stdout).lines() {
             if let Ok(pid) = pid.trim().parse() {
                 out.push((name.to_string(), pid));
@@ -162,7 +165,11 @@ fn post(c: &Cluster, key: &str, path: &str, body: &Value) -> (Duration, Value) {
     let t = Instant::now();
     let (status, text) = c.api_post(key, path, body);
     let took = t.elapsed();
-    assert!(status == 202, "POST {path}: {status} {}", &text[..text.len().min(2000)]);
+    assert!(
+        status == 202,
+        "POST {path}: {status} {}",
+        &text[..text.len().min(2000)]
+    );
     (took, serde_json::from_str(&text).unwrap())
 }
 
@@ -239,12 +246,7 @@ fn batches(
     let mut done = [None, None];
     let deadline = Instant::now() + Duration::from_secs(3600);
     while done.iter().any(Option::is_none) {
-        if activated.is_none()
-            && rt
-                .block_on(backends.queue.jobs_queue_depth())
-                .unwrap()
-                == 0
-        {
+        if activated.is_none() && rt.block_on(backends.queue.jobs_queue_depth()).unwrap() == 0 {
             activated = Some(start.elapsed());
         }
         for i in 0..2 {
@@ -411,7 +413,10 @@ fn big_job(c: &Cluster, pids: &[(String, u32)], samples: u64, shard: u64) {
         manifest.len()
     );
     let (status_read, _) = timed_get(c, &c.key_a, &format!("/v1/jobs/{job}"), 5);
-    println!("  GET /v1/jobs/{{id}}           median {}", secs(status_read));
+    println!(
+        "  GET /v1/jobs/{{id}}           median {}",
+        secs(status_read)
+    );
     print_memory(&peaks);
 
     // `digctl fetch`, killed once half the shards are in, then again.

@@ -1,0 +1,86 @@
+//! The command line's surface: every command is listed and has help, and a
+//! mistyped command gets clap's error naming it.
+//!
+//! Being an integration test of this package, it also makes `cargo test
+//! --workspace` build `target/debug/digctl` itself, with the same feature
+//! resolution as every other test target, so that `make test` builds the
+//! dependency graph once (a separate `cargo build -p digctl` resolves
+//! features for digctl alone and builds part of the graph a second time).
+
+use std::process::Command;
+
+const COMMANDS: [&str; 25] = [
+    "sample",
+    "evaluate",
+    "convert-checkpoint",
+    "demo-model",
+    "train",
+    "frames",
+    "features",
+    "bench-fidelity",
+    "bench",
+    "api",
+    "coordinator",
+    "worker",
+    "standalone",
+    "upload-model",
+    "reconcile",
+    "api-key",
+    "upload-features",
+    "submit",
+    "status",
+    "wait",
+    "fetch",
+    "cancel",
+    "jobs",
+    "batch",
+    "models",
+];
+
+fn digctl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_digctl"))
+        .args(args)
+        .output()
+        .expect("run digctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn every_command_is_listed_and_has_help() {
+    let (ok, help, _) = digctl(&["--help"]);
+    assert!(ok);
+    let listed: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert_eq!(listed, COMMANDS);
+    for c in COMMANDS {
+        let (ok, text, err) = digctl(&[c, "--help"]);
+        assert!(ok, "digctl {c} --help: {err}");
+        assert!(text.contains(&format!("Usage: digctl {c}")), "{c}: {text}");
+    }
+    let (ok, version, _) = digctl(&["--version"]);
+    assert!(ok);
+    assert_eq!(
+        version.trim(),
+        format!("digctl {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn a_mistyped_command_is_named_with_a_suggestion() {
+    let (ok, _, err) = digctl(&["sumbit"]);
+    assert!(!ok);
+    assert!(
+        err.contains("unrecognized subcommand 'sumbit'") && err.contains("submit"),
+        "{err}"
+    );
+}
