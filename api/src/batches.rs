@@ -390,7 +390,11 @@ async fn create(st: &ApiState, batch: &BatchRecord, specs: &[JobSpec]) -> ApiRes
     let mut written = Vec::new();
     let result = create_steps(st, batch, specs, &mut written).await;
     if let Err(e) = result {
-        tracing::error!(batch = %batch.id, error = %e.detail, "batch submission failed; undoing it");
+        if e.refused.is_some() {
+            tracing::info!(batch = %batch.id, reason = %e.detail, "batch refused by the tenant's caps; undoing it");
+        } else {
+            tracing::error!(batch = %batch.id, error = %e.detail, "batch submission failed; undoing it");
+        }
         undo(st, batch, specs, &written).await;
         return Err(match (e.refused, e.unavailable) {
             (Some(refused), _) => batch_limit_error(&batch.tenant, specs.len(), refused),

@@ -135,7 +135,9 @@ pub struct ApiSection {
     pub max_shard_size: u64,
     /// Longest a request may take until its response starts (reading its
     /// body included; a slow or stalled client gets 408). Feature uploads
-    /// are exempt (they are large); streamed responses are not cut.
+    /// are exempt (they are large); streamed responses are not cut. Also
+    /// the deadline for a request's headers (and for the next request on
+    /// an idle connection): a client that trickles them is disconnected.
     pub request_timeout_secs: u64,
     /// Model of jobs that name none.
     pub default_model: String,

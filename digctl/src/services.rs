@@ -244,7 +244,7 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
-async fn serve_api(state: ApiState, listen: &str, mut stop: watch::Receiver<bool>) -> Result<()> {
+async fn serve_api(state: ApiState, listen: &str, stop: watch::Receiver<bool>) -> Result<()> {
     let addr: SocketAddr = listen
         .parse()
         .with_context(|| format!("api.listen: {listen:?} is not an address like 127.0.0.1:8080"))?;
@@ -253,13 +253,53 @@ async fn serve_api(state: ApiState, listen: &str, mut stop: watch::Receiver<bool
         .with_context(|| format!("cannot listen on {addr}"))?;
     info!("API listening on http://{}", listener.local_addr()?);
     // One registry per process: standalone's coordinator and worker metrics too.
+    let header_timeout = state.limits.request_timeout;
     let app = dig_api::router(state).merge(crate::metrics_http::routes());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await?;
+    serve_http(listener, app, header_timeout, stop).await;
     Ok(())
+}
+
+/// Serves `app` on `listener` until `stop`, as `axum::serve` with graceful
+/// shutdown does, plus a deadline for each request's headers: hyper's
+/// `header_read_timeout`, which needs a timer that `axum::serve` does not
+/// give it. A client that trickles its headers (slowloris) or leaves a
+/// kept-alive connection idle is disconnected after `header_timeout`; the
+/// router's request timeout bounds the rest of a request.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: back off, do not spin.
+                    warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// How often the coordinator reads the cluster-wide figures of its metrics

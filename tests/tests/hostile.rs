@@ -2,7 +2,8 @@
 //! as `digctl api`): identifiers built to escape the object store (path
 //! traversal, encoded separators, NUL, odd characters, huge values) on
 //! every route that takes one, bodies past the size limits, a client that
-//! stalls mid-body, and one tenant reaching for another's job. Each gets a
+//! stalls mid-body or trickles its headers, and one tenant reaching for
+//! another's job. Each gets a
 //! 4xx with a JSON error naming the problem, never a 5xx, and the store
 //! holds nothing but what the well-formed requests made.
 
@@ -144,6 +145,33 @@ fn hostile_identifiers_bodies_and_clients_get_4xx_and_touch_nothing() {
     assert_eq!(status, 408, "{body}");
     assert_eq!(error_code(&body), "request_timeout");
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+
+    // A client that trickles its headers (slowloris), and one that opens
+    // a connection and sends nothing: both disconnected after the same 2 s
+    // (the header deadline), not held open.
+    let addr = c.api_url.trim_start_matches("http://");
+    for start in [&b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Slow: "[..], b""] {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(start).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let t = Instant::now();
+        let mut reply = Vec::new();
+        let read = s.read_to_end(&mut reply);
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(
+            match &read {
+                Ok(_) => reply.is_empty() || reply.starts_with("HTTP/1.1 408"),
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            },
+            "{start:?}: {read:?} {reply:?} after {:?}",
+            t.elapsed()
+        );
+        assert!(
+            t.elapsed() >= Duration::from_secs(1) && t.elapsed() < Duration::from_secs(20),
+            "{start:?}: closed after {:?}",
+            t.elapsed()
+        );
+    }
 
     // Another tenant's job does not exist for this one, whatever the route.
     for route in [
@@ -298,7 +326,7 @@ fn odd_characters_in_data_dir_and_out_paths_are_taken_literally() {
     drop(svc);
 
     // Nothing was made anywhere else: only the two odd directories, the
-    // keys file and the logs sit beside each other, and no `$HOME` or
+    // keys file, the spool and the logs sit beside each other, and no `$HOME` or
     // glob was expanded into another name.
     let top: Vec<String> = std::fs::read_dir(c.dir.path())
         .unwrap()
@@ -307,7 +335,13 @@ fn odd_characters_in_data_dir_and_out_paths_are_taken_literally() {
         .collect();
     let mut top = top;
     top.sort();
-    let mut want = vec![ODD.to_string(), format!("{ODD} out"), "api-keys".into()];
+    // (`spool`: the uploads' spool directory every test deployment sets.)
+    let mut want = vec![
+        ODD.to_string(),
+        format!("{ODD} out"),
+        "api-keys".into(),
+        "spool".into(),
+    ];
     want.sort();
     assert_eq!(top, want);
     let data = tree(&c.dir.path().join(ODD));

@@ -89,9 +89,12 @@ fn generated_requests_get_documented_answers_and_no_5xx_in_both_modes() {
             );
             let job = id.parse().unwrap();
             assert!(
-                rt.block_on(dig_common::progress::ProgressStore::get(b.progress.as_ref(), job))
-                    .unwrap()
-                    .is_some(),
+                rt.block_on(dig_common::progress::ProgressStore::get(
+                    b.progress.as_ref(),
+                    job
+                ))
+                .unwrap()
+                .is_some(),
                 "{key} belongs to no job in the progress store"
             );
         }
