@@ -23,14 +23,15 @@ struct Args {
     /// Jobs in the batch.
     #[arg(long, default_value_t = 40)]
     jobs: usize,
-    /// Samples per job.
-    #[arg(long, default_value_t = 40)]
+    /// Samples per job (the defaults keep the batch busy for about ten
+    /// minutes on two cores under faults).
+    #[arg(long, default_value_t = 300)]
     samples: u64,
     /// Samples per shard (a multiple of 5).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 20)]
     shard_size: u64,
     /// Diffusion steps per sample.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 100)]
     steps: u64,
     /// Worker processes.
     #[arg(long, default_value_t = 3)]
@@ -38,6 +39,10 @@ struct Args {
     /// Seed of the fault schedule (default: the clock).
     #[arg(long)]
     seed: Option<u64>,
+    /// Attempts a shard gets (`worker.max_attempts`; production default 3,
+    /// too few for a worker SIGKILL every few seconds).
+    #[arg(long, default_value_t = 20)]
+    max_attempts: u32,
     /// Longest pause between faults, in seconds (the shortest is 0.5).
     #[arg(long, default_value_t = 6.0)]
     max_gap: f64,
@@ -63,7 +68,14 @@ fn main() {
             Duration::from_millis(500),
             Duration::from_secs_f64(a.max_gap.max(0.5)),
         ),
+        max_attempts: a.max_attempts,
     });
     print!("{}", report.table());
+    if report.faults.last().is_some_and(|f| f.at.as_secs_f64() < a.minutes * 60.0 - 60.0) {
+        println!(
+            "note: the batch finished before the {} min window ended; more --jobs or --samples keep faults coming longer",
+            a.minutes
+        );
+    }
     println!("seed {seed} (--seed {seed} repeats the schedule)");
 }

@@ -165,6 +165,48 @@ fn print_memory(peaks: &BTreeMap<String, u64>) {
     }
 }
 
+/// The longest commands in Redis's SLOWLOG (over 10 ms) since its reset.
+fn print_slowest(redis: &mut redis::Connection) {
+    let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(1000)
+        .query(redis)
+        .unwrap();
+    let mut slow: Vec<(u64, String)> = entries
+        .iter()
+        .filter_map(|e| {
+            let redis::Value::Array(fields) = e else {
+                return None;
+            };
+            let micros = match fields.get(2)? {
+                redis::Value::Int(us) => *us as u64,
+                _ => return None,
+            };
+            let command = match fields.get(3)? {
+                redis::Value::Array(args) => args
+                    .iter()
+                    .take(4)
+                    .map(|a| match a {
+                        redis::Value::BulkString(b) => String::from_utf8_lossy(b)
+                            .chars()
+                            .take(24)
+                            .collect::<String>(),
+                        other => format!("{other:?}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                _ => String::new(),
+            };
+            Some((micros, command))
+        })
+        .collect();
+    slow.sort_by(|a, b| b.0.cmp(&a.0));
+    println!("  Redis commands over 10 ms: {}", slow.len());
+    for (us, command) in slow.iter().take(3) {
+        println!("    {:.1} ms  {command}", *us as f64 / 1000.0);
+    }
+}
+
 fn post(c: &Cluster, key: &str, path: &str, body: &Value) -> (Duration, Value) {
     let t = Instant::now();
     let (status, text) = c.api_post(key, path, body);
@@ -221,6 +263,9 @@ fn batches(
     let (body_a, body_b) = (batch_body(&sha_a, "scale-a"), batch_body(&sha_b, "scale-b"));
     let mut redis = redis_conn();
     let redis_before = redis_used_memory(&mut redis);
+    // Redis runs one command at a time: the longest (SLOWLOG keeps those
+    // over 10 ms) is how long every other client waited at worst.
+    let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut redis).unwrap();
     let probe = Probe::start(pids.to_vec());
     let start = Instant::now();
     let (took_a, sub_a) = post(c, &c.key_a, "/v1/batches", &body_a);
@@ -353,6 +398,7 @@ fn batches(
         mib(redis_used_memory(&mut redis))
     );
     print_memory(&peaks);
+    print_slowest(&mut redis);
 }
 
 fn big_job(c: &Cluster, pids: &[(String, u32)], samples: u64, shard: u64) {
