@@ -172,6 +172,18 @@ impl Follow {
 /// Follows a job as Server-Sent Events until it is final: `progress` (the
 /// job view) whenever its state or counters change, `state` on each state
 /// change, and `end` (the final view), after which the stream closes.
+/// One event of the stream (the schema of each, not of the stream).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // a schema only: events are written as text
+pub(crate) struct SseEvent {
+    /// `progress`, `state`, `end` or `error`.
+    event: String,
+    /// The event's number in this stream, from 1.
+    id: Option<String>,
+    /// The event's JSON (see the response's description).
+    data: String,
+}
+
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/events",
@@ -184,7 +196,7 @@ impl Follow {
             stream closes; `error` (`{error: {code, message}}`) if the job cannot be followed. \
             Comment lines keep an idle stream alive. A stream closed without `end` is no answer: \
             reconnect or poll `GET /v1/jobs/{id}`.",
-            body = String, content_type = "text/event-stream"),
+            body = SseEvent, content_type = "text/event-stream"),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
         (status = 404, description = "No such job of this tenant", body = ErrorBody),
     ),

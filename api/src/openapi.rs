@@ -27,11 +27,45 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub(crate) async fn openapi_json() -> impl IntoResponse {
     static DOC: OnceLock<Bytes> = OnceLock::new();
     let doc = DOC.get_or_init(|| {
-        serde_json::to_vec(&openapi())
-            .expect("the OpenAPI document serializes")
-            .into()
+        let mut doc = serde_json::to_value(openapi()).expect("the OpenAPI document serializes");
+        camel_case_links(&mut doc);
+        serde_json::to_vec(&doc).expect("JSON").into()
     });
     ([(header::CONTENT_TYPE, "application/json")], doc.clone())
+}
+
+/// utoipa 5.5 writes a Link object's `operationId` and `operationRef` in
+/// snake case (its `Link` lacks the camel-case renaming its other types
+/// have): renamed here, in every response's links, as OpenAPI spells them.
+fn camel_case_links(doc: &mut serde_json::Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for item in paths.values_mut().filter_map(|i| i.as_object_mut()) {
+        for operation in item.values_mut() {
+            let Some(responses) = operation
+                .get_mut("responses")
+                .and_then(|r| r.as_object_mut())
+            else {
+                continue;
+            };
+            for response in responses.values_mut() {
+                let Some(links) = response.get_mut("links").and_then(|l| l.as_object_mut()) else {
+                    continue;
+                };
+                for link in links.values_mut().filter_map(|l| l.as_object_mut()) {
+                    for (from, to) in [
+                        ("operation_id", "operationId"),
+                        ("operation_ref", "operationRef"),
+                    ] {
+                        if let Some(v) = link.remove(from) {
+                            link.insert(to.to_string(), v);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[derive(OpenApi)]
@@ -64,7 +98,7 @@ pub(crate) async fn openapi_json() -> impl IntoResponse {
         crate::results::get_shard,
     ),
     components(schemas(ErrorBody, ErrorDetail, JobStateSchema, PrioritySchema, WebhookStateSchema)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &Links),
     tags(
         (name = "service", description = "Health, readiness and this document"),
         (name = "features", description = "Protein features"),
@@ -91,6 +125,68 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// OpenAPI links from a submission's answer to what a client does next
+/// with the id it got: read, cancel and fetch a job; read and cancel a
+/// batch. Clients can follow them, and Schemathesis's stateful phase chains
+/// these calls on the ids the API really made.
+struct Links;
+
+impl Modify for Links {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::link::LinkBuilder;
+        use utoipa::openapi::RefOr;
+        // (link name, operation id, description) per submission route.
+        type Targets = &'static [(&'static str, &'static str, &'static str)];
+        let links: [(&str, Targets); 2] = [
+            (
+                "/v1/jobs",
+                &[
+                    ("GetJob", "get_job", "The submitted job"),
+                    ("CancelJob", "cancel_job", "Cancel the submitted job"),
+                    (
+                        "GetResults",
+                        "get_results",
+                        "The submitted job's results manifest",
+                    ),
+                ],
+            ),
+            (
+                "/v1/batches",
+                &[
+                    ("GetBatch", "get_batch", "The submitted batch"),
+                    ("CancelBatch", "cancel_batch", "Cancel the submitted batch"),
+                ],
+            ),
+        ];
+        for (path, targets) in links {
+            let Some(item) = doc.paths.paths.get_mut(path) else {
+                continue;
+            };
+            let Some(post) = item.post.as_mut() else {
+                continue;
+            };
+            // 202: a new job or batch; 200: the one an Idempotency-Key names.
+            for status in ["202", "200"] {
+                let Some(RefOr::T(response)) = post.responses.responses.get_mut(status) else {
+                    continue;
+                };
+                for (name, operation, description) in targets {
+                    response.links.insert(
+                        name.to_string(),
+                        RefOr::T(
+                            LinkBuilder::new()
+                                .operation_id(*operation)
+                                .parameter("id", "$response.body#/id")
+                                .description(*description)
+                                .build(),
+                        ),
+                    );
+                }
+            }
+        }
     }
 }
 

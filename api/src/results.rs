@@ -42,7 +42,8 @@ const XTC_TYPE: &str = "application/octet-stream";
     responses(
         (status = 200, description = "The manifest", body = ManifestSchema),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
-        (status = 404, description = "No such job of this tenant, or it is not finished yet", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant", body = ErrorBody),
+        (status = 409, description = "The job is not finished yet (code `not_finished`); its finished shards are at `/v1/jobs/{id}/results/{shard}`", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -91,10 +92,15 @@ pub(crate) async fn get_results(
             serde_json::to_value(partial_manifest(&st, job).await?).map_err(ApiError::internal)?
         }
         JobState::Queued | JobState::Running => {
-            return Err(ApiError::not_found(format!(
-                "job {job} is not finished yet; its finished shards are at \
-                 /v1/jobs/{job}/results/{{shard}}"
-            )))
+            // 409, not 404: the job exists; its results do not yet.
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "not_finished",
+                format!(
+                    "job {job} is not finished yet; its finished shards are at \
+                     /v1/jobs/{job}/results/{{shard}}"
+                ),
+            ));
         }
     };
     Ok(axum::Json(manifest).into_response())
@@ -432,7 +438,8 @@ pub(crate) async fn get_shard(
     responses(
         (status = 200, description = "Every sample of the job, in order", body = String, content_type = "chemical/x-pdb"),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
-        (status = 404, description = "No such job of this tenant, or it has not succeeded yet", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant", body = ErrorBody),
+        (status = 409, description = "The job has not succeeded (yet): code `not_succeeded`; the message gives its state", body = ErrorBody),
         (status = 422, description = "The job does not fit a PDB file (more than 9999 samples or residues, or unknown residues)", body = ErrorBody),
         (status = 500, description = "A shard of the job is missing from the object store (code `results_incomplete`)", body = ErrorBody),
     ),
@@ -493,7 +500,8 @@ pub(crate) async fn get_results_pdb(
             (inline(BinarySchema) = "application/octet-stream"),
         )),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
-        (status = 404, description = "No such job of this tenant, or it has not succeeded yet", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant", body = ErrorBody),
+        (status = 409, description = "The job has not succeeded (yet): code `not_succeeded`; the message gives its state", body = ErrorBody),
         (status = 500, description = "A shard of the job is missing from the object store (code `results_incomplete`)", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -541,7 +549,8 @@ pub(crate) async fn get_results_xtc(
     responses(
         (status = 200, description = "The atoms of every frame of results.xtc", body = String, content_type = "chemical/x-pdb"),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
-        (status = 404, description = "No such job of this tenant, or it has not succeeded yet", body = ErrorBody),
+        (status = 404, description = "No such job of this tenant", body = ErrorBody),
+        (status = 409, description = "The job has not succeeded (yet): code `not_succeeded`; the message gives its state", body = ErrorBody),
         (status = 422, description = "The protein does not fit a PDB file (more than 9999 residues, or unknown residues)", body = ErrorBody),
         (status = 500, description = "The job's first shard is missing from the object store (code `results_incomplete`)", body = ErrorBody),
     ),
@@ -630,11 +639,19 @@ impl Selection {
 }
 
 /// The spec of `id` if it is a job of `tenant` that has succeeded, and the
-/// selection its result is; 404 otherwise (as for a job of another tenant).
+/// selection its result is; 404 for no job of `tenant`, 409 for a job that
+/// has not succeeded.
 async fn succeeded_job(st: &Shared, tenant: &str, id: &str) -> ApiResult<(JobSpec, Selection)> {
     let (job, p) = owned_job(st, tenant, id).await?;
     if p.state != JobState::Succeeded {
-        return Err(ApiError::not_found("job has not succeeded yet"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_succeeded",
+            format!(
+                "job {job} has not succeeded (it is {})",
+                format!("{:?}", p.state).to_lowercase()
+            ),
+        ));
     }
     let spec = job_spec(st, job).await?;
     if spec.filter.is_none() {

@@ -396,7 +396,8 @@ async fn job_submission_is_stored_tracked_and_queued_once() {
             Body::empty(),
         )
         .await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(v["error"]["code"], "not_finished");
     assert!(message(&v).contains("is not finished yet"), "{v}");
 
     // Another tenant sees nothing of it.
@@ -1039,10 +1040,10 @@ async fn pdb_results_of_a_succeeded_job() {
     // The whole job: not before it succeeded.
     let uri = format!("/v1/jobs/{id}/results.pdb");
     let (s, _, b) = c.fetch(&uri, Some(&c.key_a)).await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
-    assert!(String::from_utf8(b.unwrap())
-        .unwrap()
-        .contains("not succeeded"));
+    assert_eq!(s, StatusCode::CONFLICT);
+    let v: Value = serde_json::from_slice(&b.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "not_succeeded");
+    assert!(message(&v).contains("has not succeeded (it is"), "{v}");
     c.redis
         .set_state(id, JobState::Succeeded, None)
         .await
@@ -1230,10 +1231,13 @@ async fn xtc_results_and_topology_of_a_succeeded_job() {
         .unwrap();
     for uri in [&xtc, &top] {
         let (s, _, b) = c.fetch(uri, Some(&c.key_a)).await;
-        assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
-        assert!(String::from_utf8(b.unwrap())
-            .unwrap()
-            .contains("not succeeded"));
+        assert_eq!(s, StatusCode::CONFLICT, "{uri}");
+        let v: Value = serde_json::from_slice(&b.unwrap()).unwrap();
+        assert_eq!(v["error"]["code"], "not_succeeded");
+        assert!(
+            message(&v).contains("has not succeeded (it is running)"),
+            "{v}"
+        );
     }
     c.redis
         .set_state(id, JobState::Succeeded, None)

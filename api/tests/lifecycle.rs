@@ -817,7 +817,7 @@ async fn cancelled_and_failed_jobs_list_their_finished_shards() {
         .unwrap();
     let uri = format!("/v1/jobs/{id}/results");
     let (s, v) = c.json("GET", &uri, Some(&c.key_a), None).await;
-    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
     assert!(message(&v).contains("not finished yet"), "{v}");
 
     let (s, _) = c

@@ -6,17 +6,22 @@
 //! schema-valid request is accepted (`positive_data_acceptance`): the API
 //! rightly refuses requests the schema cannot rule out (features not
 //! uploaded, an empty sequence, a callback without a webhook secret), each
-//! with a documented 4xx. Afterwards neither the object store nor Redis
-//! holds anything that belongs to no job.
+//! with a documented 4xx. The stateful phase follows the document's links
+//! (submit, then read, cancel, fetch) on the jobs and batches the API made;
+//! `tests/schemathesis_hooks.py` gives the cases meant to be valid the
+//! features the test uploaded, so that submissions succeed. Afterwards
+//! neither the object store nor Redis holds anything that belongs to no job.
 
 use std::process::Command;
 
 use dig_tests::cluster::Cluster;
 use dig_tests::repo_root;
 
-/// Runs Schemathesis against `c`'s API as `key`; the number of generated
-/// cases. Panics with its report unless every check passed.
-fn schemathesis(c: &Cluster, key: &str, seed: &str) -> u64 {
+/// Runs Schemathesis against `c`'s API as `key`: the number of generated
+/// cases and of the API links its stateful phase followed. Panics with its
+/// report unless every check passed.
+fn schemathesis(c: &Cluster, key: &str, seed: &str) -> (u64, u64) {
+    let features = c.upload_features(key);
     let out = Command::new(repo_root().join(".venv/bin/schemathesis"))
         .args([
             "run",
@@ -33,7 +38,11 @@ fn schemathesis(c: &Cluster, key: &str, seed: &str) -> u64 {
             "positive_data_acceptance",
             "--no-color",
         ])
-        .env("SCHEMATHESIS_HOOKS", "")
+        // Submissions made usable, so that the stateful phase follows the
+        // links from them (tests/schemathesis_hooks.py).
+        .env("SCHEMATHESIS_HOOKS", "schemathesis_hooks")
+        .env("PYTHONPATH", repo_root().join("tests"))
+        .env("DIG_SCHEMATHESIS_FEATURES", &features)
         .output()
         .expect("schemathesis in .venv (requirements-dev.txt; make test installs it)");
     let report = String::from_utf8_lossy(&out.stdout).to_string();
@@ -53,18 +62,33 @@ fn schemathesis(c: &Cluster, key: &str, seed: &str) -> u64 {
         "not every case passed: {line}"
     );
     eprintln!("schemathesis: {}", line.trim());
-    generated
+    // "     API Links:    30 covered / 84 selected / 84 total (74 inferred)"
+    let links = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("API Links:"))
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no stateful phase in:\n{report}"));
+    eprintln!("schemathesis: {links} API links followed in the stateful phase");
+    (generated, links)
 }
 
 #[test]
 fn generated_requests_get_documented_answers_and_no_5xx_in_both_modes() {
     let (c, _svc) = Cluster::standalone("schemathesis");
-    let standalone = schemathesis(&c, &c.key_a, "1");
+    let (standalone, links_a) = schemathesis(&c, &c.key_a, "1");
 
-    let d = Cluster::distributed("schemathesis");
+    // A coordinator and a worker too: the jobs the stateful phase submits
+    // finish (1-3 samples of 1 step), so their event streams end.
+    let mut d = Cluster::distributed("schemathesis");
     d.upload_model();
     let _api = d.start_api();
-    let distributed = schemathesis(&d, &d.key_b, "2");
+    let _coordinator = d.start_coordinator();
+    let _worker = d.start_worker();
+    let (distributed, links_b) = schemathesis(&d, &d.key_b, "2");
+    assert!(
+        links_a > 0 && links_b > 0,
+        "the stateful phase followed no link ({links_a}, {links_b})"
+    );
     assert!(
         standalone + distributed >= 1000,
         "{standalone} + {distributed} cases"

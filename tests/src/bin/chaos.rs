@@ -71,7 +71,11 @@ fn main() {
         max_attempts: a.max_attempts,
     });
     print!("{}", report.table());
-    if report.faults.last().is_some_and(|f| f.at.as_secs_f64() < a.minutes * 60.0 - 60.0) {
+    if report
+        .faults
+        .last()
+        .is_some_and(|f| f.at.as_secs_f64() < a.minutes * 60.0 - 60.0)
+    {
         println!(
             "note: the batch finished before the {} min window ended; more --jobs or --samples keep faults coming longer",
             a.minutes

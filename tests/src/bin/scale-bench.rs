@@ -200,7 +200,7 @@ fn print_slowest(redis: &mut redis::Connection) {
             Some((micros, command))
         })
         .collect();
-    slow.sort_by(|a, b| b.0.cmp(&a.0));
+    slow.sort_by_key(|s| std::cmp::Reverse(s.0));
     println!("  Redis commands over 10 ms: {}", slow.len());
     for (us, command) in slow.iter().take(3) {
         println!("    {:.1} ms  {command}", *us as f64 / 1000.0);
@@ -265,7 +265,10 @@ fn batches(
     let redis_before = redis_used_memory(&mut redis);
     // Redis runs one command at a time: the longest (SLOWLOG keeps those
     // over 10 ms) is how long every other client waited at worst.
-    let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut redis).unwrap();
+    let _: () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query(&mut redis)
+        .unwrap();
     let probe = Probe::start(pids.to_vec());
     let start = Instant::now();
     let (took_a, sub_a) = post(c, &c.key_a, "/v1/batches", &body_a);
