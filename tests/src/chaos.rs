@@ -550,19 +550,7 @@ pub fn run(opts: &ChaosOptions) -> ChaosReport {
     // services stop (SIGTERM) and the depths are read again.
     rt.block_on(async {
         let b = c.backends().await;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let shards = b.queue.shard_queue_depth().await.unwrap();
-            let jobs_q = b.queue.jobs_queue_depth().await.unwrap();
-            if shards == 0 && jobs_q == 0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "chaos: {shards} shard and {jobs_q} job messages stay queued"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        b.wait_queues_drained(Duration::from_secs(120)).await;
     });
     let Fleet {
         apis,

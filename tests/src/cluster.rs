@@ -747,6 +747,26 @@ impl Backends {
         keys
     }
 
+    /// Waits (at most `within`) until the shards and jobs queues hold no
+    /// ready message: every job id taken by a coordinator, every shard by a
+    /// worker.
+    pub async fn wait_queues_drained(&self, within: Duration) {
+        use dig_common::queue::ShardQueue;
+        let deadline = Instant::now() + within;
+        loop {
+            let shards = self.queue.shard_queue_depth().await.unwrap();
+            let jobs = self.queue.jobs_queue_depth().await.unwrap();
+            if shards == 0 && jobs == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{shards} shard and {jobs} job messages stay queued after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn workers(&self) -> Vec<WorkerHeartbeat> {
         self.progress.workers().await.unwrap()
     }

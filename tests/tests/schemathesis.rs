@@ -10,7 +10,8 @@
 //! (submit, then read, cancel, fetch) on the jobs and batches the API made;
 //! `tests/schemathesis_hooks.py` gives the cases meant to be valid the
 //! features the test uploaded, so that submissions succeed. Afterwards
-//! neither the object store nor Redis holds anything that belongs to no job.
+//! neither the object store, nor Redis, nor the queues hold anything that
+//! belongs to no job.
 
 use std::process::Command;
 
@@ -101,6 +102,15 @@ fn generated_requests_get_documented_answers_and_no_5xx_in_both_modes() {
         .build()
         .unwrap();
     let b = rt.block_on(d.backends());
+    // No message without a job: the coordinator took every job id and the
+    // worker every shard (a cancelled job's shards are skipped and acked),
+    // and nothing was parked.
+    rt.block_on(async {
+        use dig_common::queue::ShardQueue;
+        b.wait_queues_drained(std::time::Duration::from_secs(120))
+            .await;
+        assert_eq!(b.queue.parked_depth().await.unwrap(), 0, "parked shards");
+    });
     let objects = rt.block_on(b.objects());
     for key in &objects {
         if let Some(rest) = key.split("/jobs/").nth(1) {
