@@ -20,7 +20,7 @@ use dig_model::pipeline::{sample_ensemble, InitialPoses};
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
 use dig_model::{DigModel, Sampler, Schedule};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::{ObjectStore, PutPayload};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -37,7 +37,6 @@ struct Ctx {
     redis: Arc<RedisProgress>,
     store: Arc<dyn ObjectStore>,
     layout: ObjectLayout,
-    prefix: String,
     key_a: String,
     key_b: String,
     _tmp: tempfile::TempDir,
@@ -56,11 +55,7 @@ async fn ctx_with_limit(max_bytes: u64) -> Ctx {
 async fn ctx_with(max_bytes: u64, tweak: impl FnOnce(&mut ApiState)) -> Ctx {
     let servers = Servers::fresh().await;
     servers.upload_fixture_model().await;
-    let (prefix, store, layout) = (
-        servers.prefix.clone(),
-        servers.store.clone(),
-        servers.layout.clone(),
-    );
+    let (store, layout) = (servers.store.clone(), servers.layout.clone());
     let (queue, redis) = (servers.queue.clone(), servers.progress.clone());
     let tmp = tempfile::tempdir().unwrap();
     let features = Arc::new(
@@ -101,7 +96,6 @@ async fn ctx_with(max_bytes: u64, tweak: impl FnOnce(&mut ApiState)) -> Ctx {
         redis,
         store,
         layout,
-        prefix,
         key_a,
         key_b,
         _tmp: tmp,
@@ -238,13 +232,7 @@ impl Ctx {
     }
 
     async fn keys_under(&self, dir: &str) -> Vec<String> {
-        let p = object_store::path::Path::from(format!("{}/{dir}", self.prefix));
-        self.store
-            .list(Some(&p))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .unwrap()
+        self.servers.objects_under(dir).await
     }
 
     async fn cleanup(self) {

@@ -17,7 +17,7 @@ use dig_common::job::{JobId, JobSpec, JobState};
 use dig_common::layout::ObjectLayout;
 use dig_common::progress::{ProgressStore, RedisProgress, TenantUsage};
 use dig_common::store::FeatureStore;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use object_store::{ObjectStore, PutPayload};
 use serde_json::{json, Value};
@@ -36,7 +36,6 @@ struct Ctx {
     redis: Arc<RedisProgress>,
     store: Arc<dyn ObjectStore>,
     layout: ObjectLayout,
-    prefix: String,
     key_a: String,
     key_b: String,
     secrets: WebhookSecrets,
@@ -51,11 +50,7 @@ struct Ctx {
 async fn ctx_with(tweak: impl FnOnce(&mut Limits)) -> Ctx {
     let servers = Servers::fresh().await;
     servers.upload_fixture_model().await;
-    let (prefix, store, layout) = (
-        servers.prefix.clone(),
-        servers.store.clone(),
-        servers.layout.clone(),
-    );
+    let (store, layout) = (servers.store.clone(), servers.layout.clone());
     let (queue, redis) = (servers.queue.clone(), servers.progress.clone());
     let tmp = tempfile::tempdir().unwrap();
     let features = Arc::new(
@@ -96,7 +91,6 @@ async fn ctx_with(tweak: impl FnOnce(&mut Limits)) -> Ctx {
         redis,
         store,
         layout,
-        prefix,
         key_a,
         key_b,
         secrets,
@@ -197,16 +191,7 @@ impl Ctx {
     }
 
     async fn keys_under(&self, dir: &str) -> Vec<String> {
-        let p = object_store::path::Path::from(format!("{}/{dir}", self.prefix));
-        let mut keys: Vec<String> = self
-            .store
-            .list(Some(&p))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .unwrap();
-        keys.sort();
-        keys
+        self.servers.objects_under(dir).await
     }
 
     fn deliverer(&self, settings: WebhookSettings) -> Deliverer {

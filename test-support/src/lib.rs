@@ -95,7 +95,12 @@ impl Servers {
 
     /// Every object key of the namespace, sorted.
     pub async fn objects(&self) -> Vec<String> {
-        let prefix = object_store::path::Path::from(self.prefix.as_str());
+        self.objects_under("").await
+    }
+
+    /// The object keys under `dir` of the namespace (e.g. `jobs/{id}`), sorted.
+    pub async fn objects_under(&self, dir: &str) -> Vec<String> {
+        let prefix = object_store::path::Path::from(format!("{}/{dir}", self.prefix));
         let mut keys: Vec<String> = self
             .store
             .list(Some(&prefix))

@@ -17,8 +17,6 @@
 //! `make test` runs a short version (`tests/tests/chaos.rs`); `make chaos`
 //! a longer one (`target/release/chaos --help`).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use dig_common::job::JobId;
@@ -31,7 +29,8 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use crate::cluster::{
-    assert_same_samples, free_port, local_sample, Cluster, Outage, Service, SEQUENCE,
+    assert_same_samples, free_port, http_get_within, local_sample, Cluster, Outage, Service,
+    SEQUENCE,
 };
 
 /// What to run and for how long.
@@ -230,18 +229,7 @@ fn start_api(c: &Cluster, name: &str, port: u16) -> (Service, String) {
 /// `GET path` on `addr` as `key`'s tenant: status and body; `None` when
 /// nothing answers within 10 s.
 fn get(addr: &str, key: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\r\n"
-    )
-    .ok()?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).ok()?;
-    let code = reply.split_whitespace().nth(1)?.parse().ok()?;
-    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Some((code, body.to_string()))
+    http_get_within(addr, Some(key), path, Duration::from_secs(10))
 }
 
 fn ready(addr: &str) -> bool {

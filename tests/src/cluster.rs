@@ -375,20 +375,11 @@ impl Cluster {
     /// answer. A plain HTTP request, like [`Cluster::status`].
     pub fn try_status(&self, key: &str, job: &str) -> Option<serde_json::Value> {
         let addr = self.api_url.trim_start_matches("http://");
-        let mut s = TcpStream::connect(addr).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
-        write!(
-            s,
-            "GET /v1/jobs/{job} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\r\n"
-        )
-        .ok()?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).ok()?;
-        let (head, body) = reply.split_once("\r\n\r\n")?;
-        if head.split_whitespace().nth(1) != Some("200") {
-            return None;
+        let path = format!("/v1/jobs/{job}");
+        match http_get_within(addr, Some(key), &path, Duration::from_secs(60))? {
+            (200, body) => serde_json::from_str(&body).ok(),
+            _ => None,
         }
-        serde_json::from_str(body).ok()
     }
 
     /// Uploads the fixture features as tenant `key`; their SHA-256.
@@ -926,9 +917,21 @@ impl Service {
 /// `GET path` on `addr` (`HOST:PORT`) over a raw HTTP/1.0 connection: the
 /// status code and the body; `None` when nothing answers.
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    http_get_within(addr, None, path, Duration::from_secs(60))
+}
+
+/// [`http_get`] as `key`'s tenant (when given), giving up after `timeout`
+/// without an answer.
+pub fn http_get_within(
+    addr: &str,
+    key: Option<&str>,
+    path: &str,
+    timeout: Duration,
+) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+    s.set_read_timeout(Some(timeout)).ok()?;
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes())
         .ok()?;
     let mut reply = String::new();
     s.read_to_string(&mut reply).ok()?;

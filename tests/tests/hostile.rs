@@ -270,6 +270,32 @@ fn raw_post(c: &Cluster, path: &str, body: &[u8], stall: Duration) -> (u16, Stri
 /// trip on: spaces, quotes, `$VAR`, backticks, glob characters, unicode.
 const ODD: &str = "odd dir ü ✓ $HOME `id` ;'\"*?[x]";
 
+/// `digctl sample` of one 2-step sample of the fixture into `out`.
+fn one_sample_into(out: &std::path::Path) -> Vec<String> {
+    let path = |p: std::path::PathBuf| p.to_str().unwrap().to_string();
+    let mut args: Vec<String> = vec!["sample".into(), "--model".into()];
+    args.push(path(dig_tests::fixture("")));
+    args.push("--features".into());
+    args.push(path(dig_tests::fixture("features.npz")));
+    for a in [
+        "--sequence",
+        SEQUENCE,
+        "--num-samples",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+    ] {
+        args.push(a.into());
+    }
+    args.push(path(out.to_path_buf()));
+    args
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// Every path under `root`, relative, sorted.
 fn tree(root: &std::path::Path) -> Vec<String> {
     fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) {
@@ -307,21 +333,7 @@ fn odd_characters_in_data_dir_and_out_paths_are_taken_literally() {
 
     // `digctl sample --out` with the same name, one level down.
     let sample_out = c.dir.path().join(ODD).join(ODD);
-    dig_tests::digctl_ok(&[
-        "sample",
-        "--model",
-        dig_tests::fixture("").to_str().unwrap(),
-        "--features",
-        dig_tests::fixture("features.npz").to_str().unwrap(),
-        "--sequence",
-        SEQUENCE,
-        "--num-samples",
-        "1",
-        "--steps",
-        "2",
-        "--out",
-        sample_out.to_str().unwrap(),
-    ]);
+    dig_tests::digctl_ok(&strs(&one_sample_into(&sample_out)));
     assert!(sample_out.join("samples.npz").is_file());
     drop(svc);
 
@@ -392,21 +404,7 @@ fn hostile_ids_and_unusable_paths_on_the_command_line_get_clear_errors() {
         err.contains("cannot create the data directory") && err.contains("a file"),
         "{err}"
     );
-    let err = dig_tests::digctl_err(&[
-        "sample",
-        "--model",
-        dig_tests::fixture("").to_str().unwrap(),
-        "--features",
-        dig_tests::fixture("features.npz").to_str().unwrap(),
-        "--sequence",
-        SEQUENCE,
-        "--num-samples",
-        "1",
-        "--steps",
-        "2",
-        "--out",
-        file.to_str().unwrap(),
-    ]);
+    let err = dig_tests::digctl_err(&strs(&one_sample_into(&file)));
     assert!(err.contains("a file"), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
 }
