@@ -180,6 +180,7 @@ pub fn read_shard(bytes: &[u8], sequence: &str) -> Result<Ensemble, String> {
         sample_index,
         tr: tr.f32s("tr")?,
         rot_mat: rot.f32s("rot_mat")?,
+        steer: None,
     })
 }
 
@@ -319,6 +320,7 @@ mod tests {
             sample_index: indices.collect(),
             tr,
             rot_mat: rot,
+            steer: None,
         }
     }
 

@@ -16,7 +16,7 @@ use dig_common::progress::{ProgressStore, RedisProgress};
 use dig_common::queue::{JobStream, RabbitQueue, ShardQueue};
 use dig_common::store::{open_store, FeatureStore, StoreConfig, StoreKind};
 use dig_model::features::Features;
-use dig_model::pipeline::{sample_ensemble, InitialPoses};
+use dig_model::sampling::{sample_ensemble, InitialPoses};
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
 use dig_model::{DigModel, Sampler, Schedule};
@@ -1056,6 +1056,7 @@ async fn pdb_results_of_a_succeeded_job() {
         sample_index: shards.iter().flat_map(|e| e.sample_index.clone()).collect(),
         tr: shards.iter().flat_map(|e| e.tr.clone()).collect(),
         rot_mat: shards.iter().flat_map(|e| e.rot_mat.clone()).collect(),
+        steer: None,
     };
     let mut expected = Vec::new();
     whole.write_pdb(&mut expected).unwrap();
@@ -1106,6 +1107,7 @@ async fn pdb_results_refusals_and_aborts() {
             rot_mat: (0..n * l)
                 .flat_map(|_| [1., 0., 0., 0., 1., 0., 0., 0., 1.])
                 .collect(),
+            steer: None,
         }
     };
     for (i, r) in [(0, 0..4), (2, 8..10)] {
@@ -1190,6 +1192,7 @@ fn synthetic(indices: std::ops::Range<i64>) -> Ensemble {
         sample_index: indices.collect(),
         tr,
         rot_mat: rot,
+        steer: None,
     }
 }
 
@@ -1239,6 +1242,7 @@ async fn xtc_results_and_topology_of_a_succeeded_job() {
         sample_index: (0..10).collect(),
         tr: shards.iter().flat_map(|e| e.tr.clone()).collect(),
         rot_mat: shards.iter().flat_map(|e| e.rot_mat.clone()).collect(),
+        steer: None,
     };
     let (s, ctype, body) = c.fetch(&xtc, Some(&c.key_a)).await;
     assert_eq!(

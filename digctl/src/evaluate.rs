@@ -245,6 +245,7 @@ fn merge(parts: Vec<(PathBuf, Ensemble)>) -> Result<Ensemble> {
         sample_index: Vec::with_capacity(all.len()),
         tr: Vec::with_capacity(all.len() * l * 3),
         rot_mat: Vec::with_capacity(all.len() * l * 9),
+        steer: None,
     };
     for &(index, p, i) in &all {
         let e = &parts[p].1;

@@ -16,8 +16,8 @@ use clap::Args;
 use dig_model::backbone::read_pdb;
 use dig_model::evaluate::{ca_rmsd, validity};
 use dig_model::features::Features;
-use dig_model::pipeline::{sample_ensemble, InitialPoses};
-use dig_model::sampler::Solver;
+use dig_model::sampling::{sample_ensemble, InitialPoses};
+use dig_model::sampling::Solver;
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
 use dig_model::{DigModel, Sampler, Schedule};
@@ -179,6 +179,7 @@ pub fn run(args: FidelityArgs) -> Result<()> {
                 sample_index: want,
                 tr: per(&all.tr, 3),
                 rot_mat: per(&all.rot_mat, 9),
+                steer: None,
             };
             // Seconds per sample from the run's record, when it has one.
             let secs = path

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dig_common::job::SampleFilter;
 use dig_model::features::{check_sequence, read_fasta, Features};
-use dig_model::pipeline::{read_initial_state, sample_ensemble, InitialPoses};
+use dig_model::sampling::{read_initial_state, sample_ensemble, InitialPoses};
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
 use dig_model::{DigModel, Sampler, Schedule};
@@ -55,7 +55,7 @@ pub struct SampleArgs {
     /// integrator), heun (second order, 2 calls per step), ab2 (second
     /// order, 1 call per step). See docs/performance.md for their fidelity.
     #[arg(long, default_value = "euler")]
-    solver: dig_model::sampler::Solver,
+    solver: dig_model::sampling::Solver,
     /// Keep only physically valid samples (`physical`: consecutive CA-CA
     /// < 4.5 Å, C(i)-N(i+1) < 2.0 Å, no atoms of residues more than two apart
     /// closer than 1.0 Å): exactly --num-samples valid ones, the first in

@@ -28,6 +28,23 @@ enum Schedule {
     Cosine,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Weights {
+    /// The optimizer's weights after the last update.
+    Raw,
+    /// The exponential moving average of the weights (needs --ema).
+    Ema,
+}
+
+impl Weights {
+    fn name(self) -> &'static str {
+        match self {
+            Weights::Raw => "raw",
+            Weights::Ema => "ema",
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct TrainArgs {
     /// Data manifest: JSON Lines, one object per trajectory with `trajectory`,
@@ -99,6 +116,17 @@ pub struct TrainArgs {
     /// same machine and thread count.
     #[arg(long)]
     resume: bool,
+    /// Keep an exponential moving average of the weights with this decay
+    /// (e.g. 0.999: about the last 1000 updates), checkpointed beside the
+    /// weights; its validation loss is measured beside theirs.
+    #[arg(long)]
+    ema: Option<f64>,
+    /// Which weights the model directory holds: the trained ones (`raw`) or
+    /// their moving average (`ema`, needs --ema). The other set is written
+    /// to the model directory's `raw/` or `ema/` folder (a model directory
+    /// too), and `training.json` says which is which.
+    #[arg(long, value_enum, default_value = "raw")]
+    model_weights: Weights,
 }
 
 /// `small`, `published` or `d_model,d_pair,n_layer,n_heads[,dim_feedforward]`.
@@ -175,8 +203,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         seed: args.seed,
         val_fraction: args.val_fraction,
         dropout: args.dropout,
+        ema: args.ema,
     };
     opts.validate()?;
+    if args.model_weights == Weights::Ema && args.ema.is_none() {
+        bail!("--model-weights ema needs --ema DECAY (for example --ema 0.999)");
+    }
     if args.checkpoint_every == 0 || args.val_every == 0 || args.log_every == 0 {
         bail!("--checkpoint-every, --val-every and --log-every must be at least 1");
     }
@@ -268,6 +300,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
             },
             "history": t.history,
             "validation": t.validation,
+            "validation_ema": t.validation_ema,
+            "weights": {
+                "model": args.model_weights.name(),
+                "ema_decay": args.ema,
+                "other": t.has_ema().then(|| match args.model_weights {
+                    Weights::Raw => "ema/",
+                    Weights::Ema => "raw/",
+                }),
+            },
             "time": {
                 "seconds": seconds,
                 "threads": tch::get_num_threads(),
@@ -275,9 +316,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
             },
         })
     };
-    let save = |t: &Trainer, seconds: f64, finished: bool| -> Result<()> {
+    let save = |t: &mut Trainer, seconds: f64, finished: bool| -> Result<()> {
         t.save_checkpoint(&args.out, seconds)?;
-        t.model.save_dir(&args.out)?;
+        if t.has_ema() {
+            let (main, other) = match args.model_weights {
+                Weights::Raw => (false, "ema"),
+                Weights::Ema => (true, "raw"),
+            };
+            let other_dir = args.out.join(other);
+            t.with_ema_weights(|m| m.save_dir(if main { &args.out } else { &other_dir }))?;
+            t.model.save_dir(if main { &other_dir } else { &args.out })?;
+        } else {
+            t.model.save_dir(&args.out)?;
+        }
         write_json_atomic(
             &args.out.join("training.json"),
             &summary(t, seconds, finished),
@@ -329,8 +380,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         if s.is_multiple_of(args.val_every) || s == opts.steps {
             if let Some(v) = trainer.validate(4)? {
+                let ema = match trainer.validate_ema(4)? {
+                    Some(e) => format!(
+                        "; EMA weights {:.4} (tr {:.4}, rot {:.4})",
+                        e.loss, e.tr_loss, e.rot_loss
+                    ),
+                    None => String::new(),
+                };
                 let line = format!(
-                    "step {s}: validation loss {:.4} (tr {:.4}, rot {:.4})",
+                    "step {s}: validation loss {:.4} (tr {:.4}, rot {:.4}){ema}",
                     v.loss, v.tr_loss, v.rot_loss
                 );
                 match &bar {
@@ -340,14 +398,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
             }
         }
         if s.is_multiple_of(args.checkpoint_every) || s == opts.steps {
-            save(&trainer, seconds(&trainer), s == opts.steps)?;
+            let secs = seconds(&trainer);
+            save(&mut trainer, secs, s == opts.steps)?;
         }
     }
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     if trainer.step == opts.steps && !args.out.join("training.json").exists() {
-        save(&trainer, seconds(&trainer), true)?;
+        let secs = seconds(&trainer);
+        save(&mut trainer, secs, true)?;
     }
     eprintln!(
         "trained {} steps in {:.0} s (this session {:.0} s); model in {}",

@@ -30,8 +30,25 @@ pub struct InitialState {
     pub rot: Vec<f32>,
 }
 
-fn uniform(rng: &mut ChaCha20Rng) -> f64 {
+/// A uniform double in `[0, 1)`: `(next_u64 >> 11) * 2^-53`.
+pub fn uniform(rng: &mut ChaCha20Rng) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// `n` standard normals by Box-Muller on pairs of [`uniform`]s, as the
+/// initial translations are drawn (`r = sqrt(-2 ln(1 - u1))`, `r cos(2 pi u2)`
+/// then `r sin(2 pi u2)`); an odd `n` drops the last of its pair.
+pub fn standard_normals(rng: &mut ChaCha20Rng, n: usize) -> Vec<f64> {
+    let two_pi = 2.0 * std::f64::consts::PI;
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let (u1, u2) = (uniform(rng), uniform(rng));
+        let r = (-2.0 * (1.0 - u1).ln()).sqrt();
+        out.push(r * (two_pi * u2).cos());
+        out.push(r * (two_pi * u2).sin());
+    }
+    out.truncate(n);
+    out
 }
 
 /// Rotation matrix of a unit quaternion `(w, x, y, z)`, row-major.
@@ -53,19 +70,20 @@ pub fn quaternion_to_matrix([w, x, y, z]: [f64; 4]) -> [f64; 9] {
 pub fn initial_state(seed: u64, index: u64, len: usize, tr_sigma_max: f64) -> InitialState {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     rng.set_stream(index);
+    initial_state_from(&mut rng, len, tr_sigma_max)
+}
+
+/// Steps 2-4 of the recipe on a given stream (the particles of a steered
+/// group draw their own, `sampling::noise`).
+pub fn initial_state_from(rng: &mut ChaCha20Rng, len: usize, tr_sigma_max: f64) -> InitialState {
     let two_pi = 2.0 * std::f64::consts::PI;
-    let n = 3 * len;
-    let mut tr = Vec::with_capacity(n + 1);
-    while tr.len() < n {
-        let (u1, u2) = (uniform(&mut rng), uniform(&mut rng));
-        let r = (-2.0 * (1.0 - u1).ln()).sqrt();
-        tr.push((r * (two_pi * u2).cos() * tr_sigma_max) as f32);
-        tr.push((r * (two_pi * u2).sin() * tr_sigma_max) as f32);
-    }
-    tr.truncate(n);
+    let tr = standard_normals(rng, 3 * len)
+        .into_iter()
+        .map(|z| (z * tr_sigma_max) as f32)
+        .collect();
     let mut rot = Vec::with_capacity(9 * len);
     for _ in 0..len {
-        let (u1, u2, u3) = (uniform(&mut rng), uniform(&mut rng), uniform(&mut rng));
+        let (u1, u2, u3) = (uniform(rng), uniform(rng), uniform(rng));
         let (a, b) = ((1.0 - u1).sqrt(), u1.sqrt());
         let q = [
             a * (two_pi * u2).sin(),

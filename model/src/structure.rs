@@ -41,8 +41,18 @@ const PDB_MAX_MODELS: usize = 9999;
 /// Every PDB record is padded to this many columns.
 const PDB_RECORD_WIDTH: usize = 80;
 
+/// Per-sample results of steered sampling (`sampling::steering`): the
+/// returned structure's potential energy `U(x)` (kT) and its group's
+/// `log Z_hat`. Stored in the npz as `steer_energy` and `steer_log_z`
+/// (N,) float64.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SteerRecord {
+    pub energy: Vec<f64>,
+    pub log_z: Vec<f64>,
+}
+
 /// A set of sampled structures of one protein, CPU float32, row-major.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Ensemble {
     /// One-letter amino-acid codes, one per residue (length L).
     pub sequence: String,
@@ -53,6 +63,8 @@ pub struct Ensemble {
     pub tr: Vec<f32>,
     /// Rotation matrices, (N, L, 3, 3).
     pub rot_mat: Vec<f32>,
+    /// Steered samples' energies and log normalising estimates (N each).
+    pub steer: Option<SteerRecord>,
 }
 
 impl Ensemble {
@@ -144,11 +156,26 @@ impl Ensemble {
                 .iter()
                 .flat_map(|&p| self.rot_mat[p * l * 9..(p + 1) * l * 9].iter().copied())
                 .collect(),
+            steer: self.steer.as_ref().map(|s| SteerRecord {
+                energy: pos.iter().map(|&p| s.energy[p]).collect(),
+                log_z: pos.iter().map(|&p| s.log_z[p]).collect(),
+            }),
         }
     }
 
     /// Appends `other`'s samples (of the same protein) after this one's.
     pub fn append(&mut self, other: Ensemble) {
+        match (&mut self.steer, other.steer) {
+            (Some(a), Some(b)) => {
+                a.energy.extend(b.energy);
+                a.log_z.extend(b.log_z);
+            }
+            (None, None) => {}
+            (a, _) => {
+                // Mixed: keep the steering record only when every part has one.
+                *a = None;
+            }
+        }
         self.sample_index.extend(other.sample_index);
         self.tr.extend(other.tr);
         self.rot_mat.extend(other.rot_mat);
@@ -229,7 +256,15 @@ impl Ensemble {
             ("c_n_max", "<f4", vec![n], measured(|v| v.c_n_max)),
             ("clash_min", "<f4", vec![n], measured(|v| v.clash_min)),
         ];
-        for (name, descr, shape, data) in members {
+        let f64s = |v: &[f64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let steer: Vec<(&str, &str, Vec<i64>, Vec<u8>)> = match &self.steer {
+            Some(s) => vec![
+                ("steer_energy", "<f8", vec![n], f64s(&s.energy)),
+                ("steer_log_z", "<f8", vec![n], f64s(&s.log_z)),
+            ],
+            None => Vec::new(),
+        };
+        for (name, descr, shape, data) in members.into_iter().chain(steer) {
             zip.start_file(format!("{name}.npy"), opts)
                 .map_err(io::Error::other)?;
             zip.write_all(&npy_header(descr, &shape))?;
@@ -305,6 +340,21 @@ impl Ensemble {
             sample_index,
             tr: flat(tr).map_err(|e| bad(e.to_string()))?,
             rot_mat: flat(rot_mat).map_err(|e| bad(e.to_string()))?,
+            steer: match (entry("steer_energy"), entry("steer_log_z")) {
+                (Some(e), Some(z)) => {
+                    let read = |name: &str, t: &Tensor| {
+                        if t.size() != [n] {
+                            return Err(bad(format!("`{name}` has shape {:?}, expected ({n},)", t.size())));
+                        }
+                        Vec::<f64>::try_from(&t.to_kind(Kind::Double)).map_err(|e| bad(e.to_string()))
+                    };
+                    Some(SteerRecord {
+                        energy: read("steer_energy", e)?,
+                        log_z: read("steer_log_z", z)?,
+                    })
+                }
+                _ => None,
+            },
         })
     }
 
@@ -487,6 +537,15 @@ impl Ensemble {
                 self.tr.len(),
                 self.rot_mat.len()
             ));
+        }
+        if let Some(st) = &self.steer {
+            if st.energy.len() != n || st.log_z.len() != n {
+                return Err(format!(
+                    "inconsistent ensemble: {n} samples but {} steering energies and {} log Z",
+                    st.energy.len(),
+                    st.log_z.len()
+                ));
+            }
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::dataset::ProteinData;
-use crate::training::{diffusion_loss, Adam, Batch, Igso3, Noise};
+use crate::training::{diffusion_loss, Adam, Batch, Ema, Igso3, Noise};
 use crate::weights::DigModel;
 use crate::{ModelError, Result};
 
@@ -46,6 +46,10 @@ pub struct TrainOptions {
     pub seed: u64,
     pub val_fraction: f64,
     pub dropout: f64,
+    /// Decay of an exponential moving average of the weights kept beside
+    /// them (`None`: no average).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f64>,
 }
 
 impl TrainOptions {
@@ -86,6 +90,11 @@ impl TrainOptions {
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(format!("--dropout must be in [0, 1), got {}", self.dropout));
         }
+        if let Some(d) = self.ema {
+            if !(d > 0.0 && d < 1.0) {
+                return bad(format!("--ema must be in (0, 1), got {d}"));
+            }
+        }
         if !(0.0..=1.0).contains(&self.min_lr_fraction) {
             return bad(format!(
                 "--min-lr-fraction must be in [0, 1], got {}",
@@ -118,6 +127,9 @@ pub struct CheckpointState {
     pub data: Vec<(String, usize, usize)>,
     pub history: Vec<LossPoint>,
     pub validation: Vec<LossPoint>,
+    /// The validation loss of the averaged weights (with `--ema`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validation_ema: Vec<LossPoint>,
     pub seconds: f64,
     pub tensors: String,
 }
@@ -138,6 +150,10 @@ pub struct Trainer {
     pub step: u64,
     pub history: Vec<LossPoint>,
     pub validation: Vec<LossPoint>,
+    /// The validation loss of the averaged weights, at the same steps.
+    pub validation_ema: Vec<LossPoint>,
+    /// The moving average of the weights (`opts.ema`).
+    ema: Option<Ema>,
     /// Training seconds of earlier sessions of this run (resumed).
     pub seconds_before: f64,
     window: Vec<(f64, f64, f64, f64)>,
@@ -176,6 +192,10 @@ impl Trainer {
             })
             .collect();
         let adam = Adam::new(model.trainable());
+        let ema = match opts.ema {
+            Some(decay) => Some(Ema::new(decay, adam.params())?),
+            None => None,
+        };
         Ok(Trainer {
             model,
             adam,
@@ -186,6 +206,8 @@ impl Trainer {
             step: 0,
             history: Vec::new(),
             validation: Vec::new(),
+            validation_ema: Vec::new(),
+            ema,
             seconds_before: 0.0,
             window: Vec::new(),
         })
@@ -315,6 +337,9 @@ impl Trainer {
             )));
         }
         self.adam.step(lr);
+        if let Some(ema) = &mut self.ema {
+            ema.update(self.adam.params());
+        }
         self.step += 1;
         let stats = StepStats {
             loss,
@@ -354,6 +379,55 @@ impl Trainer {
     /// pairs of time steps drawn from a fixed stream (the same draws at every
     /// evaluation), dropout off. `None` when no frame is held out.
     pub fn validate(&mut self, repeats: usize) -> Result<Option<LossPoint>> {
+        let point = self.validation_loss(repeats)?;
+        if let Some(p) = &point {
+            self.validation.push(p.clone());
+        }
+        Ok(point)
+    }
+
+    /// The validation loss of the averaged weights (the same draws as
+    /// [`validate`](Self::validate)); `None` without `--ema` or held-out frames.
+    pub fn validate_ema(&mut self, repeats: usize) -> Result<Option<LossPoint>> {
+        let Some(mut ema) = self.ema.take() else {
+            return Ok(None);
+        };
+        ema.swap_into(self.adam.params());
+        let point = self.validation_loss(repeats);
+        ema.swap_into(self.adam.params());
+        self.ema = Some(ema);
+        let point = point?;
+        if let Some(p) = &point {
+            self.validation_ema.push(p.clone());
+        }
+        Ok(point)
+    }
+
+    /// Whether the run keeps a moving average.
+    pub fn has_ema(&self) -> bool {
+        self.ema.is_some()
+    }
+
+    /// Runs `f` with the averaged weights in the model (the trained ones
+    /// back afterwards, bit for bit); without `--ema`, with the trained ones.
+    pub fn with_ema_weights<T>(&mut self, f: impl FnOnce(&DigModel) -> T) -> T {
+        match self.ema.as_mut() {
+            Some(ema) => {
+                ema.swap_into(self.adam.params());
+                let out = f(&self.model);
+                ema.swap_into(self.adam.params());
+                out
+            }
+            None => f(&self.model),
+        }
+    }
+
+    /// The averaged weights, by name (`None` without `--ema`).
+    pub fn ema_weights(&self) -> Option<&[(String, Tensor)]> {
+        self.ema.as_ref().map(|e| e.weights())
+    }
+
+    fn validation_loss(&mut self, repeats: usize) -> Result<Option<LossPoint>> {
         let _guard = tch::no_grad_guard();
         let (mut sum, mut n) = ((0.0, 0.0, 0.0), 0usize);
         for p in 0..self.data.len() {
@@ -384,7 +458,6 @@ impl Trainer {
             lr: None,
             grad_norm: None,
         };
-        self.validation.push(point.clone());
         Ok(Some(point))
     }
 
@@ -398,6 +471,9 @@ impl Trainer {
         let name = format!("step-{:08}.safetensors", self.step);
         let mut named = self.model.state_dict();
         named.extend(self.adam.state());
+        if let Some(ema) = &self.ema {
+            named.extend(ema.state());
+        }
         let tmp = dir.join(format!(".{name}.tmp"));
         Tensor::write_safetensors(&named, &tmp)?;
         std::fs::rename(&tmp, dir.join(&name)).map_err(|e| ModelError::io(&dir, e))?;
@@ -407,6 +483,7 @@ impl Trainer {
             data: data_fingerprint(&self.data),
             history: self.history.clone(),
             validation: self.validation.clone(),
+            validation_ema: self.validation_ema.clone(),
             seconds,
             tensors: name.clone(),
         };
@@ -477,9 +554,18 @@ impl Trainer {
         let path: PathBuf = out.join(CHECKPOINT_DIR).join(&state.tensors);
         let named = Tensor::read_safetensors(&path)
             .map_err(|e| ModelError::format(&path, format!("unreadable checkpoint: {e}")))?;
-        let (adam, model): (Vec<_>, Vec<_>) =
+        let (adam, rest): (Vec<_>, Vec<_>) =
             named.into_iter().partition(|(k, _)| k.starts_with("adam."));
+        let (ema, model): (Vec<_>, Vec<_>) =
+            rest.into_iter().partition(|(k, _)| k.starts_with("ema."));
         self.model.load_state_dict(model)?;
+        if let Some(avg) = &mut self.ema {
+            let ema: HashMap<String, Tensor> = ema
+                .into_iter()
+                .map(|(k, v)| (k, v.to_device(self.model.device())))
+                .collect();
+            avg.load_state(&ema)?;
+        }
         let adam: HashMap<String, Tensor> = adam
             .into_iter()
             .map(|(k, v)| (k, v.to_device(self.device())))
@@ -488,6 +574,7 @@ impl Trainer {
         self.step = state.step;
         self.history = state.history;
         self.validation = state.validation;
+        self.validation_ema = state.validation_ema;
         self.seconds_before = state.seconds;
         Ok(())
     }

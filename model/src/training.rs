@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::network::ScoreNetwork;
-use crate::sampler::expmap;
+use crate::sampling::expmap;
 use crate::so3::{self, So3Tables};
 use crate::{ModelError, Result};
 
@@ -483,9 +483,128 @@ impl Adam {
     }
 }
 
+/// Exponential moving average of named parameters (the weights diffusion
+/// models are usually sampled from): after every update,
+/// `shadow <- decay * shadow + (1 - decay) * param`, starting from the
+/// weights the run starts with. After `n` updates of weights `w_1 .. w_n`
+/// from `w_0`, `shadow = decay^n w_0 + sum_k (1 - decay) decay^(n-k) w_k`.
+pub struct Ema {
+    pub decay: f64,
+    shadow: Vec<(String, Tensor)>,
+}
+
+impl Ema {
+    /// A shadow copy of `params` (sorted by name for a stable order).
+    pub fn new(decay: f64, params: &[(String, Tensor)]) -> Result<Self> {
+        if !(decay > 0.0 && decay < 1.0) {
+            return Err(ModelError::Invalid(format!(
+                "--ema must be in (0, 1), got {decay}"
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        let mut shadow: Vec<(String, Tensor)> = params
+            .iter()
+            .map(|(k, p)| (k.clone(), p.detach().copy()))
+            .collect();
+        shadow.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Ema { decay, shadow })
+    }
+
+    /// One update towards `params` (same names as at creation).
+    pub fn update(&mut self, params: &[(String, Tensor)]) {
+        let _guard = tch::no_grad_guard();
+        for ((ks, s), (kp, p)) in self.shadow.iter_mut().zip(params) {
+            debug_assert_eq!(ks, kp);
+            let _ = s.g_mul_scalar_(self.decay);
+            let _ = s.g_add_(&(p.detach() * (1.0 - self.decay)));
+        }
+    }
+
+    /// The averaged weights, under the parameters' names.
+    pub fn weights(&self) -> &[(String, Tensor)] {
+        &self.shadow
+    }
+
+    /// The shadow as named tensors (`ema.<key>`), on the CPU, for checkpoints.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.shadow
+            .iter()
+            .map(|(k, t)| (format!("ema.{k}"), t.to_device(Device::Cpu)))
+            .collect()
+    }
+
+    /// Restores the shadow written by [`state`](Self::state).
+    pub fn load_state(&mut self, named: &HashMap<String, Tensor>) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for (name, s) in &mut self.shadow {
+            let key = format!("ema.{name}");
+            let src = named.get(&key).ok_or_else(|| {
+                ModelError::Checkpoint(format!(
+                    "the checkpoint has no {key}: it was written without --ema"
+                ))
+            })?;
+            if src.size() != s.size() {
+                return Err(ModelError::Checkpoint(format!(
+                    "{key} has shape {:?}, the parameter {:?}",
+                    src.size(),
+                    s.size()
+                )));
+            }
+            s.copy_(src);
+        }
+        Ok(())
+    }
+
+    /// Swaps the averaged weights into `params` and the params' weights into
+    /// the shadow (twice: back as before), so a loss can be measured with
+    /// the averaged weights without copying the model.
+    pub fn swap_into(&mut self, params: &[(String, Tensor)]) {
+        let _guard = tch::no_grad_guard();
+        for ((_, s), (_, p)) in self.shadow.iter_mut().zip(params) {
+            let tmp = p.detach().copy();
+            let mut p = p.shallow_clone();
+            p.copy_(s);
+            s.copy_(&tmp);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ema_is_the_average_of_a_known_sequence_of_weights() {
+        // w_0 = 1 (start), then w_k = k for k = 1..=5, decay 0.9:
+        // shadow = 0.9^5 * 1 + sum_k 0.1 * 0.9^(5-k) * k.
+        let p = Tensor::from_slice(&[1.0f64, -2.0]);
+        let params = vec![("w".to_string(), p.shallow_clone())];
+        let mut ema = Ema::new(0.9, &params).unwrap();
+        let mut want = [1.0f64, -2.0];
+        for k in 1..=5 {
+            let mut q = p.shallow_clone();
+            let _ = q.copy_(&Tensor::from_slice(&[k as f64, 10.0 * k as f64]));
+            ema.update(&params);
+            want[0] = 0.9 * want[0] + 0.1 * k as f64;
+            want[1] = 0.9 * want[1] + 0.1 * (10.0 * k as f64);
+        }
+        let closed = 0.9f64.powi(5)
+            + (1..=5).map(|k| 0.1 * 0.9f64.powi(5 - k) * k as f64).sum::<f64>();
+        assert!((want[0] - closed).abs() < 1e-12);
+        let got: Vec<f64> = Vec::try_from(&ema.weights()[0].1).unwrap();
+        assert!((got[0] - closed).abs() < 1e-12, "{got:?} vs {closed}");
+        assert!((got[1] - want[1]).abs() < 1e-12, "{got:?} vs {want:?}");
+        // The parameter itself holds the last weights, untouched.
+        assert_eq!(Vec::<f64>::try_from(&p).unwrap(), vec![5.0, 50.0]);
+        // Swapping twice leaves both sets as they were, bit for bit.
+        ema.swap_into(&params);
+        assert_eq!(Vec::<f64>::try_from(&p).unwrap(), got);
+        ema.swap_into(&params);
+        assert_eq!(Vec::<f64>::try_from(&p).unwrap(), vec![5.0, 50.0]);
+        assert_eq!(Vec::<f64>::try_from(&ema.weights()[0].1).unwrap(), got);
+        assert!(Ema::new(1.0, &params).is_err());
+        assert!(Ema::new(0.0, &params).is_err());
+    }
 
     #[test]
     fn interp_matches_numpy_semantics() {

@@ -60,6 +60,58 @@ fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
 }
 
 #[test]
+fn a_resumed_run_keeps_its_moving_average_bit_for_bit() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let opts = dig_model::trainer::TrainOptions {
+        ema: Some(0.9),
+        ..options(10)
+    };
+    let run = |steps: u64, resume: bool| {
+        let model = DigModel::random(&tiny(), 3, Device::Cpu);
+        let mut t = Trainer::new(model, vec![one_structure()], opts.clone()).unwrap();
+        if resume {
+            t.resume(dir.path()).unwrap();
+        }
+        while t.step < steps {
+            t.train_step().unwrap();
+        }
+        t
+    };
+    let whole = run(10, false);
+    let first = run(4, false);
+    first.save_checkpoint(dir.path(), 1.0).unwrap();
+    drop(first);
+    let resumed = run(10, true);
+    let (a, b) = (whole.ema_weights().unwrap(), resumed.ema_weights().unwrap());
+    assert_eq!(a.len(), b.len());
+    for ((ka, ta), (kb, tb)) in a.iter().zip(b) {
+        assert_eq!(ka, kb);
+        assert!(ta.equal(tb), "EMA of {ka} differs after resuming");
+    }
+    // The average is neither the trained weights nor the initial ones.
+    let trained: std::collections::HashMap<String, tch::Tensor> =
+        weights(&whole).into_iter().collect();
+    let fresh: std::collections::HashMap<String, tch::Tensor> =
+        DigModel::random(&tiny(), 3, Device::Cpu).state_dict().into_iter().collect();
+    let differs = |m: &std::collections::HashMap<String, tch::Tensor>| {
+        a.iter().filter(|(k, t)| !t.equal(&m[k])).count()
+    };
+    assert!(differs(&trained) > 10 && differs(&fresh) > 10);
+    // A checkpoint without the average cannot resume a run that keeps one.
+    let plain = tempfile::tempdir().unwrap();
+    let model = DigModel::random(&tiny(), 3, Device::Cpu);
+    let mut t = Trainer::new(model, vec![one_structure()], options(10)).unwrap();
+    t.train_step().unwrap();
+    t.save_checkpoint(plain.path(), 1.0).unwrap();
+    let model = DigModel::random(&tiny(), 3, Device::Cpu);
+    let mut t = Trainer::new(model, vec![one_structure()], opts.clone()).unwrap();
+    let err = t.resume(plain.path()).unwrap_err().to_string();
+    assert!(err.contains("ema"), "{err}");
+}
+
+#[test]
 fn random_weights_are_a_pure_function_of_the_seed() {
     let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     // Several draws: the per-head point weights were once drawn in HashMap

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use dig_model::sampler::{expmap, integrate, ScoreField, Solver, StepPlan};
+use dig_model::sampling::{expmap, integrate, ScoreField, Solver, StepPlan};
 use dig_model::so3::So3Tables;
 use dig_model::{DigModel, ModelConfig, Sampler, Schedule};
 use tch::{Device, Kind, Tensor};

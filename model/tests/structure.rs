@@ -53,6 +53,7 @@ fn random_ensemble(seed: u64, sequence: &str, sample_index: Vec<i64>) -> Ensembl
         sample_index,
         tr,
         rot_mat,
+        steer: None,
     }
 }
 
@@ -63,6 +64,7 @@ fn single_residue(t: [f32; 3], r: [f32; 9]) -> Ensemble {
         sample_index: vec![0],
         tr: t.to_vec(),
         rot_mat: r.to_vec(),
+        steer: None,
     }
 }
 
@@ -338,6 +340,7 @@ fn pdb_records_have_the_fixed_wwpdb_columns() {
             1.0, -2.5, 3.25, 10.0, 20.0, -999.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0,
         ],
         rot_mat: IDENTITY.repeat(4),
+        steer: None,
     };
     let text = pdb_text(&ensemble);
     let lines: Vec<&str> = text.lines().collect();
@@ -551,6 +554,7 @@ fn npz_bytes_equal_the_written_file() {
         sample_index: vec![4, 5],
         tr: (0..12).map(|x| x as f32).collect(),
         rot_mat: (0..36).map(|x| x as f32 * 0.5).collect(),
+        steer: None,
     };
     let path = dir.path().join("x.npz");
     e.write_npz(&path).unwrap();
@@ -726,6 +730,7 @@ fn adk_closed() -> (PathBuf, Ensemble) {
         sample_index: vec![0],
         tr,
         rot_mat,
+        steer: None,
     };
     (path, e)
 }

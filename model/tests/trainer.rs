@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use dig_model::evaluate::ca_rmsd;
 use dig_model::features::synthetic;
-use dig_model::pipeline::{sample_ensemble, InitialPoses};
+use dig_model::sampling::{sample_ensemble, InitialPoses};
 use dig_model::so3::So3Tables;
 use dig_model::trainer::{TrainOptions, Trainer};
 use dig_model::{DigModel, ModelConfig, Sampler, Schedule};

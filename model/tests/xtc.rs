@@ -73,6 +73,7 @@ fn random_ensemble(
         sample_index,
         tr,
         rot_mat,
+        steer: None,
     }
 }
 
@@ -84,6 +85,7 @@ fn slice(e: &Ensemble, range: std::ops::Range<usize>) -> Ensemble {
         sample_index: e.sample_index[range.clone()].to_vec(),
         tr: e.tr[range.start * l * 3..range.end * l * 3].to_vec(),
         rot_mat: e.rot_mat[range.start * l * 9..range.end * l * 9].to_vec(),
+        steer: None,
     }
 }
 
@@ -313,6 +315,7 @@ fn shards_appended_give_the_bytes_of_the_whole_ensemble_and_keep_selects_frames(
                 .iter()
                 .flat_map(|&i| whole.rot_mat[i * l * 9..(i + 1) * l * 9].to_vec())
                 .collect(),
+            steer: None,
         }
     };
     assert_eq!(w.into_inner(), xtc_bytes(&kept, None).unwrap());

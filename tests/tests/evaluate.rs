@@ -37,6 +37,7 @@ fn write_samples(path: &Path, structures: &[Atoms], indices: &[i64]) {
         sample_index: indices.to_vec(),
         tr: Vec::new(),
         rot_mat: Vec::new(),
+        steer: None,
     };
     for a in structures {
         let (tr, rot) = frames(a).unwrap();

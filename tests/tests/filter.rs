@@ -88,6 +88,7 @@ fn kept_samples(c: &Cluster, job: &str) -> (serde_json::Value, Ensemble) {
         sample_index: vec![],
         tr: vec![],
         rot_mat: vec![],
+        steer: None,
     };
     let l = SEQUENCE.len();
     for s in manifest["shards"].as_array().unwrap() {

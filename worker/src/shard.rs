@@ -7,7 +7,7 @@ use std::time::Instant;
 use dig_common::job::{JobSpec, ShardTask};
 use dig_common::metrics;
 use dig_model::features::{check_sequence, Features};
-use dig_model::pipeline::{sample_ensemble_until, InitialPoses};
+use dig_model::sampling::{sample_ensemble_until, InitialPoses};
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
 use dig_model::{DigModel, ProteinContext, Sampler, Schedule, Solver};

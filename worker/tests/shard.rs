@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use dig_common::job::{JobId, JobSpec, Priority};
-use dig_model::pipeline::{sample_ensemble, InitialPoses};
+use dig_model::sampling::{sample_ensemble, InitialPoses};
 use dig_model::so3::So3Tables;
 use dig_model::{DigModel, Sampler, Schedule};
 use dig_worker::shard::{CacheStats, ShardSampler};

@@ -78,6 +78,7 @@ pub fn options(steps: u64) -> TrainOptions {
         seed: 7,
         val_fraction: 0.0,
         dropout: 0.1, // dropout's generator is part of what must resume exactly
+        ema: None,
     }
 }
 

@@ -28,173 +28,8 @@
 
 use tch::{Kind, Tensor};
 
-use crate::config::ModelConfig;
+use super::schedule::{Schedule, Solver, StepPlan};
 use crate::network::{ProteinContext, ScoreNetwork};
-use crate::so3::So3Tables;
-use crate::{ModelError, Result};
-
-/// The scalars of one sampler step.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepPlan {
-    /// Diffusion time `t_k = 1 - k/T'`.
-    pub t: f64,
-    pub dt: f64,
-    /// Step index given to the network: the training step of time `t_k`,
-    /// `round((1 - t_k) * n_time_step)` (exactly `k` at full length).
-    pub net_step: i64,
-    pub sigma_tr: f64,
-    pub sigma_rot: f64,
-    /// `score_norm(sigma_rot)` from the IGSO(3) table.
-    pub rot_score_norm: f64,
-    /// `g_T^2 dt`, the translation update's factor on `s_T`.
-    pub tr_gain: f64,
-    /// `g_R^2 dt`.
-    pub rot_gain: f64,
-}
-
-/// How the sampler integrates its ODE (see the module documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Solver {
-    /// The published update: one network call per step.
-    #[default]
-    Euler,
-    /// Exponential integrator of the linear part: one call per step.
-    Exp,
-    /// Heun (trapezoid rule), second order: two calls per step.
-    Heun,
-    /// Two-step Adams-Bashforth, second order: one call per step.
-    Ab2,
-}
-
-impl Solver {
-    pub const ALL: [Solver; 4] = [Solver::Euler, Solver::Exp, Solver::Heun, Solver::Ab2];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Solver::Euler => "euler",
-            Solver::Exp => "exp",
-            Solver::Heun => "heun",
-            Solver::Ab2 => "ab2",
-        }
-    }
-
-    /// Network calls per sample for a run of `steps` steps.
-    pub fn network_calls(self, steps: usize) -> usize {
-        match self {
-            Solver::Heun => (2 * steps).saturating_sub(1),
-            _ => steps,
-        }
-    }
-}
-
-impl std::fmt::Display for Solver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Solver {
-    type Err = ModelError;
-    fn from_str(s: &str) -> Result<Self> {
-        Solver::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| {
-                ModelError::Invalid(format!(
-                    "unknown solver {s:?}; use euler (published), exp, heun or ab2"
-                ))
-            })
-    }
-}
-
-/// The whole step schedule of a run with `steps` steps.
-#[derive(Debug, Clone)]
-pub struct Schedule {
-    pub steps: Vec<StepPlan>,
-    pub solver: Solver,
-}
-
-impl Schedule {
-    /// The published (Euler) schedule; see [`Schedule::with_solver`].
-    pub fn new(cfg: &ModelConfig, so3: &So3Tables, steps: Option<i64>) -> Result<Self> {
-        Self::with_solver(cfg, so3, steps, Solver::Euler)
-    }
-
-    /// `steps` defaults to the model's `n_time_step`; fewer steps re-space the
-    /// schedule (a speed/accuracy trade); more than `n_time_step` is refused.
-    /// `solver` sets the gains (exponential integrator) and how steps combine.
-    pub fn with_solver(
-        cfg: &ModelConfig,
-        so3: &So3Tables,
-        steps: Option<i64>,
-        solver: Solver,
-    ) -> Result<Self> {
-        let n = cfg.n_time_step;
-        let steps = steps.unwrap_or(n);
-        if steps < 1 || steps > n {
-            return Err(ModelError::Invalid(format!(
-                "--steps must be between 1 and the model's n_time_step ({n}), got {steps}"
-            )));
-        }
-        let (tr_min, tr_max) = (cfg.tr_sigma_min, cfg.tr_sigma_max);
-        let (rot_min, rot_max) = (cfg.rot_sigma_min, cfg.rot_sigma_max);
-        let dt = 1.0 / steps as f64;
-        let plans = (0..steps)
-            .map(|k| {
-                let t = 1.0 - k as f64 / steps as f64;
-                let net_step = if steps == n {
-                    k
-                } else {
-                    ((k * n) as f64 / steps as f64).round() as i64
-                };
-                let sigma_tr = tr_min.powf(1.0 - t) * tr_max.powf(t);
-                let sigma_rot = rot_min.powf(1.0 - t) * rot_max.powf(t);
-                let g_tr = sigma_tr * (2.0 * (tr_max / tr_min).ln()).sqrt();
-                // The published code's factor 2 outside the root (sic).
-                let g_rot = 2.0 * sigma_rot * (rot_max / rot_min).ln().sqrt();
-                let (tr_gain, rot_gain) = if solver == Solver::Exp {
-                    let t_next = t - dt;
-                    let next_tr = tr_min.powf(1.0 - t_next) * tr_max.powf(t_next);
-                    let next_rot = rot_min.powf(1.0 - t_next) * rot_max.powf(t_next);
-                    let (rho_tr, rho_rot) = (next_tr / sigma_tr, next_rot / sigma_rot);
-                    (
-                        sigma_tr * sigma_tr * (1.0 - rho_tr * rho_tr),
-                        sigma_rot * sigma_rot * (1.0 - rho_rot.powi(4)),
-                    )
-                } else {
-                    (g_tr * g_tr * dt, g_rot * g_rot * dt)
-                };
-                StepPlan {
-                    t,
-                    dt,
-                    net_step,
-                    sigma_tr,
-                    sigma_rot,
-                    rot_score_norm: so3.score_norm(sigma_rot),
-                    tr_gain,
-                    rot_gain,
-                }
-            })
-            .collect();
-        Ok(Schedule {
-            steps: plans,
-            solver,
-        })
-    }
-
-    /// Network calls per sample.
-    pub fn network_calls(&self) -> usize {
-        self.solver.network_calls(self.steps.len())
-    }
-
-    pub fn len(&self) -> usize {
-        self.steps.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.steps.is_empty()
-    }
-}
 
 /// Axis-angle vectors `(..., 3)` to rotation matrices `(..., 3, 3)` through
 /// the unit quaternion (with the small-angle series of `sin(a/2)/a`).
@@ -249,6 +84,10 @@ impl<'a> Sampler<'a> {
         &self.schedule
     }
 
+    pub fn net(&self) -> &'a ScoreNetwork {
+        self.net
+    }
+
     /// One published (Euler) step on a batch `tr (B, L, 3)`, `rot (B, L, 3, 3)`.
     pub fn step(
         &self,
@@ -284,9 +123,9 @@ pub trait ScoreField {
 
 /// The score network as a [`ScoreField`]: `s_T = T_eps / sigma_tr`,
 /// `s_R = R_eps * score_norm(sigma_rot)`.
-struct NetworkField<'a> {
-    net: &'a ScoreNetwork,
-    ctx: &'a ProteinContext,
+pub struct NetworkField<'a> {
+    pub net: &'a ScoreNetwork,
+    pub ctx: &'a ProteinContext,
 }
 
 impl ScoreField for NetworkField<'_> {

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::network::ProteinContext;
 use crate::rng::initial_state;
-use crate::sampler::Sampler;
+use super::solvers::Sampler;
 use crate::structure::Ensemble;
 use crate::{ModelError, Result};
 
@@ -182,5 +182,65 @@ pub fn sample_ensemble_until(
         sample_index: init.indices(),
         tr: tr_out,
         rot_mat: rot_out,
+        steer: None,
     })
+}
+
+/// Stochastic or steered sampling ([`super::steering`]) of the samples
+/// `indices` under `seed`: batches of `max(1, batch_size / K)` whole
+/// particle groups (`K = steering.particles`), so a forward pass holds about
+/// `batch_size` particles. `progress(samples)` after each step, `stop` before
+/// each batch as in [`sample_ensemble_until`]. The ensemble carries each
+/// sample's energy and `log Z_hat` when steering has potentials.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_ensemble_steered_until(
+    sampler: &Sampler,
+    ctx: &ProteinContext,
+    seed: u64,
+    indices: &[u64],
+    batch_size: usize,
+    steering: &super::steering::Steering,
+    tr_sigma_max: f64,
+    sequence: &str,
+    mut progress: impl FnMut(usize),
+    stop: &dyn Fn() -> bool,
+) -> Option<Ensemble> {
+    let l = ctx.len() as usize;
+    let groups = (batch_size / steering.particles).max(1);
+    let mut out = Ensemble {
+        sequence: sequence.to_string(),
+        sample_index: indices.iter().map(|&i| i as i64).collect(),
+        tr: Vec::with_capacity(indices.len() * l * 3),
+        rot_mat: Vec::with_capacity(indices.len() * l * 9),
+        steer: (!steering.potentials.is_empty()).then(Default::default),
+    };
+    for chunk in indices.chunks(groups) {
+        if stop() {
+            return None;
+        }
+        let mut field = super::solvers::NetworkField {
+            net: sampler.net(),
+            ctx,
+        };
+        let results = super::steering::sample_groups(
+            sampler.schedule(),
+            &mut field,
+            steering,
+            seed,
+            chunk,
+            l,
+            tr_sigma_max,
+            ctx.device(),
+            |_| progress(chunk.len()),
+        );
+        for r in results {
+            out.tr.extend(r.tr);
+            out.rot_mat.extend(r.rot);
+            if let Some(s) = &mut out.steer {
+                s.energy.push(r.energy);
+                s.log_z.push(r.log_z);
+            }
+        }
+    }
+    Some(out)
 }
