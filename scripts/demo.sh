@@ -20,10 +20,14 @@ adk)
     MODEL=examples/adk/model
     FEATURES=examples/adk/features.npz
     FASTA=examples/adk/adk.fasta
-    # About 5 minutes of sampling on a 2-core machine; every setting can be
-    # raised (DIG_DEMO_SAMPLES, DIG_DEMO_STEPS; 500 steps is the published sampler).
-    SAMPLES=${DIG_DEMO_SAMPLES:-32}
-    STEPS=${DIG_DEMO_STEPS:-500}
+    # The README's recommended setting (ab2, 50 steps: 50 network calls per
+    # structure) and enough samples for the fractions to mean something:
+    # about 3 minutes of sampling on a 2-core machine. DIG_DEMO_SAMPLES,
+    # DIG_DEMO_STEPS and DIG_DEMO_SOLVER change them (euler and 500 steps
+    # is the published sampler).
+    SAMPLES=${DIG_DEMO_SAMPLES:-128}
+    STEPS=${DIG_DEMO_STEPS:-50}
+    SOLVER=${DIG_DEMO_SOLVER:-ab2}
     OUT=demo/adk
     test -f "$MODEL/config.json" || {
         echo "error: $MODEL is missing; train it with the command in examples/adk/README.md" >&2
@@ -36,6 +40,7 @@ hp35)
     FASTA=examples/hp35/hp35.fasta
     SAMPLES=${DIG_DEMO_SAMPLES:-16}
     STEPS=${DIG_DEMO_STEPS:-500}
+    SOLVER=${DIG_DEMO_SOLVER:-euler}
     OUT=demo/hp35
     mkdir -p demo
     test -f demo/model/config.json || "$DIGCTL" demo-model demo/model --size small --seed 0
@@ -47,7 +52,7 @@ hp35)
 esac
 
 mkdir -p demo
-echo "demo: $DEMO, model $MODEL, $SAMPLES samples x $STEPS sampler steps (published: 500)"
+echo "demo: $DEMO, model $MODEL, $SAMPLES samples x $STEPS $SOLVER sampler steps (published: 500 euler)"
 echo "starting digctl standalone on 127.0.0.1:$PORT (log: demo/standalone.log, data: $DATA)"
 "$DIGCTL" standalone --data-dir "$DATA" --listen "127.0.0.1:$PORT" --model "$MODEL" \
     >demo/standalone.log 2>&1 &
@@ -70,7 +75,7 @@ export DIG_API_KEY
 DIG_API_KEY=$(cat "$DATA/api-key")
 
 JOB=$("$DIGCTL" submit --features "$FEATURES" --fasta "$FASTA" \
-    --num-samples "$SAMPLES" --steps "$STEPS" --seed 1 --shard-size 8 --name "$DEMO-demo")
+    --num-samples "$SAMPLES" --steps "$STEPS" --solver "$SOLVER" --seed 1 --shard-size 16 --name "$DEMO-demo")
 "$DIGCTL" wait "$JOB"
 rm -rf "$OUT"
 "$DIGCTL" fetch "$JOB" --out "$OUT"

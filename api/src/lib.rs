@@ -411,6 +411,16 @@ pub(crate) struct SubmitJob {
     /// default 3); past it the job fails, its valid samples fetchable.
     #[schema(minimum = 1, maximum = 10)]
     max_draw_factor: Option<u64>,
+    /// Steered sampling by sequential Monte Carlo (README, "Steering"):
+    /// `particles` (1-64, default 4), `ess_threshold` ((0, 1], 0.5),
+    /// `window` ([t_start, t_end], [0.9, 0.1]), `noise` ((0, 2], 1) and
+    /// `potentials` (each with `type` chain_break, clash, rmsd, rg, distance
+    /// or q, a flat-bottom form and, for rmsd and q, `reference_ca`: the
+    /// reference's CA coordinates, one [x, y, z] per residue). Needs solver
+    /// euler. Each sample's `steer_energy` and `steer_log_z` go into the
+    /// shards' npz.
+    #[schema(value_type = Option<Object>)]
+    steering: Option<serde_json::Value>,
     /// A model listed by `GET /v1/models`; the service's default when absent.
     model: Option<String>,
     #[schema(value_type = Option<PrioritySchema>)]
@@ -463,6 +473,11 @@ struct SamplingView {
     #[schema(value_type = Option<String>, example = "physical")]
     filter: Option<FilterCriteria>,
     max_draw_factor: Option<u64>,
+    /// The job's steering with every default filled in (absent: the
+    /// deterministic sampler); network_calls_per_sample counts its particles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    steering: Option<serde_json::Value>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -595,9 +610,13 @@ pub(crate) fn job_view(id: JobId, p: &JobProgress) -> JobView {
         sampling: SamplingView {
             solver: p.solver,
             steps: p.steps,
-            network_calls_per_sample: p.steps.map(|s| p.solver.network_calls(s)),
+            network_calls_per_sample: p.steps.map(|s| {
+                p.solver.network_calls(s)
+                    * dig_common::job::steering_particles(p.steering.as_ref())
+            }),
             filter: p.filter.map(|f| f.criteria),
             max_draw_factor: p.filter.map(|f| f.max_draw_factor),
+            steering: p.steering.clone(),
         },
         shards: ShardCounts {
             done: p.shards_done,
@@ -702,6 +721,17 @@ impl Lookups {
     }
 }
 
+/// A steering error as `steering.<field>: message` (a field path has no
+/// spaces before its colon) or `steering: message`.
+fn steering_error(e: &str) -> String {
+    let field = e.split_once(':').is_some_and(|(f, _)| !f.is_empty() && !f.contains(' '));
+    if field {
+        format!("steering.{e}")
+    } else {
+        format!("steering: {e}")
+    }
+}
+
 /// Checks a submission against the limits and the store; the spec to run.
 pub(crate) async fn validate(
     st: &ApiState,
@@ -801,8 +831,25 @@ pub(crate) async fn validate(
             })
         }
     };
+    let steering = match &req.steering {
+        None => None,
+        Some(v) => {
+            let spec = dig_model::sampling::SteerSpec::from_value(v)
+                .map_err(|e| ApiError::invalid(steering_error(&e)))?;
+            let solver: dig_model::Solver = req
+                .solver
+                .unwrap_or_default()
+                .as_str()
+                .parse()
+                .expect("every job solver is a model solver");
+            spec.compile(length as usize, solver)
+                .map_err(|e| ApiError::invalid(steering_error(&e)))?;
+            Some(serde_json::to_value(&spec).expect("a steering spec serializes"))
+        }
+    };
+    let particles = dig_common::job::steering_particles(steering.as_ref());
     let steps = req.steps.unwrap_or(n_time_step);
-    let steps_for_size = req.solver.unwrap_or_default().network_calls(steps as u64);
+    let steps_for_size = req.solver.unwrap_or_default().network_calls(steps as u64) * particles;
     Ok(JobSpec {
         id: JobId::new(),
         tenant: tenant.to_string(),
@@ -821,6 +868,7 @@ pub(crate) async fn validate(
         callback_url: req.callback_url,
         solver: req.solver.unwrap_or_default(),
         filter,
+        steering,
     })
 }
 
@@ -1191,6 +1239,7 @@ mod tests {
             solver: Default::default(),
             steps: None,
             filter: None,
+            steering: None,
         }
     }
 

@@ -180,6 +180,20 @@ pub struct JobSpec {
     /// Keep only valid samples, topping up (see [`SampleFilter`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<SampleFilter>,
+    /// Steered or stochastic sampling: a `SteerSpec` of `dig_model`
+    /// (`sampling::steering`), validated by the API and stored with every
+    /// default filled in. Absent: the deterministic sampler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steering: Option<serde_json::Value>,
+}
+
+/// Particles per returned sample of a stored steering object (1 without one).
+pub fn steering_particles(steering: Option<&serde_json::Value>) -> u64 {
+    steering
+        .and_then(|s| s.get("particles"))
+        .and_then(|p| p.as_u64())
+        .unwrap_or(1)
+        .max(1)
 }
 
 impl JobSpec {
@@ -220,8 +234,10 @@ impl JobSpec {
     /// Network calls per sample, once `steps` is resolved (the API stores
     /// the model's own number when the request has none).
     pub fn network_calls(&self) -> Option<u64> {
-        self.steps
-            .map(|s| self.solver.network_calls(s.max(0) as u64))
+        self.steps.map(|s| {
+            self.solver.network_calls(s.max(0) as u64)
+                * steering_particles(self.steering.as_ref())
+        })
     }
 }
 
@@ -276,6 +292,7 @@ mod tests {
             callback_url: None,
             solver: Solver::Euler,
             filter: None,
+            steering: None,
         }
     }
 

@@ -35,6 +35,7 @@ fn spec(tenant: &str, num_samples: u64, shard_size: u64, created_at: u64) -> Job
         callback_url: None,
         solver: Default::default(),
         filter: None,
+        steering: None,
     }
 }
 

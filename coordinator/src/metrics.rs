@@ -232,6 +232,7 @@ mod tests {
             callback_url: None,
             solver: Default::default(),
             filter: None,
+            steering: None,
         }
     }
 

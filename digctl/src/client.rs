@@ -187,6 +187,11 @@ pub enum ClientCommand {
         /// With --filter: draw at most this many times --num-samples (default 3).
         #[arg(long, requires = "filter")]
         max_draw_factor: Option<u64>,
+        /// Steer the sampler: a JSON steering file (references read from
+        /// the PDBs it names, sent as CA coordinates) or a preset (`physical`);
+        /// the job's `steering` (README, "Steering"). Needs --solver euler.
+        #[arg(long, value_name = "FILE|PRESET")]
+        steer: Option<String>,
         /// Model id (see `digctl models`; default: the service's).
         #[arg(long, value_name = "ID")]
         model: Option<String>,
@@ -329,6 +334,7 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
             solver,
             filter,
             max_draw_factor,
+            steer,
             model,
             priority,
             shard_size,
@@ -339,6 +345,10 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
             wait_opts,
             json,
         } => {
+            let steering = steer
+                .as_deref()
+                .map(|s| crate::steer::load(s).map(|spec| serde_json::to_value(spec).expect("serializes")))
+                .transpose()?;
             if num_samples == 0 {
                 bail!("--num-samples must be at least 1");
             }
@@ -394,6 +404,7 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
                 solver,
                 filter,
                 max_draw_factor,
+                steering,
             };
             let answer = api
                 .post(&["v1", "jobs"], Some(&request), idempotency_key.as_deref())

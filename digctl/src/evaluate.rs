@@ -28,6 +28,19 @@ use serde_json::{json, Value};
 /// reports the fraction of such samples as `fraction_within_3A`.
 const WITHIN: f64 = 3.0;
 const WITHIN_KEY: &str = "fraction_within_3A";
+/// A sample farther than this CA-RMSD (Å) from every training frame counts
+/// as misfolded: `fraction_farther_than_6A` of the nearest-frame summary.
+const FAR: f64 = 6.0;
+const FAR_KEY: &str = "fraction_farther_than_6A";
+
+/// Which ensemble `--reweight` estimates from steered samples.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Reweight {
+    /// The unsteered model's ensemble: weights `Z_hat exp(U)`.
+    Unsteered,
+    /// The steered (tilted) target: weights `Z_hat`.
+    Tilted,
+}
 
 /// Size of the `--plot` PNG in pixels.
 const PLOT_SIZE: (u32, u32) = (800, 800);
@@ -56,6 +69,17 @@ pub struct EvaluateArgs {
     /// Draw a PNG: x = CA-RMSD to the first reference, y = to the second (needs two).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Steered samples (npz with `steer_energy`, `steer_log_z`): weight every
+    /// fraction (valid, within 3 Å, farther than 6 Å) by self-normalised
+    /// importance weights towards the unsteered ensemble (`unsteered`) or the
+    /// steering target (`tilted`); the summary gives the weights' effective
+    /// sample size, and --plot sizes each sample by its weight.
+    #[arg(long, value_enum)]
+    reweight: Option<Reweight>,
+    /// With --plot: draw another ensemble's samples underneath in grey (for
+    /// example the unsteered run beside a steered one).
+    #[arg(long, requires = "plot")]
+    overlay: Option<PathBuf>,
 }
 
 pub fn run(args: EvaluateArgs) -> Result<()> {
@@ -82,8 +106,29 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         .map(|m| read_training_frames(m, l))
         .transpose()?;
 
-    let records = score(&ensemble, &refs, frames.as_ref());
-    let summary = summary_json(&args.samples, l, &refs, frames.as_ref(), &records);
+    let mut records = score(&ensemble, &refs, frames.as_ref());
+    let mut ess = None;
+    if let Some(mode) = args.reweight {
+        let st = ensemble.steer.as_ref().ok_or_else(|| {
+            anyhow!(
+                "--reweight needs steered samples: {} has no steer_energy/steer_log_z (sample with --steer)",
+                args.samples.display()
+            )
+        })?;
+        let w = dig_model::sampling::steering::reweight(&st.log_z, &st.energy, mode == Reweight::Unsteered);
+        ess = Some(dig_model::sampling::steering::effective_sample_size(&w));
+        for (r, w) in records.iter_mut().zip(w) {
+            r.weight = w;
+        }
+    }
+    let mut summary = summary_json(&args.samples, l, &refs, frames.as_ref(), &records);
+    if let (Some(mode), Some(ess)) = (args.reweight, ess) {
+        summary["reweighted"] = json!({
+            "towards": match mode { Reweight::Unsteered => "unsteered", Reweight::Tilted => "tilted" },
+            "effective_sample_size": ess,
+            "note": "fractions are importance-weighted; medians and min/max are of the samples as drawn",
+        });
+    }
 
     let text = serde_json::to_string_pretty(&summary)?;
     println!("{text}");
@@ -97,6 +142,16 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         eprintln!("wrote {}", out.display());
     }
     if let Some(path) = &args.plot {
+        let overlay = match &args.overlay {
+            Some(o) => {
+                let (e, _) = read_samples(o)?;
+                if e.len_residues() != l {
+                    bail!("--overlay {} has {} residues, the samples {l}", o.display(), e.len_residues());
+                }
+                Some((o.clone(), score(&e, &refs, None)))
+            }
+            None => None,
+        };
         plot(
             path,
             &args.samples,
@@ -104,6 +159,8 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
             frames.as_ref(),
             &records,
             ensemble.num_samples(),
+            args.reweight.is_some(),
+            overlay.as_ref(),
         )?;
         eprintln!("wrote {}", path.display());
     }
@@ -245,10 +302,17 @@ fn merge(parts: Vec<(PathBuf, Ensemble)>) -> Result<Ensemble> {
         sample_index: Vec::with_capacity(all.len()),
         tr: Vec::with_capacity(all.len() * l * 3),
         rot_mat: Vec::with_capacity(all.len() * l * 9),
-        steer: None,
+        steer: parts
+            .iter()
+            .all(|(_, e)| e.steer.is_some())
+            .then(Default::default),
     };
     for &(index, p, i) in &all {
         let e = &parts[p].1;
+        if let (Some(m), Some(s)) = (merged.steer.as_mut(), e.steer.as_ref()) {
+            m.energy.push(s.energy[i]);
+            m.log_z.push(s.log_z[i]);
+        }
         merged.sample_index.push(index);
         merged
             .tr
@@ -365,6 +429,8 @@ struct Record {
     rmsd: Vec<f64>,
     /// CA-RMSD to the nearest training frame (Å), with --frames.
     nearest: Option<f64>,
+    /// Weight in every fraction (1/N, or the importance weight with --reweight).
+    weight: f64,
 }
 
 /// Scores every sample, on all cores.
@@ -390,6 +456,7 @@ fn score(e: &Ensemble, refs: &[Reference], frames: Option<&TrainingFrames>) -> V
             validity: validity(&bb),
             rmsd: refs.iter().map(|r| ca.rmsd(&r.ca)).collect(),
             nearest,
+            weight: 1.0 / e.num_samples() as f64,
         }
     };
     let n = e.num_samples();
@@ -461,9 +528,27 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
 }
 
-/// Fraction of all samples whose value is below [`WITHIN`].
+/// Weighted fraction of the samples whose value is below [`WITHIN`]
+/// (weights 1/N unless reweighted).
 fn fraction_within(records: &[Record], value: impl Fn(&Record) -> f64) -> f64 {
-    records.iter().filter(|r| value(r) < WITHIN).count() as f64 / records.len() as f64
+    fraction(records, |r| value(r) < WITHIN)
+}
+
+/// Kish's effective sample size of the records' weights (N when uniform).
+fn ess(records: &[Record]) -> f64 {
+    let total: f64 = records.iter().map(|r| r.weight).sum();
+    total * total / records.iter().map(|r| r.weight * r.weight).sum::<f64>()
+}
+
+/// Standard error of a (weighted) fraction `f`: `sqrt(f (1 - f) / ESS)`.
+fn fraction_se(records: &[Record], f: f64) -> f64 {
+    (f * (1.0 - f) / ess(records)).sqrt()
+}
+
+/// Weighted fraction of the samples for which `pred` holds, of their total weight.
+fn fraction(records: &[Record], pred: impl Fn(&Record) -> bool) -> f64 {
+    let total: f64 = records.iter().map(|r| r.weight).sum();
+    (0.0 + records.iter().filter(|r| pred(r)).map(|r| r.weight).sum::<f64>()) / total
 }
 
 fn failure_count(records: &[Record], criterion: &str) -> usize {
@@ -484,6 +569,7 @@ fn summary_json(
 ) -> Value {
     let n = records.len();
     let valid = records.iter().filter(|r| r.validity.valid).count();
+    let valid_fraction = fraction(records, |r| r.validity.valid);
     let failures: serde_json::Map<String, Value> = CRITERIA
         .iter()
         .map(|c| (c.to_string(), json!(failure_count(records, c))))
@@ -502,6 +588,7 @@ fn summary_json(
                 "p05": s.p05,
                 "p95": s.p95,
                 WITHIN_KEY: fraction_within(records, |rec| rec.rmsd[k]),
+                "fraction_within_3A_se": fraction_se(records, fraction_within(records, |rec| rec.rmsd[k])),
             })
         })
         .collect();
@@ -517,7 +604,27 @@ fn summary_json(
             "min": s.min,
             "max": s.max,
             WITHIN_KEY: fraction_within(records, |r| r.nearest.unwrap_or(f64::NAN)),
+            FAR_KEY: fraction(records, |r| !(r.nearest.unwrap_or(f64::NAN) <= FAR)),
         })
+    });
+    // The valid samples alone: does what is valid keep the ensemble's shape?
+    let valid_recs: Vec<&Record> = records.iter().filter(|r| r.validity.valid).collect();
+    let valid_total: f64 = valid_recs.iter().map(|r| r.weight).sum();
+    let valid_frac = |pred: &dyn Fn(&Record) -> bool| {
+        if valid_total > 0.0 {
+            valid_recs.iter().filter(|r| pred(r)).map(|r| r.weight).sum::<f64>() / valid_total
+        } else {
+            f64::NAN
+        }
+    };
+    let valid_only = json!({
+        "samples": valid_recs.len(),
+        "references": refs.iter().enumerate().map(|(k, r)| json!({
+            "name": r.name,
+            "median": Stats::of(valid_recs.iter().map(|rec| rec.rmsd[k])).median,
+            WITHIN_KEY: valid_frac(&|rec: &Record| rec.rmsd[k] < WITHIN),
+        })).collect::<Vec<_>>(),
+        "nearest_frame_median": frames.map(|_| Stats::of(valid_recs.iter().filter_map(|r| r.nearest)).median),
     });
     let per_sample: Vec<Value> = records
         .iter()
@@ -547,7 +654,8 @@ fn summary_json(
         "num_samples": n,
         "num_residues": l,
         "valid": valid,
-        "valid_fraction": valid as f64 / n as f64,
+        "valid_fraction": valid_fraction,
+        "valid_fraction_se": fraction_se(records, valid_fraction),
         "failures": failures,
         "criteria": {
             "ca_ca_max": MAX_CA_CA,
@@ -557,6 +665,7 @@ fn summary_json(
             "within": WITHIN,
         },
         "references": references,
+        "valid_samples": valid_only,
         "per_sample": per_sample,
     });
     if let Some(nf) = nearest_frame {
@@ -575,7 +684,7 @@ fn human_summary(
     let valid = records.iter().filter(|r| r.validity.valid).count();
     let mut s = format!(
         "{n} samples of {l} residues: {valid} valid ({:.1}%)",
-        100.0 * valid as f64 / n as f64
+        100.0 * fraction(records, |r| r.validity.valid)
     );
     if valid < n {
         let parts: Vec<String> = CRITERIA
@@ -587,22 +696,25 @@ fn human_summary(
     s.push('\n');
     for (k, r) in refs.iter().enumerate() {
         let st = Stats::of(records.iter().map(|rec| rec.rmsd[k]));
+        let f = fraction_within(records, |rec| rec.rmsd[k]);
         s.push_str(&format!(
-            "  {}: median CA-RMSD {:.2} Å (5-95% {:.2}-{:.2}), {:.1}% within {WITHIN} Å\n",
+            "  {}: median CA-RMSD {:.2} Å (5-95% {:.2}-{:.2}), {:.1}% (± {:.1}) within {WITHIN} Å\n",
             r.name,
             st.median,
             st.p05,
             st.p95,
-            100.0 * fraction_within(records, |rec| rec.rmsd[k])
+            100.0 * f,
+            100.0 * fraction_se(records, f)
         ));
     }
     if let Some(t) = frames {
         let st = Stats::of(records.iter().filter_map(|r| r.nearest));
         s.push_str(&format!(
-            "  nearest of {} training frames: median CA-RMSD {:.2} Å, mean {:.2} Å\n",
+            "  nearest of {} training frames: median CA-RMSD {:.2} Å, mean {:.2} Å, {:.1}% farther than {FAR} Å\n",
             t.frames.len(),
             st.median,
-            st.mean
+            st.mean,
+            100.0 * fraction(records, |r| !(r.nearest.unwrap_or(f64::NAN) <= FAR))
         ));
     }
     s
@@ -636,6 +748,7 @@ fn write_atomically(
 
 // ---------------------------------------------------------------- plot
 
+#[allow(clippy::too_many_arguments)]
 fn plot(
     path: &Path,
     samples: &Path,
@@ -643,6 +756,8 @@ fn plot(
     frames: Option<&TrainingFrames>,
     records: &[Record],
     n: usize,
+    weighted: bool,
+    overlay: Option<&(PathBuf, Vec<Record>)>,
 ) -> Result<()> {
     use plotters::prelude::*;
     use plotters::style::{register_font, FontStyle};
@@ -653,13 +768,25 @@ fn plot(
     let finite = |p: &(f64, f64)| p.0.is_finite() && p.1.is_finite();
     let (valid, invalid): (Vec<&Record>, Vec<&Record>) =
         records.iter().partition(|r| r.validity.valid);
-    let points = |rs: Vec<&Record>| -> Vec<(f64, f64)> {
+    // Marker radius: 3 px, or with --reweight 3 px at the mean weight,
+    // growing as the square root of the weight (1-12 px).
+    let radius = |r: &Record| -> i32 {
+        if weighted {
+            (3.0 * (r.weight * n as f64).sqrt()).round().clamp(1.0, 12.0) as i32
+        } else {
+            3
+        }
+    };
+    let points = |rs: Vec<&Record>| -> Vec<((f64, f64), i32)> {
         rs.iter()
-            .map(|r| (r.rmsd[0], r.rmsd[1]))
-            .filter(finite)
+            .map(|r| ((r.rmsd[0], r.rmsd[1]), radius(r)))
+            .filter(|(p, _)| finite(p))
             .collect()
     };
     let (valid, invalid) = (points(valid), points(invalid));
+    let grey: Vec<(f64, f64)> = overlay
+        .map(|(_, rs)| rs.iter().map(|r| (r.rmsd[0], r.rmsd[1])).filter(finite).collect())
+        .unwrap_or_default();
     let train: Vec<(f64, f64)> = frames
         .map(|t| {
             t.frames
@@ -673,7 +800,9 @@ fn plot(
     let top = valid
         .iter()
         .chain(&invalid)
+        .map(|(p, _)| p)
         .chain(&train)
+        .chain(&grey)
         .flat_map(|&(x, y)| [x, y])
         .fold(0.0f64, f64::max);
     let top = if top > 0.0 { top * 1.05 } else { 1.0 };
@@ -711,13 +840,25 @@ fn plot(
         let blue = RGBColor(31, 119, 180);
         let red = RGBColor(214, 39, 40);
         let orange = RGBColor(230, 110, 0);
-        // Invalid samples underneath, valid ones over them, training frames
-        // (hollow, so that samples stay visible) on top.
+        // The overlay lowest, then invalid samples, valid ones over them,
+        // training frames (hollow, so that samples stay visible) on top.
+        if let Some((o, _)) = overlay {
+            let label = o
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let gray = RGBColor(150, 150, 150);
+            chart
+                .draw_series(grey.iter().map(|&p| Circle::new(p, 2, gray.mix(0.6).filled())))
+                .map_err(|e| draw_err(&e))?
+                .label(format!("{label} ({})", grey.len()))
+                .legend(move |p| Circle::new(p, 3, gray.filled()));
+        }
         chart
             .draw_series(
                 invalid
                     .iter()
-                    .map(|&p| Cross::new(p, 4, red.mix(0.8).stroke_width(2))),
+                    .map(|&(p, r)| Cross::new(p, r + 1, red.mix(0.8).stroke_width(2))),
             )
             .map_err(|e| draw_err(&e))?
             .label(format!("invalid samples ({})", invalid.len()))
@@ -726,7 +867,7 @@ fn plot(
             .draw_series(
                 valid
                     .iter()
-                    .map(|&p| Circle::new(p, 3, blue.mix(0.7).filled())),
+                    .map(|&(p, r)| Circle::new(p, r, blue.mix(0.7).filled())),
             )
             .map_err(|e| draw_err(&e))?
             .label(format!("valid samples ({})", valid.len()))

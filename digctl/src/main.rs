@@ -23,6 +23,7 @@ mod progress;
 mod reconcile;
 mod sample;
 mod services;
+mod steer;
 mod train;
 
 use std::path::PathBuf;

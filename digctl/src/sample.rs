@@ -11,7 +11,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dig_common::job::SampleFilter;
 use dig_model::features::{check_sequence, read_fasta, Features};
-use dig_model::sampling::{read_initial_state, sample_ensemble, InitialPoses};
+use dig_model::sampling::steering::Steering;
+use dig_model::sampling::{
+    read_initial_state, sample_ensemble, sample_ensemble_steered_until, InitialPoses, SteerSpec,
+};
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
 use dig_model::{DigModel, Sampler, Schedule};
@@ -66,6 +69,16 @@ pub struct SampleArgs {
     /// With --filter: draw at most this many times --num-samples.
     #[arg(long, default_value_t = 3, requires = "filter")]
     max_draw_factor: u64,
+    /// Steer the sampler with potentials by sequential Monte Carlo: a JSON
+    /// steering file (README, "Steering") or a preset (`physical`). Each
+    /// sample's energy and log normalising estimate go into samples.npz
+    /// (`steer_energy`, `steer_log_z`) for `digctl evaluate --reweight`.
+    #[arg(long, conflicts_with = "init_state")]
+    steer: Option<String>,
+    /// The stochastic sampler without steering: the reverse SDE with this
+    /// noise factor (1: the SDE; 0 would be the published update). Euler only.
+    #[arg(long, conflicts_with_all = ["steer", "init_state"])]
+    noise: Option<f64>,
     /// libtorch threads (default: libtorch's choice, one per core).
     #[arg(long)]
     threads: Option<i32>,
@@ -145,7 +158,27 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
     let schedule = Schedule::with_solver(&cfg, &so3, args.steps, args.solver)?;
     let steps = schedule.len();
-    let calls = schedule.network_calls();
+    let (spec, steering): (Option<SteerSpec>, Option<Steering>) = match (&args.steer, args.noise) {
+        (Some(arg), _) => {
+            let spec = crate::steer::load(arg)?;
+            let s = spec
+                .compile(len as usize, args.solver)
+                .map_err(|e| anyhow::anyhow!("--steer {arg}: {e}"))?;
+            (Some(spec), Some(s))
+        }
+        (None, Some(eta)) => {
+            if !(eta > 0.0 && eta <= 2.0) {
+                bail!("--noise must be in (0, 2], got {eta}");
+            }
+            if args.solver != dig_model::Solver::Euler {
+                bail!("--noise: the stochastic update is Euler-Maruyama; use --solver euler (got {})", args.solver);
+            }
+            (None, Some(Steering::stochastic(eta)))
+        }
+        (None, None) => (None, None),
+    };
+    let particles = steering.as_ref().map_or(1, |s| s.particles);
+    let calls = schedule.network_calls() * particles;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
 
@@ -165,15 +198,30 @@ pub fn run(args: SampleArgs) -> Result<()> {
     );
     let draw = |init: &InitialPoses| {
         let mut progress = Progress::new((init.len() * steps) as u64, "sampling");
-        let e = sample_ensemble(
-            &sampler,
-            &ctx,
-            init,
-            args.batch_size,
-            cfg.tr_sigma_max,
-            &sequence,
-            |b| progress.inc(b as u64),
-        );
+        let e = match (&steering, init) {
+            (Some(st), InitialPoses::Seeded { seed, indices }) => sample_ensemble_steered_until(
+                &sampler,
+                &ctx,
+                *seed,
+                indices,
+                args.batch_size,
+                st,
+                cfg.tr_sigma_max,
+                &sequence,
+                |b| progress.inc(b as u64),
+                &|| false,
+            )
+            .expect("never asked to stop"),
+            _ => sample_ensemble(
+                &sampler,
+                &ctx,
+                init,
+                args.batch_size,
+                cfg.tr_sigma_max,
+                &sequence,
+                |b| progress.inc(b as u64),
+            ),
+        };
         progress.finish();
         e
     };
@@ -220,6 +268,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
         "steps": steps,
         "solver": args.solver.as_str(),
         "network_calls_per_sample": calls,
+        "noise": steering.as_ref().map(|s| s.noise),
+        "steering": spec,
         "samples_valid": valid,
         "filter": filtered.as_ref().map(|f: &FilterSummary| serde_json::json!({
             "criteria": "physical",

@@ -7,7 +7,9 @@ use std::time::Instant;
 use dig_common::job::{JobSpec, ShardTask};
 use dig_common::metrics;
 use dig_model::features::{check_sequence, Features};
-use dig_model::sampling::{sample_ensemble_until, InitialPoses};
+use dig_model::sampling::{
+    sample_ensemble_steered_until, sample_ensemble_until, InitialPoses, SteerSpec,
+};
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
 use dig_model::{DigModel, ProteinContext, Sampler, Schedule, Solver};
@@ -164,19 +166,40 @@ impl ShardSampler {
             .sampler_step
             .with_label_values(&[metrics::length_bucket(ctx.len() as usize)]);
         let mut last_step = Instant::now();
-        sample_ensemble_until(
-            &sampler,
-            ctx,
-            &init,
-            self.batch_size,
-            cfg.tr_sigma_max,
-            &sequence,
-            |_| {
-                step_seconds.observe(last_step.elapsed().as_secs_f64());
-                last_step = Instant::now();
-            },
-            stop,
-        )
+        let on_step = |_| {
+            step_seconds.observe(last_step.elapsed().as_secs_f64());
+            last_step = Instant::now();
+        };
+        match &spec.steering {
+            None => sample_ensemble_until(
+                &sampler,
+                ctx,
+                &init,
+                self.batch_size,
+                cfg.tr_sigma_max,
+                &sequence,
+                on_step,
+                stop,
+            ),
+            Some(value) => {
+                // Validated at submission; checked again, as any spec field.
+                let steering = SteerSpec::from_value(value)
+                    .and_then(|s| s.compile(ctx.len() as usize, model_solver(spec.solver)))
+                    .map_err(|e| invalid(format!("steering.{e}")))?;
+                sample_ensemble_steered_until(
+                    &sampler,
+                    ctx,
+                    spec.seed,
+                    &(task.start..task.end).collect::<Vec<_>>(),
+                    self.batch_size,
+                    &steering,
+                    cfg.tr_sigma_max,
+                    &sequence,
+                    on_step,
+                    stop,
+                )
+            }
+        }
         .ok_or(ShardError::Stopped)
     }
 }

@@ -129,6 +129,7 @@ impl Cluster {
             callback_url: None,
             solver: Default::default(),
             filter: None,
+            steering: None,
         };
         let json = serde_json::to_vec(&spec).unwrap();
         self.ctx

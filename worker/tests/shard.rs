@@ -32,6 +32,7 @@ fn spec(n: u64, shard: u64) -> JobSpec {
         callback_url: None,
         solver: Default::default(),
         filter: None,
+        steering: None,
     }
 }
 

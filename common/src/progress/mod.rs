@@ -82,6 +82,9 @@ pub struct JobProgress {
     pub steps: Option<u64>,
     #[serde(default)]
     pub filter: Option<SampleFilter>,
+    /// The spec's steering, as stored (absent: deterministic sampling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steering: Option<serde_json::Value>,
 }
 
 impl JobProgress {
@@ -103,6 +106,7 @@ impl JobProgress {
             solver: spec.solver,
             steps: spec.steps.map(|s| s.max(0) as u64),
             filter: spec.filter,
+            steering: spec.steering.clone(),
         }
     }
 }
@@ -118,6 +122,9 @@ fn sampling_fields(spec: &JobSpec) -> Vec<(&'static str, String)> {
             "filter",
             serde_json::to_string(&filter).expect("a filter serializes"),
         ));
+    }
+    if let Some(steering) = &spec.steering {
+        fields.push(("steering", steering.to_string()));
     }
     fields
 }

@@ -428,6 +428,12 @@ fn parse_job(
                 ))
             })?),
         },
+        steering: match map.get("steering") {
+            None => None,
+            Some(f) => Some(serde_json::from_str(f).map_err(|_| {
+                CommonError::Other(format!("job {job}: bad field steering in progress store"))
+            })?),
+        },
     }))
 }
 

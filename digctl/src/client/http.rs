@@ -359,6 +359,8 @@ pub struct SubmitRequest {
     pub filter: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_draw_factor: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steering: Option<serde_json::Value>,
 }
 
 /// `POST /v1/jobs` answer (202, or the full view on an idempotent replay).
@@ -565,6 +567,7 @@ mod tests {
             solver: None,
             filter: None,
             max_draw_factor: None,
+            steering: None,
         };
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(

@@ -31,6 +31,16 @@
 //! `Z_hat` gives consistent estimates under `q` for any `K`; by
 //! `Z_hat exp(U(x))` under the unsteered `p` ([`reweight`]).
 //!
+//! Gradient guidance (`guidance = gamma > 0`): inside the window the
+//! translation update gains `delta = -gamma g_T^2 dt grad_x0 U(x0_k)`, the
+//! gradient taken with respect to the denoised CA positions and applied to
+//! the noisy ones (the approximation `d x0 / d T ~ I`, which ignores the
+//! denoiser's Jacobian). The proposal is then not the unsteered kernel, so
+//! each step's log-weight also gains `log N(x'; m, s^2) - log N(x'; m + delta,
+//! s^2) = -(|delta|^2 + 2 s delta.z) / (2 s^2)` (`s = eta g_T sqrt(dt)`, `z`
+//! the drawn normals): the weights, `Z_hat` and the reweighting stay exact;
+//! the approximation only affects how useful the guidance is.
+//!
 //! Network calls per returned sample: `K` times the steps.
 
 use serde::{Deserialize, Serialize};
@@ -79,20 +89,26 @@ pub struct SteerSpec {
     /// The potentials, summed.
     #[serde(default)]
     pub potentials: Vec<PotentialSpec>,
+    /// Gradient guidance, [0, 1000]: inside the window the translation score
+    /// gains `-guidance * grad U(x0)` (module docs), and the weights the
+    /// proposal's correction, so the weights stay exact. 0: none.
+    #[serde(default)]
+    pub guidance: f64,
 }
 
-/// Presets: `physical` (chain breaks and clashes, 4 particles).
+/// Presets: `physical` (chain breaks and clashes, 4 particles, noise 0.3,
+/// weights from t = 0.5: tuned on the AdK model, docs/steering.md).
 pub fn preset(name: &str) -> Option<SteerSpec> {
     match name {
         "physical" => Some(
             serde_json::from_value(serde_json::json!({
                 "particles": 4,
                 "ess_threshold": 0.5,
-                "window": [0.9, 0.0],
-                "noise": 1.0,
+                "window": [0.5, 0.0],
+                "noise": 0.3,
                 "potentials": [
-                    {"type": "chain_break", "target": 3.8, "flat_bottom": 0.4, "slope": 5.0, "order": 2, "linear_from": 1.0},
-                    {"type": "clash", "target": 4.0, "flat_bottom": 0.0, "slope": 5.0, "order": 2, "linear_from": 1.0}
+                    {"type": "chain_break", "target": 3.8, "flat_bottom": 0.4, "slope": 3.0, "order": 2, "linear_from": 1.0},
+                    {"type": "clash", "target": 4.0, "flat_bottom": 0.0, "slope": 3.0, "order": 2, "linear_from": 1.0}
                 ]
             }))
             .expect("the preset parses"),
@@ -113,6 +129,7 @@ pub struct Steering {
     pub t_end: f64,
     pub noise: f64,
     pub potentials: PotentialSet,
+    pub guidance: f64,
 }
 
 impl Steering {
@@ -125,6 +142,7 @@ impl Steering {
             t_end: 0.0,
             noise,
             potentials: PotentialSet::default(),
+            guidance: 0.0,
         }
     }
 }
@@ -185,6 +203,12 @@ impl SteerSpec {
                 "solver: steering moves particles with the stochastic Euler update; use solver euler (got {solver})"
             ));
         }
+        if !(0.0..=1000.0).contains(&self.guidance) {
+            return Err(format!("guidance: must be in [0, 1000], got {}", self.guidance));
+        }
+        if self.guidance > 0.0 && self.potentials.is_empty() {
+            return Err("guidance: needs at least one potential".into());
+        }
         if self.particles > 1 && self.potentials.is_empty() {
             return Err("potentials: more than one particle needs at least one potential".into());
         }
@@ -201,6 +225,7 @@ impl SteerSpec {
             t_end,
             noise: self.noise,
             potentials: PotentialSet { terms },
+            guidance: self.guidance,
         })
     }
 }
@@ -282,12 +307,18 @@ pub fn sample_groups(
     on_step: impl FnMut(usize),
 ) -> Vec<GroupResult> {
     let potentials = &steering.potentials;
-    let energy = |x: &[[f64; 3]]| potentials.energy(x);
+    let energy = |x: &[[f64; 3]], grad: bool| {
+        if grad {
+            potentials.energy_and_gradient(x)
+        } else {
+            (potentials.energy(x), Vec::new())
+        }
+    };
     sample_groups_with(
         schedule,
         field,
         steering,
-        (!potentials.is_empty()).then_some(&energy as &dyn Fn(&[[f64; 3]]) -> f64),
+        (!potentials.is_empty()).then_some(&energy as &EnergyFn<'_>),
         seed,
         indices,
         len,
@@ -297,6 +328,10 @@ pub fn sample_groups(
     )
 }
 
+/// An energy of CA positions: `(U, grad U)`, the gradient only when asked
+/// (else empty).
+pub type EnergyFn<'a> = dyn Fn(&[[f64; 3]], bool) -> (f64, Vec<[f64; 3]>) + 'a;
+
 /// [`sample_groups`] with any energy function of the CA positions in place
 /// of `steering.potentials` (`None`: unsteered).
 #[allow(clippy::too_many_arguments)]
@@ -304,7 +339,7 @@ pub fn sample_groups_with(
     schedule: &Schedule,
     field: &mut impl ScoreField,
     steering: &Steering,
-    energy: Option<&dyn Fn(&[[f64; 3]]) -> f64>,
+    energy: Option<&EnergyFn<'_>>,
     seed: u64,
     indices: &[u64],
     len: usize,
@@ -330,20 +365,25 @@ pub fn sample_groups_with(
         .to_device(device);
     let mut rngs: Vec<_> = indices.iter().map(|&i| noise_stream(seed, i)).collect();
     let steered = energy.is_some();
-    let energy = |x: &[[f64; 3]]| energy.map_or(0.0, |f| f(x));
+    let energy = |x: &[[f64; 3]], grad: bool| energy.map_or((0.0, Vec::new()), |f| f(x, grad));
     let mut log_w = vec![0.0f64; p];
     let mut prev_u = vec![0.0f64; p];
     let mut log_z = vec![0.0f64; g];
     let mut resamplings = vec![0u32; g];
     for (step, plan) in schedule.steps.iter().enumerate() {
         let (s_tr, s_rot) = field.score(&tr, &rot, plan);
+        let guide = steered && steering.guidance > 0.0 && plan.t <= steering.t_start;
+        let mut grads: Vec<Vec<[f64; 3]>> = Vec::new();
         if steered && plan.t <= steering.t_start {
             let x0 = &tr + &s_tr * (plan.sigma_tr * plan.sigma_tr);
             let ca = positions(&x0, p, len);
             for (j, x) in ca.iter().enumerate() {
-                let u = energy(x);
+                let (u, g) = energy(x, guide);
                 log_w[j] -= u - prev_u[j];
                 prev_u[j] = u;
+                if guide {
+                    grads.push(g);
+                }
             }
         }
         let (mut z_tr, mut z_rot) = (Vec::with_capacity(p * len * 3), Vec::with_capacity(p * len * 3));
@@ -354,6 +394,28 @@ pub fn sample_groups_with(
         }
         let (zt, zr) = (tensor3(&z_tr, p, len, device), tensor3(&z_rot, p, len, device));
         (tr, rot) = sde_update(&tr, &rot, (&s_tr, &s_rot), plan, steering.noise, Some((&zt, &zr)));
+        if guide {
+            // The guided proposal moves the mean by delta = -guidance *
+            // gain * grad U(x0); the unguided kernel N(m, s^2) against the
+            // guided N(m + delta, s^2) at the drawn point gives the weight
+            // log N(x'|m) - log N(x'|m + delta) = -(|delta|^2 + 2 s delta.z) / (2 s^2).
+            let s = steering.noise * plan.tr_gain.sqrt();
+            let c = -steering.guidance * plan.tr_gain;
+            let mut delta = Vec::with_capacity(p * len * 3);
+            for (j, g) in grads.iter().enumerate() {
+                let mut corr = 0.0;
+                for (i, gi) in g.iter().enumerate() {
+                    for kk in 0..3 {
+                        let d = (c * gi[kk]) as f32;
+                        let z = f64::from(z_tr[(j * len + i) * 3 + kk]);
+                        corr += f64::from(d) * f64::from(d) + 2.0 * s * f64::from(d) * z;
+                        delta.push(d);
+                    }
+                }
+                log_w[j] -= corr / (2.0 * s * s);
+            }
+            tr = tr + tensor3(&delta, p, len, device);
+        }
         let in_window = plan.t <= steering.t_start && plan.t >= steering.t_end;
         if steered && k > 1 && in_window {
             let mut ancestors: Vec<i64> = (0..p as i64).collect();
@@ -389,7 +451,7 @@ pub fn sample_groups_with(
     let mut final_u = vec![0.0f64; p];
     if steered {
         for (j, x) in final_ca.iter().enumerate() {
-            final_u[j] = energy(x);
+            final_u[j] = energy(x, false).0;
             log_w[j] -= final_u[j] - prev_u[j];
         }
     }
