@@ -611,8 +611,7 @@ pub(crate) fn job_view(id: JobId, p: &JobProgress) -> JobView {
             solver: p.solver,
             steps: p.steps,
             network_calls_per_sample: p.steps.map(|s| {
-                p.solver.network_calls(s)
-                    * dig_common::job::steering_particles(p.steering.as_ref())
+                p.solver.network_calls(s) * dig_common::job::steering_particles(p.steering.as_ref())
             }),
             filter: p.filter.map(|f| f.criteria),
             max_draw_factor: p.filter.map(|f| f.max_draw_factor),
@@ -724,7 +723,9 @@ impl Lookups {
 /// A steering error as `steering.<field>: message` (a field path has no
 /// spaces before its colon) or `steering: message`.
 fn steering_error(e: &str) -> String {
-    let field = e.split_once(':').is_some_and(|(f, _)| !f.is_empty() && !f.contains(' '));
+    let field = e
+        .split_once(':')
+        .is_some_and(|(f, _)| !f.is_empty() && !f.contains(' '));
     if field {
         format!("steering.{e}")
     } else {

@@ -235,8 +235,7 @@ impl JobSpec {
     /// the model's own number when the request has none).
     pub fn network_calls(&self) -> Option<u64> {
         self.steps.map(|s| {
-            self.solver.network_calls(s.max(0) as u64)
-                * steering_particles(self.steering.as_ref())
+            self.solver.network_calls(s.max(0) as u64) * steering_particles(self.steering.as_ref())
         })
     }
 }

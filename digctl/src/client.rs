@@ -347,7 +347,10 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
         } => {
             let steering = steer
                 .as_deref()
-                .map(|s| crate::steer::load(s).map(|spec| serde_json::to_value(spec).expect("serializes")))
+                .map(|s| {
+                    crate::steer::load(s)
+                        .map(|spec| serde_json::to_value(spec).expect("serializes"))
+                })
                 .transpose()?;
             if num_samples == 0 {
                 bail!("--num-samples must be at least 1");

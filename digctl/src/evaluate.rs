@@ -115,7 +115,11 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
                 args.samples.display()
             )
         })?;
-        let w = dig_model::sampling::steering::reweight(&st.log_z, &st.energy, mode == Reweight::Unsteered);
+        let w = dig_model::sampling::steering::reweight(
+            &st.log_z,
+            &st.energy,
+            mode == Reweight::Unsteered,
+        );
         ess = Some(dig_model::sampling::steering::effective_sample_size(&w));
         for (r, w) in records.iter_mut().zip(w) {
             r.weight = w;
@@ -146,7 +150,11 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
             Some(o) => {
                 let (e, _) = read_samples(o)?;
                 if e.len_residues() != l {
-                    bail!("--overlay {} has {} residues, the samples {l}", o.display(), e.len_residues());
+                    bail!(
+                        "--overlay {} has {} residues, the samples {l}",
+                        o.display(),
+                        e.len_residues()
+                    );
                 }
                 Some((o.clone(), score(&e, &refs, None)))
             }
@@ -548,7 +556,12 @@ fn fraction_se(records: &[Record], f: f64) -> f64 {
 /// Weighted fraction of the samples for which `pred` holds, of their total weight.
 fn fraction(records: &[Record], pred: impl Fn(&Record) -> bool) -> f64 {
     let total: f64 = records.iter().map(|r| r.weight).sum();
-    (0.0 + records.iter().filter(|r| pred(r)).map(|r| r.weight).sum::<f64>()) / total
+    (0.0 + records
+        .iter()
+        .filter(|r| pred(r))
+        .map(|r| r.weight)
+        .sum::<f64>())
+        / total
 }
 
 fn failure_count(records: &[Record], criterion: &str) -> usize {
@@ -612,7 +625,12 @@ fn summary_json(
     let valid_total: f64 = valid_recs.iter().map(|r| r.weight).sum();
     let valid_frac = |pred: &dyn Fn(&Record) -> bool| {
         if valid_total > 0.0 {
-            valid_recs.iter().filter(|r| pred(r)).map(|r| r.weight).sum::<f64>() / valid_total
+            valid_recs
+                .iter()
+                .filter(|r| pred(r))
+                .map(|r| r.weight)
+                .sum::<f64>()
+                / valid_total
         } else {
             f64::NAN
         }
@@ -772,7 +790,9 @@ fn plot(
     // growing as the square root of the weight (1-12 px).
     let radius = |r: &Record| -> i32 {
         if weighted {
-            (3.0 * (r.weight * n as f64).sqrt()).round().clamp(1.0, 12.0) as i32
+            (3.0 * (r.weight * n as f64).sqrt())
+                .round()
+                .clamp(1.0, 12.0) as i32
         } else {
             3
         }
@@ -785,7 +805,12 @@ fn plot(
     };
     let (valid, invalid) = (points(valid), points(invalid));
     let grey: Vec<(f64, f64)> = overlay
-        .map(|(_, rs)| rs.iter().map(|r| (r.rmsd[0], r.rmsd[1])).filter(finite).collect())
+        .map(|(_, rs)| {
+            rs.iter()
+                .map(|r| (r.rmsd[0], r.rmsd[1]))
+                .filter(finite)
+                .collect()
+        })
         .unwrap_or_default();
     let train: Vec<(f64, f64)> = frames
         .map(|t| {
@@ -849,7 +874,10 @@ fn plot(
                 .unwrap_or_default();
             let gray = RGBColor(150, 150, 150);
             chart
-                .draw_series(grey.iter().map(|&p| Circle::new(p, 2, gray.mix(0.6).filled())))
+                .draw_series(
+                    grey.iter()
+                        .map(|&p| Circle::new(p, 2, gray.mix(0.6).filled())),
+                )
                 .map_err(|e| draw_err(&e))?
                 .label(format!("{label} ({})", grey.len()))
                 .legend(move |p| Circle::new(p, 3, gray.filled()));

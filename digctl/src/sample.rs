@@ -171,7 +171,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
                 bail!("--noise must be in (0, 2], got {eta}");
             }
             if args.solver != dig_model::Solver::Euler {
-                bail!("--noise: the stochastic update is Euler-Maruyama; use --solver euler (got {})", args.solver);
+                bail!(
+                    "--noise: the stochastic update is Euler-Maruyama; use --solver euler (got {})",
+                    args.solver
+                );
             }
             (None, Some(Steering::stochastic(eta)))
         }

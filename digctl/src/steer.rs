@@ -21,25 +21,22 @@ pub fn load(arg: &str) -> Result<SteerSpec> {
             PRESETS.join(", ")
         );
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --steer {arg}"))?;
-    let mut spec =
-        SteerSpec::from_json(&text).map_err(|e| anyhow!("--steer {arg}: {e}"))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read --steer {arg}"))?;
+    let mut spec = SteerSpec::from_json(&text).map_err(|e| anyhow!("--steer {arg}: {e}"))?;
     let base = path.parent().unwrap_or(Path::new("."));
     for (i, p) in spec.potentials.iter_mut().enumerate() {
         if let (Some(reference), None) = (&p.reference, &p.reference_ca) {
             let file = base.join(reference);
             let t = read_pdb(&file)
                 .with_context(|| format!("--steer {arg}: potentials[{i}].reference"))?;
-            let first = t
-                .frames
-                .first()
-                .ok_or_else(|| anyhow!("--steer {arg}: potentials[{i}].reference {} has no model", file.display()))?;
-            p.reference_ca = Some(
-                first
-                    .iter()
-                    .map(|res| res[1].map(f64::from))
-                    .collect(),
-            );
+            let first = t.frames.first().ok_or_else(|| {
+                anyhow!(
+                    "--steer {arg}: potentials[{i}].reference {} has no model",
+                    file.display()
+                )
+            })?;
+            p.reference_ca = Some(first.iter().map(|res| res[1].map(f64::from)).collect());
         }
     }
     Ok(spec)

@@ -325,7 +325,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             };
             let other_dir = args.out.join(other);
             t.with_ema_weights(|m| m.save_dir(if main { &args.out } else { &other_dir }))?;
-            t.model.save_dir(if main { &other_dir } else { &args.out })?;
+            t.model
+                .save_dir(if main { &other_dir } else { &args.out })?;
         } else {
             t.model.save_dir(&args.out)?;
         }

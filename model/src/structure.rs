@@ -344,9 +344,13 @@ impl Ensemble {
                 (Some(e), Some(z)) => {
                     let read = |name: &str, t: &Tensor| {
                         if t.size() != [n] {
-                            return Err(bad(format!("`{name}` has shape {:?}, expected ({n},)", t.size())));
+                            return Err(bad(format!(
+                                "`{name}` has shape {:?}, expected ({n},)",
+                                t.size()
+                            )));
                         }
-                        Vec::<f64>::try_from(&t.to_kind(Kind::Double)).map_err(|e| bad(e.to_string()))
+                        Vec::<f64>::try_from(&t.to_kind(Kind::Double))
+                            .map_err(|e| bad(e.to_string()))
                     };
                     Some(SteerRecord {
                         energy: read("steer_energy", e)?,

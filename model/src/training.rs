@@ -589,7 +589,9 @@ mod tests {
             want[1] = 0.9 * want[1] + 0.1 * (10.0 * k as f64);
         }
         let closed = 0.9f64.powi(5)
-            + (1..=5).map(|k| 0.1 * 0.9f64.powi(5 - k) * k as f64).sum::<f64>();
+            + (1..=5)
+                .map(|k| 0.1 * 0.9f64.powi(5 - k) * k as f64)
+                .sum::<f64>();
         assert!((want[0] - closed).abs() < 1e-12);
         let got: Vec<f64> = Vec::try_from(&ema.weights()[0].1).unwrap();
         assert!((got[0] - closed).abs() < 1e-12, "{got:?} vs {closed}");

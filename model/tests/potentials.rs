@@ -33,14 +33,22 @@ fn wiggly(n: usize) -> Vec<[f64; 3]> {
     (0..n)
         .map(|i| {
             let t = i as f64;
-            [3.1 * t + 0.7 * (1.3 * t).sin(), 2.0 * (0.9 * t).cos() + 0.1 * t, 1.5 * (0.4 * t).sin() * t.sqrt()]
+            [
+                3.1 * t + 0.7 * (1.3 * t).sin(),
+                2.0 * (0.9 * t).cos() + 0.1 * t,
+                1.5 * (0.4 * t).sin() * t.sqrt(),
+            ]
         })
         .collect()
 }
 
 fn check_gradient(p: &dig_model::sampling::potentials::Potential, x: &[[f64; 3]]) {
     let (u, g) = p.energy_and_gradient(x, true);
-    assert!(u > 0.0, "{:?}: the crafted structure must have energy to test a gradient", p.kind);
+    assert!(
+        u > 0.0,
+        "{:?}: the crafted structure must have energy to test a gradient",
+        p.kind
+    );
     let h = 1e-6;
     let mut worst: f64 = 0.0;
     for i in 0..x.len() {
@@ -75,7 +83,14 @@ fn chain_break_counts_only_gaps_past_the_flat_bottom() {
     s.linear_from = Some(1.0);
     let p = s.compile(5).unwrap();
     assert!((p.energy(&line(5, 6.3)) - 48.0).abs() < 1e-9);
-    check_gradient(&p, &line(5, 5.1).iter().enumerate().map(|(i, v)| [v[0], 0.3 * i as f64, 0.0]).collect::<Vec<_>>());
+    check_gradient(
+        &p,
+        &line(5, 5.1)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| [v[0], 0.3 * i as f64, 0.0])
+            .collect::<Vec<_>>(),
+    );
 }
 
 #[test]
@@ -88,8 +103,14 @@ fn clash_counts_close_pairs_more_than_two_apart() {
     // Fold residue 5 back onto residue 0 at 3 Å: one pair 1 Å under 4.0.
     let mut x = line(5, 3.8);
     x.push([0.0, 3.0, 0.0]);
-    let d5: Vec<f64> = (1..5).map(|i| ((x[i][0]).powi(2) + 9.0f64).sqrt()).collect();
-    let want: f64 = 1.0 + d5.iter().filter(|&&d| d < 4.0).map(|d| (4.0 - d).powi(2)).sum::<f64>();
+    let d5: Vec<f64> = (1..5)
+        .map(|i| ((x[i][0]).powi(2) + 9.0f64).sqrt())
+        .collect();
+    let want: f64 = 1.0
+        + d5.iter()
+            .filter(|&&d| d < 4.0)
+            .map(|d| (4.0 - d).powi(2))
+            .sum::<f64>();
     // Pairs with residue 5 more than 2 apart: (0,5), (1,5), (2,5).
     let want_pairs: f64 = 1.0
         + [1usize, 2]
@@ -99,7 +120,11 @@ fn clash_counts_close_pairs_more_than_two_apart() {
             .map(|d| (4.0 - d).powi(2))
             .sum::<f64>();
     let _ = want;
-    assert!((p.energy(&x) - want_pairs).abs() < 1e-12, "{} vs {want_pairs}", p.energy(&x));
+    assert!(
+        (p.energy(&x) - want_pairs).abs() < 1e-12,
+        "{} vs {want_pairs}",
+        p.energy(&x)
+    );
     check_gradient(&p, &x);
 }
 
@@ -132,7 +157,10 @@ fn rg_distance_rmsd_and_q_measure_what_they_say() {
 
     // RMSD to a rotated and shifted copy is 0; to a copy with one atom
     // moved by 2 Å along a direction, positive and rotation-invariant.
-    let rotated: Vec<[f64; 3]> = x.iter().map(|v| [-v[1] + 4.0, v[0] - 1.0, v[2] + 2.0]).collect();
+    let rotated: Vec<[f64; 3]> = x
+        .iter()
+        .map(|v| [-v[1] + 4.0, v[0] - 1.0, v[2] + 2.0])
+        .collect();
     let mut s = spec(PotentialKind::Rmsd);
     s.reference_ca = Some(rotated.clone());
     let p = s.compile(n).unwrap();
@@ -161,10 +189,16 @@ fn rg_distance_rmsd_and_q_measure_what_they_say() {
     let q = p.value(&x);
     assert!(q > 0.99 && q < 1.0, "{q}");
     // Stretched by 2x every contact is lost.
-    let far: Vec<[f64; 3]> = x.iter().map(|v| [2.0 * v[0], 2.0 * v[1], 2.0 * v[2]]).collect();
+    let far: Vec<[f64; 3]> = x
+        .iter()
+        .map(|v| [2.0 * v[0], 2.0 * v[1], 2.0 * v[2]])
+        .collect();
     assert!(p.value(&far) < 0.05);
     assert!(p.energy(&far) > 0.9);
-    let squeezed: Vec<[f64; 3]> = x.iter().map(|v| [1.3 * v[0], 1.25 * v[1], 1.2 * v[2]]).collect();
+    let squeezed: Vec<[f64; 3]> = x
+        .iter()
+        .map(|v| [1.3 * v[0], 1.25 * v[1], 1.2 * v[2]])
+        .collect();
     check_gradient(&p, &squeezed);
 }
 
@@ -177,22 +211,51 @@ fn steering_specs_are_checked_field_by_field() {
             Ok(s) => s.compile(10, Solver::Euler).unwrap_err(),
         }
     };
-    assert!(err(r#"{"potentials": [{"type": "bogus"}]}"#).starts_with("potentials[0].type: unknown variant `bogus`"));
-    assert!(err(r#"{"particles": 0, "potentials": [{"type": "clash"}]}"#).starts_with("particles: must be between 1 and 64"));
-    assert!(err(r#"{"particles": 65, "potentials": [{"type": "clash"}]}"#).starts_with("particles:"));
-    assert!(err(r#"{"ess_threshold": 1.5, "potentials": [{"type": "clash"}]}"#).starts_with("ess_threshold:"));
-    assert!(err(r#"{"window": [0.1, 0.9], "potentials": [{"type": "clash"}]}"#).starts_with("window:"));
+    assert!(err(r#"{"potentials": [{"type": "bogus"}]}"#)
+        .starts_with("potentials[0].type: unknown variant `bogus`"));
+    assert!(
+        err(r#"{"particles": 0, "potentials": [{"type": "clash"}]}"#)
+            .starts_with("particles: must be between 1 and 64")
+    );
+    assert!(
+        err(r#"{"particles": 65, "potentials": [{"type": "clash"}]}"#).starts_with("particles:")
+    );
+    assert!(
+        err(r#"{"ess_threshold": 1.5, "potentials": [{"type": "clash"}]}"#)
+            .starts_with("ess_threshold:")
+    );
+    assert!(
+        err(r#"{"window": [0.1, 0.9], "potentials": [{"type": "clash"}]}"#).starts_with("window:")
+    );
     assert!(err(r#"{"noise": 0, "potentials": [{"type": "clash"}]}"#).starts_with("noise:"));
-    assert!(err(r#"{"potentials": [{"type": "rg"}]}"#).starts_with("potentials[0].target: required"));
-    assert!(err(r#"{"potentials": [{"type": "clash"}, {"type": "rg", "target": 3, "slope": -1}]}"#).starts_with("potentials[1].slope:"));
-    assert!(err(r#"{"potentials": [{"type": "distance", "residues": [1, 11], "target": 3}]}"#).starts_with("potentials[0].residues:"));
-    assert!(err(r#"{"potentials": [{"type": "rmsd", "reference_ca": [[0,0,0]]}]}"#).starts_with("potentials[0].reference_ca: the reference has 1 residues, the protein 10"));
-    assert!(err(r#"{"potentials": [{"type": "clash", "residues": [1, 2]}]}"#).starts_with("potentials[0].residues: not a parameter"));
+    assert!(
+        err(r#"{"potentials": [{"type": "rg"}]}"#).starts_with("potentials[0].target: required")
+    );
+    assert!(err(
+        r#"{"potentials": [{"type": "clash"}, {"type": "rg", "target": 3, "slope": -1}]}"#
+    )
+    .starts_with("potentials[1].slope:"));
+    assert!(
+        err(r#"{"potentials": [{"type": "distance", "residues": [1, 11], "target": 3}]}"#)
+            .starts_with("potentials[0].residues:")
+    );
+    assert!(
+        err(r#"{"potentials": [{"type": "rmsd", "reference_ca": [[0,0,0]]}]}"#).starts_with(
+            "potentials[0].reference_ca: the reference has 1 residues, the protein 10"
+        )
+    );
+    assert!(
+        err(r#"{"potentials": [{"type": "clash", "residues": [1, 2]}]}"#)
+            .starts_with("potentials[0].residues: not a parameter")
+    );
     let e = err(r#"{"potentials": [{"type": "clash"}], "particle": 3}"#);
     assert!(e.contains("unknown field `particle`"), "{e}");
     assert!(err(r#"{"potentials": []}"#).starts_with("potentials: more than one particle"));
     let ok = SteerSpec::from_json(r#"{"potentials": [{"type": "clash"}]}"#).unwrap();
-    assert!(ok.compile(10, Solver::Ab2).unwrap_err().starts_with("solver:"));
+    assert!(ok
+        .compile(10, Solver::Ab2)
+        .unwrap_err()
+        .starts_with("solver:"));
     let physical = preset("physical").unwrap();
     let s = physical.compile(10, Solver::Euler).unwrap();
     assert_eq!(s.particles, 4);

@@ -94,7 +94,10 @@ fn a_resumed_run_keeps_its_moving_average_bit_for_bit() {
     let trained: std::collections::HashMap<String, tch::Tensor> =
         weights(&whole).into_iter().collect();
     let fresh: std::collections::HashMap<String, tch::Tensor> =
-        DigModel::random(&tiny(), 3, Device::Cpu).state_dict().into_iter().collect();
+        DigModel::random(&tiny(), 3, Device::Cpu)
+            .state_dict()
+            .into_iter()
+            .collect();
     let differs = |m: &std::collections::HashMap<String, tch::Tensor>| {
         a.iter().filter(|(k, t)| !t.equal(&m[k])).count()
     };

@@ -8,7 +8,9 @@
 
 use dig_model::sampling::noise::sde_update;
 use dig_model::sampling::potentials::PotentialSet;
-use dig_model::sampling::steering::{reweight, sample_groups_with, EnergyFn, GroupResult, Steering};
+use dig_model::sampling::steering::{
+    reweight, sample_groups_with, EnergyFn, GroupResult, Steering,
+};
 use dig_model::sampling::{integrate, ScoreField, Solver, StepPlan};
 use dig_model::so3::So3Tables;
 use dig_model::{ModelConfig, Schedule};
@@ -40,7 +42,12 @@ fn moments(x: &[f64], w: &[f64]) -> (f64, f64, f64, f64) {
     let var: f64 = x.iter().zip(w).map(|(a, b)| b * (a - mean).powi(2)).sum();
     let ess = 1.0 / w.iter().map(|b| b * b).sum::<f64>();
     let m4: f64 = x.iter().zip(w).map(|(a, b)| b * (a - mean).powi(4)).sum();
-    ((mean), (var / ess).sqrt(), var, ((m4 - var * var) / ess).sqrt())
+    (
+        (mean),
+        (var / ess).sqrt(),
+        var,
+        ((m4 - var * var) / ess).sqrt(),
+    )
 }
 
 fn run(steering: &Steering, energy: Option<&EnergyFn>, n: u64, steps: i64) -> Vec<GroupResult> {
@@ -88,10 +95,18 @@ fn unsteered_stochastic_sampling_returns_the_data_distribution() {
     let w = vec![1.0 / n as f64; n as usize];
     let (mean, se_mean, var, se_var) = moments(&x, &w);
     println!("unsteered: mean {mean:.4} ± {se_mean:.4} (want {MU}), var {var:.4} ± {se_var:.4} (want {S2_END})");
-    assert!((mean - MU).abs() < 3.0 * se_mean, "mean {mean} vs {MU} ± {se_mean}");
-    assert!((var - S2_END).abs() < 3.0 * se_var, "var {var} vs {S2_END} ± {se_var}");
+    assert!(
+        (mean - MU).abs() < 3.0 * se_mean,
+        "mean {mean} vs {MU} ± {se_mean}"
+    );
+    assert!(
+        (var - S2_END).abs() < 3.0 * se_var,
+        "var {var} vs {S2_END} ± {se_var}"
+    );
     // No potential: no weights.
-    assert!(out.iter().all(|r| r.log_z == 0.0 && r.energy == 0.0 && r.resamplings == 0));
+    assert!(out
+        .iter()
+        .all(|r| r.log_z == 0.0 && r.energy == 0.0 && r.resamplings == 0));
 }
 
 #[test]
@@ -116,7 +131,11 @@ fn guided_smc_still_matches_the_tilted_gaussian() {
 
 fn spring_energy(x: &[[f64; 3]], grad: bool) -> (f64, Vec<[f64; 3]>) {
     let u = 0.5 * K_SPRING * (x[0][0] - A).powi(2);
-    let g = if grad { vec![[K_SPRING * (x[0][0] - A), 0.0, 0.0]] } else { Vec::new() };
+    let g = if grad {
+        vec![[K_SPRING * (x[0][0] - A), 0.0, 0.0]]
+    } else {
+        Vec::new()
+    };
     (u, g)
 }
 
@@ -141,15 +160,26 @@ fn smc_case(st: &Steering, steps: i64, back: bool) {
     let energy: Vec<f64> = out.iter().map(|r| r.energy).collect();
     let wq = reweight(&log_z, &energy, false);
     let (m, sm, v, sv) = moments(&x, &wq);
-    println!("Z-weighted: mean {m:.4} ± {sm:.4} (want {mut_:.4}), var {v:.4} ± {sv:.4} (want {s2t:.4})");
-    assert!((m - mut_).abs() < 3.0 * sm, "tilted mean {m} vs {mut_} ± {sm}");
+    println!(
+        "Z-weighted: mean {m:.4} ± {sm:.4} (want {mut_:.4}), var {v:.4} ± {sv:.4} (want {s2t:.4})"
+    );
+    assert!(
+        (m - mut_).abs() < 3.0 * sm,
+        "tilted mean {m} vs {mut_} ± {sm}"
+    );
     assert!((v - s2t).abs() < 3.0 * sv, "tilted var {v} vs {s2t} ± {sv}");
     let wp = reweight(&log_z, &energy, true);
     let (m, sm, v, sv) = moments(&x, &wp);
     println!("Z exp(U)-weighted: mean {m:.4} ± {sm:.4} (want {MU}), var {v:.4} ± {sv:.4} (want {S2_END})");
     if back {
-        assert!((m - MU).abs() < 3.0 * sm, "untilted mean {m} vs {MU} ± {sm}");
-        assert!((v - S2_END).abs() < 3.0 * sv, "untilted var {v} vs {S2_END} ± {sv}");
+        assert!(
+            (m - MU).abs() < 3.0 * sm,
+            "untilted mean {m} vs {MU} ± {sm}"
+        );
+        assert!(
+            (v - S2_END).abs() < 3.0 * sv,
+            "untilted var {v} vs {S2_END} ± {sv}"
+        );
     }
     // Unweighted, the returned samples already lean to the tilted mean
     // (exactly so only as K grows): far closer to it than to the data's.
@@ -169,16 +199,49 @@ fn a_group_is_the_same_alone_and_in_any_batch() {
     let sched = schedule(50);
     let all = {
         let mut f = Gaussian { mu: MU, s2: S2 };
-        sample_groups_with(&sched, &mut f, &steering(4), Some(&spring), 5, &[0, 1, 2, 3, 4, 5], 1, 35.0, Device::Cpu, |_| {})
+        sample_groups_with(
+            &sched,
+            &mut f,
+            &steering(4),
+            Some(&spring),
+            5,
+            &[0, 1, 2, 3, 4, 5],
+            1,
+            35.0,
+            Device::Cpu,
+            |_| {},
+        )
     };
     let alone = {
         let mut f = Gaussian { mu: MU, s2: S2 };
-        sample_groups_with(&sched, &mut f, &steering(4), Some(&spring), 5, &[4], 1, 35.0, Device::Cpu, |_| {})
+        sample_groups_with(
+            &sched,
+            &mut f,
+            &steering(4),
+            Some(&spring),
+            5,
+            &[4],
+            1,
+            35.0,
+            Device::Cpu,
+            |_| {},
+        )
     };
     assert_eq!(alone[0], all[4]);
     let other_seed = {
         let mut f = Gaussian { mu: MU, s2: S2 };
-        sample_groups_with(&sched, &mut f, &steering(4), Some(&spring), 6, &[4], 1, 35.0, Device::Cpu, |_| {})
+        sample_groups_with(
+            &sched,
+            &mut f,
+            &steering(4),
+            Some(&spring),
+            6,
+            &[4],
+            1,
+            35.0,
+            Device::Cpu,
+            |_| {},
+        )
     };
     assert_ne!(other_seed[0].tr, all[4].tr);
 }
@@ -197,7 +260,13 @@ fn no_noise_is_the_published_update_bit_for_bit() {
     assert!(a_tr.equal(&b_tr) && a_rot.equal(&b_rot));
     // The whole schedule with eta = 0 equals integrate()'s Euler run.
     let mut f = Gaussian { mu: MU, s2: S2 };
-    let (e_tr, e_rot) = integrate(&sched, &mut f, tr.shallow_clone(), rot.shallow_clone(), |_| {});
+    let (e_tr, e_rot) = integrate(
+        &sched,
+        &mut f,
+        tr.shallow_clone(),
+        rot.shallow_clone(),
+        |_| {},
+    );
     let mut x_tr = tr.shallow_clone();
     let mut x_rot = rot.shallow_clone();
     for plan in &sched.steps {
@@ -207,6 +276,9 @@ fn no_noise_is_the_published_update_bit_for_bit() {
     assert!(e_tr.equal(&x_tr) && e_rot.equal(&x_rot));
     // With noise the update moves by exactly sqrt(gain) * eta * z.
     let (n_tr, _) = sde_update(&tr, &rot, (&s_tr, &s_rot), plan, 0.5, Some((&z, &z)));
-    let diff = (&n_tr - &a_tr - &z * (0.5 * plan.tr_gain.sqrt())).abs().max().double_value(&[]);
+    let diff = (&n_tr - &a_tr - &z * (0.5 * plan.tr_gain.sqrt()))
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(diff < 1e-4, "{diff}");
 }

@@ -44,7 +44,14 @@ fn steering_file(dir: &Path) -> PathBuf {
     path
 }
 
-fn local_steered(dir: &Path, steer: &Path, num: u64, seed: u64, steps: u64, batch: &str) -> PathBuf {
+fn local_steered(
+    dir: &Path,
+    steer: &Path,
+    num: u64,
+    seed: u64,
+    steps: u64,
+    batch: &str,
+) -> PathBuf {
     let out = dir.join(format!("local-{num}-{seed}-{steps}-{batch}"));
     let o = Command::new(digctl_path())
         .args([
@@ -89,7 +96,11 @@ fn a_steered_job_equals_digctl_sample_through_a_worker_kill_and_bad_steering_is_
     let sha = {
         let out = c.client_ok(
             &c.key_a,
-            &["upload-features", "--json", data("features.npz").to_str().unwrap()],
+            &[
+                "upload-features",
+                "--json",
+                data("features.npz").to_str().unwrap(),
+            ],
         );
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v["sha256"].as_str().unwrap().to_string()
@@ -127,7 +138,11 @@ fn a_steered_job_equals_digctl_sample_through_a_worker_kill_and_bad_steering_is_
         if v["shards"]["done"].as_u64().unwrap() >= 1 || v["state"] == "succeeded" {
             break;
         }
-        assert!(Instant::now() < deadline, "no shard done: {v}\n{}", victim.log());
+        assert!(
+            Instant::now() < deadline,
+            "no shard done: {v}\n{}",
+            victim.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     victim.kill();
@@ -144,7 +159,10 @@ fn a_steered_job_equals_digctl_sample_through_a_worker_kill_and_bad_steering_is_
     let sampling = &view["sampling"];
     assert_eq!(sampling["network_calls_per_sample"], 3 * steps, "{view}");
     assert_eq!(sampling["steering"]["particles"], 3);
-    assert_eq!(sampling["steering"]["window"], serde_json::json!([0.8, 0.0]));
+    assert_eq!(
+        sampling["steering"]["window"],
+        serde_json::json!([0.8, 0.0])
+    );
     assert_eq!(sampling["steering"]["potentials"][1]["type"], "rg");
 
     let shards = c.fetch(&c.key_a, &job);
@@ -155,8 +173,14 @@ fn a_steered_job_equals_digctl_sample_through_a_worker_kill_and_bad_steering_is_
     let local_dir = local_steered(c.dir.path(), &steer, num, seed, steps, BATCH);
     let local = Ensemble::read_npz(&local_dir.join("samples.npz"), SEQUENCE).unwrap();
     assert_eq!(service.sample_index, (0..num as i64).collect::<Vec<_>>());
-    assert!(service.tr == local.tr && service.rot_mat == local.rot_mat, "samples differ");
-    let (a, b) = (service.steer.as_ref().unwrap(), local.steer.as_ref().unwrap());
+    assert!(
+        service.tr == local.tr && service.rot_mat == local.rot_mat,
+        "samples differ"
+    );
+    let (a, b) = (
+        service.steer.as_ref().unwrap(),
+        local.steer.as_ref().unwrap(),
+    );
     assert_eq!(a, b, "energies or log Z differ");
     assert!(a.energy.iter().all(|u| u.is_finite() && *u >= 0.0));
     assert!(a.log_z.iter().all(|z| z.is_finite() && *z <= 1e-12));
@@ -188,14 +212,35 @@ fn a_steered_job_equals_digctl_sample_through_a_worker_kill_and_bad_steering_is_
         "sequence": SEQUENCE, "features_sha256": sha, "num_samples": 2, "model": MODEL, "steps": 4,
     });
     let cases = [
-        (serde_json::json!({"potentials": [{"type": "bogus"}]}), "steering.potentials[0].type: unknown variant `bogus`"),
-        (serde_json::json!({"particles": 0, "potentials": [{"type": "clash"}]}), "steering.particles: must be between 1 and 64"),
-        (serde_json::json!({"particles": 65, "potentials": [{"type": "clash"}]}), "steering.particles:"),
-        (serde_json::json!({"noise": -1, "potentials": [{"type": "clash"}]}), "steering.noise:"),
-        (serde_json::json!({"potentials": [{"type": "rg", "target": "x"}]}), "steering.potentials[0].target:"),
-        (serde_json::json!({"potentials": [{"type": "rmsd", "reference_ca": [[0.0, 0.0, 0.0]]}]}), "steering.potentials[0].reference_ca: the reference has 1 residues, the protein 24"),
-        (serde_json::json!({"potentials": [{"type": "clash"}], "extra": 1}), "steering: unknown field `extra`"),
-        (serde_json::json!([1, 2]), "steering: invalid type"),
+        (
+            serde_json::json!({"potentials": [{"type": "bogus"}]}),
+            "steering.potentials[0].type: unknown variant `bogus`",
+        ),
+        (
+            serde_json::json!({"particles": 0, "potentials": [{"type": "clash"}]}),
+            "steering.particles: must be between 1 and 64",
+        ),
+        (
+            serde_json::json!({"particles": 65, "potentials": [{"type": "clash"}]}),
+            "steering.particles:",
+        ),
+        (
+            serde_json::json!({"noise": -1, "potentials": [{"type": "clash"}]}),
+            "steering.noise:",
+        ),
+        (
+            serde_json::json!({"potentials": [{"type": "rg", "target": "x"}]}),
+            "steering.potentials[0].target:",
+        ),
+        (
+            serde_json::json!({"potentials": [{"type": "rmsd", "reference_ca": [[0.0, 0.0, 0.0]]}]}),
+            "steering.potentials[0].reference_ca: the reference has 1 residues, the protein 24",
+        ),
+        (
+            serde_json::json!({"potentials": [{"type": "clash"}], "extra": 1}),
+            "steering.extra: unknown field `extra`",
+        ),
+        (serde_json::json!([1, 2]), "steering: must be a JSON object"),
     ];
     for (steering, want) in cases {
         let mut body = base.clone();
@@ -203,7 +248,9 @@ fn a_steered_job_equals_digctl_sample_through_a_worker_kill_and_bad_steering_is_
         let (status, text) = c.api_post(&c.key_a, "/v1/jobs", &body);
         assert_eq!(status, 400, "{steering}: {text}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let msg = v["error"]["message"].as_str().unwrap_or_else(|| panic!("{text}"));
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{text}"));
         assert!(msg.starts_with(want), "{steering}: {msg} (want {want})");
     }
     // Steering needs the Euler update.
@@ -213,6 +260,10 @@ fn a_steered_job_equals_digctl_sample_through_a_worker_kill_and_bad_steering_is_
     let (status, text) = c.api_post(&c.key_a, "/v1/jobs", &body);
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("steering.solver:"), "{text}");
-    assert_eq!(c.api_get(&c.key_a, "/v1/jobs?limit=100").1, before, "a refused job was created");
+    assert_eq!(
+        c.api_get(&c.key_a, "/v1/jobs?limit=100").1,
+        before,
+        "a refused job was created"
+    );
     eprintln!("[{:.1} s] done", t0.elapsed().as_secs_f64());
 }

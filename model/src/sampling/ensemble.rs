@@ -5,9 +5,9 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::solvers::Sampler;
 use crate::network::ProteinContext;
 use crate::rng::initial_state;
-use super::solvers::Sampler;
 use crate::structure::Ensemble;
 use crate::{ModelError, Result};
 

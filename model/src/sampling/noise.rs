@@ -87,7 +87,10 @@ pub fn particle_initial_state(
 /// residues from one group's stream: `(z_T, z_R)`, each `particles * len * 3`.
 pub fn step_normals(rng: &mut ChaCha20Rng, particles: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
     let n = 3 * len;
-    let (mut z_tr, mut z_rot) = (Vec::with_capacity(particles * n), Vec::with_capacity(particles * n));
+    let (mut z_tr, mut z_rot) = (
+        Vec::with_capacity(particles * n),
+        Vec::with_capacity(particles * n),
+    );
     for _ in 0..particles {
         z_tr.extend(standard_normals(rng, n).into_iter().map(|v| v as f32));
         z_rot.extend(standard_normals(rng, n).into_iter().map(|v| v as f32));

@@ -197,7 +197,12 @@ impl PotentialSpec {
         };
         let target = match self.target.or(target_default) {
             Some(t) => finite("target", t)?,
-            None => return Err(format!("target: required for a {} potential", kind.as_str())),
+            None => {
+                return Err(format!(
+                    "target: required for a {} potential",
+                    kind.as_str()
+                ))
+            }
         };
         let form = FlatBottom {
             weight: finite("weight", self.weight.unwrap_or(1.0))?,
@@ -205,20 +210,29 @@ impl PotentialSpec {
             flat_bottom: finite("flat_bottom", self.flat_bottom.unwrap_or(flat_default))?,
             slope: finite("slope", self.slope.unwrap_or(1.0))?,
             order: finite("order", self.order.unwrap_or(2.0))?,
-            linear_from: self.linear_from.map(|v| finite("linear_from", v)).transpose()?,
+            linear_from: self
+                .linear_from
+                .map(|v| finite("linear_from", v))
+                .transpose()?,
             side: self.side.unwrap_or(side_default),
         };
         if form.weight < 0.0 {
             return Err(format!("weight: must be at least 0, got {}", form.weight));
         }
         if form.flat_bottom < 0.0 {
-            return Err(format!("flat_bottom: must be at least 0, got {}", form.flat_bottom));
+            return Err(format!(
+                "flat_bottom: must be at least 0, got {}",
+                form.flat_bottom
+            ));
         }
         if form.slope <= 0.0 {
             return Err(format!("slope: must be positive, got {}", form.slope));
         }
         if !(1.0..=8.0).contains(&form.order) {
-            return Err(format!("order: must be between 1 and 8, got {}", form.order));
+            return Err(format!(
+                "order: must be between 1 and 8, got {}",
+                form.order
+            ));
         }
         if let Some(lf) = form.linear_from {
             if lf <= 0.0 {
@@ -227,7 +241,10 @@ impl PotentialSpec {
         }
         let unused = |field: &str, present: bool| -> Result<(), String> {
             if present {
-                Err(format!("{field}: not a parameter of a {} potential", kind.as_str()))
+                Err(format!(
+                    "{field}: not a parameter of a {} potential",
+                    kind.as_str()
+                ))
             } else {
                 Ok(())
             }
@@ -251,13 +268,19 @@ impl PotentialSpec {
             Ok(ca)
         };
         unused("residues", self.residues.is_some() && kind != Distance)?;
-        unused("min_separation", self.min_separation.is_some() && kind != Clash)?;
+        unused(
+            "min_separation",
+            self.min_separation.is_some() && kind != Clash,
+        )?;
         unused("cutoff", self.cutoff.is_some() && kind != Q)?;
         unused(
             "reference_ca",
             self.reference_ca.is_some() && !matches!(kind, Rmsd | Q),
         )?;
-        unused("reference", self.reference.is_some() && !matches!(kind, Rmsd | Q))?;
+        unused(
+            "reference",
+            self.reference.is_some() && !matches!(kind, Rmsd | Q),
+        )?;
         let measure = match kind {
             ChainBreak => Measure::ChainBreak,
             Clash => Measure::Clash {
@@ -348,9 +371,17 @@ impl Potential {
 
     /// The energy and, when `with_gradient`, its gradient with respect to
     /// every CA position (else empty).
-    pub fn energy_and_gradient(&self, ca: &[[f64; 3]], with_gradient: bool) -> (f64, Vec<[f64; 3]>) {
+    pub fn energy_and_gradient(
+        &self,
+        ca: &[[f64; 3]],
+        with_gradient: bool,
+    ) -> (f64, Vec<[f64; 3]>) {
         let n = ca.len();
-        let mut grad = if with_gradient { vec![[0.0; 3]; n] } else { Vec::new() };
+        let mut grad = if with_gradient {
+            vec![[0.0; 3]; n]
+        } else {
+            Vec::new()
+        };
         let f = &self.form;
         let mut u = 0.0;
         match &self.measure {
@@ -367,7 +398,11 @@ impl Potential {
                 // Only distances under the target (plus flat bottom, for
                 // side both/above) can count: skip the square root otherwise.
                 let reach = f.target + f.flat_bottom;
-                let reach2 = if f.side == Side::Below { reach * reach } else { f64::INFINITY };
+                let reach2 = if f.side == Side::Below {
+                    reach * reach
+                } else {
+                    f64::INFINITY
+                };
                 for i in 0..n {
                     for j in i + min_separation + 1..n {
                         let d = sub(ca[i], ca[j]);

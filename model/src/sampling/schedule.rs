@@ -167,4 +167,3 @@ impl Schedule {
         self.steps.is_empty()
     }
 }
-

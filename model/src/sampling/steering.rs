@@ -150,19 +150,18 @@ impl Steering {
 impl SteerSpec {
     /// Parses JSON text, naming the field of any error (`potentials[1].type: ...`).
     pub fn from_json(text: &str) -> Result<Self, String> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            if path == "." {
-                e.inner().to_string()
-            } else {
-                format!("{path}: {}", e.inner())
-            }
-        })
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        Self::from_value(&value)
     }
 
     /// Parses a JSON value (a job's `steering`), naming the field of any error.
     pub fn from_value(value: &serde_json::Value) -> Result<Self, String> {
+        if !value.is_object() {
+            return Err(format!(
+                "must be a JSON object (particles, ess_threshold, window, noise, guidance, potentials), got {value}"
+            ));
+        }
         serde_path_to_error::deserialize(value.clone()).map_err(|e| {
             let path = e.path().to_string();
             if path == "." {
@@ -190,7 +189,12 @@ impl SteerSpec {
             ));
         }
         let [t_start, t_end] = self.window;
-        if !(t_start.is_finite() && t_end.is_finite() && 0.0 <= t_end && t_end <= t_start && t_start <= 1.0) {
+        if !(t_start.is_finite()
+            && t_end.is_finite()
+            && 0.0 <= t_end
+            && t_end <= t_start
+            && t_start <= 1.0)
+        {
             return Err(format!(
                 "window: must be [t_start, t_end] with 1 >= t_start >= t_end >= 0 (diffusion time, 1 = noise), got [{t_start}, {t_end}]"
             ));
@@ -204,7 +208,10 @@ impl SteerSpec {
             ));
         }
         if !(0.0..=1000.0).contains(&self.guidance) {
-            return Err(format!("guidance: must be in [0, 1000], got {}", self.guidance));
+            return Err(format!(
+                "guidance: must be in [0, 1000], got {}",
+                self.guidance
+            ));
         }
         if self.guidance > 0.0 && self.potentials.is_empty() {
             return Err("guidance: needs at least one potential".into());
@@ -279,8 +286,9 @@ fn systematic(w: &[f64], u: f64) -> Vec<usize> {
 
 /// CA positions of every particle from a `(P, L, 3)` tensor.
 fn positions(t: &Tensor, p: usize, len: usize) -> Vec<Vec<[f64; 3]>> {
-    let flat: Vec<f32> = Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))
-        .expect("float32 positions");
+    let flat: Vec<f32> =
+        Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))
+            .expect("float32 positions");
     (0..p)
         .map(|i| {
             flat[i * len * 3..(i + 1) * len * 3]
@@ -351,7 +359,10 @@ pub fn sample_groups_with(
     let k = steering.particles;
     let g = indices.len();
     let p = g * k;
-    let (mut tr0, mut rot0) = (Vec::with_capacity(p * len * 3), Vec::with_capacity(p * len * 9));
+    let (mut tr0, mut rot0) = (
+        Vec::with_capacity(p * len * 3),
+        Vec::with_capacity(p * len * 9),
+    );
     for &i in indices {
         for q in 0..k {
             let s = particle_initial_state(seed, i, q as u64, len, tr_sigma_max);
@@ -386,14 +397,27 @@ pub fn sample_groups_with(
                 }
             }
         }
-        let (mut z_tr, mut z_rot) = (Vec::with_capacity(p * len * 3), Vec::with_capacity(p * len * 3));
+        let (mut z_tr, mut z_rot) = (
+            Vec::with_capacity(p * len * 3),
+            Vec::with_capacity(p * len * 3),
+        );
         for rng in rngs.iter_mut() {
             let (a, b) = step_normals(rng, k, len);
             z_tr.extend(a);
             z_rot.extend(b);
         }
-        let (zt, zr) = (tensor3(&z_tr, p, len, device), tensor3(&z_rot, p, len, device));
-        (tr, rot) = sde_update(&tr, &rot, (&s_tr, &s_rot), plan, steering.noise, Some((&zt, &zr)));
+        let (zt, zr) = (
+            tensor3(&z_tr, p, len, device),
+            tensor3(&z_rot, p, len, device),
+        );
+        (tr, rot) = sde_update(
+            &tr,
+            &rot,
+            (&s_tr, &s_rot),
+            plan,
+            steering.noise,
+            Some((&zt, &zr)),
+        );
         if guide {
             // The guided proposal moves the mean by delta = -guidance *
             // gain * grad U(x0); the unguided kernel N(m, s^2) against the
@@ -455,8 +479,10 @@ pub fn sample_groups_with(
             log_w[j] -= final_u[j] - prev_u[j];
         }
     }
-    let tr_all: Vec<f32> = Vec::try_from(tr.to_device(Device::Cpu).flatten(0, -1)).expect("float32");
-    let rot_all: Vec<f32> = Vec::try_from(rot.to_device(Device::Cpu).flatten(0, -1)).expect("float32");
+    let tr_all: Vec<f32> =
+        Vec::try_from(tr.to_device(Device::Cpu).flatten(0, -1)).expect("float32");
+    let rot_all: Vec<f32> =
+        Vec::try_from(rot.to_device(Device::Cpu).flatten(0, -1)).expect("float32");
     (0..g)
         .map(|gi| {
             let lw = &log_w[gi * k..(gi + 1) * k];
@@ -481,7 +507,11 @@ pub fn sample_groups_with(
                 tr: tr_all[j * len * 3..(j + 1) * len * 3].to_vec(),
                 rot: rot_all[j * len * 9..(j + 1) * len * 9].to_vec(),
                 energy: final_u[j],
-                log_z: if steered { log_z[gi] + log_mean_exp(lw) } else { 0.0 },
+                log_z: if steered {
+                    log_z[gi] + log_mean_exp(lw)
+                } else {
+                    0.0
+                },
                 resamplings: resamplings[gi],
             }
         })
