@@ -542,6 +542,11 @@ fn fraction_within(records: &[Record], value: impl Fn(&Record) -> f64) -> f64 {
     fraction(records, |r| value(r) < WITHIN)
 }
 
+/// Farther than [`FAR`] from every training frame (or not measurable).
+fn misfolded(r: &Record) -> bool {
+    r.nearest.is_none_or(|d| d.is_nan() || d > FAR)
+}
+
 /// Kish's effective sample size of the records' weights (N when uniform).
 fn ess(records: &[Record]) -> f64 {
     let total: f64 = records.iter().map(|r| r.weight).sum();
@@ -617,7 +622,7 @@ fn summary_json(
             "min": s.min,
             "max": s.max,
             WITHIN_KEY: fraction_within(records, |r| r.nearest.unwrap_or(f64::NAN)),
-            FAR_KEY: fraction(records, |r| !(r.nearest.unwrap_or(f64::NAN) <= FAR)),
+            FAR_KEY: fraction(records, misfolded),
         })
     });
     // The valid samples alone: does what is valid keep the ensemble's shape?
@@ -732,7 +737,7 @@ fn human_summary(
             t.frames.len(),
             st.median,
             st.mean,
-            100.0 * fraction(records, |r| !(r.nearest.unwrap_or(f64::NAN) <= FAR))
+            100.0 * fraction(records, misfolded)
         ));
     }
     s

@@ -304,7 +304,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "weights": {
                 "model": args.model_weights.name(),
                 "ema_decay": args.ema,
-                "other": t.has_ema().then(|| match args.model_weights {
+                "other": t.has_ema().then_some(match args.model_weights {
                     Weights::Raw => "ema/",
                     Weights::Ema => "raw/",
                 }),

@@ -583,7 +583,7 @@ mod tests {
         let mut want = [1.0f64, -2.0];
         for k in 1..=5 {
             let mut q = p.shallow_clone();
-            let _ = q.copy_(&Tensor::from_slice(&[k as f64, 10.0 * k as f64]));
+            q.copy_(&Tensor::from_slice(&[k as f64, 10.0 * k as f64]));
             ema.update(&params);
             want[0] = 0.9 * want[0] + 0.1 * k as f64;
             want[1] = 0.9 * want[1] + 0.1 * (10.0 * k as f64);

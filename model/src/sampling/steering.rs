@@ -438,7 +438,7 @@ pub fn sample_groups_with(
                 }
                 log_w[j] -= corr / (2.0 * s * s);
             }
-            tr = tr + tensor3(&delta, p, len, device);
+            tr += tensor3(&delta, p, len, device);
         }
         let in_window = plan.t <= steering.t_start && plan.t >= steering.t_end;
         if steered && k > 1 && in_window {
