@@ -27,6 +27,10 @@ pub struct Manifest {
     pub network_calls_per_sample: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<SampleFilter>,
+    /// The job's steering as stored (absent: deterministic sampling); the
+    /// shards' npz then hold `steer_energy` and `steer_log_z`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steering: Option<serde_json::Value>,
 }
 
 impl Manifest {

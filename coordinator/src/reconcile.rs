@@ -531,6 +531,7 @@ impl Reconciler {
             steps: spec.steps,
             network_calls_per_sample: spec.network_calls(),
             filter: spec.filter,
+            steering: spec.steering.clone(),
         };
         let json = serde_json::to_vec_pretty(&manifest)?;
         self.store

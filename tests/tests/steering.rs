@@ -165,6 +165,12 @@ fn a_steered_job_equals_digctl_sample_through_a_worker_kill_and_bad_steering_is_
     );
     assert_eq!(sampling["steering"]["potentials"][1]["type"], "rg");
 
+    // The manifest states the steering too.
+    let (status, text) = c.api_get(&c.key_a, &format!("/v1/jobs/{job}/results"));
+    assert_eq!(status, 200, "{text}");
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(manifest["steering"], sampling["steering"], "{manifest}");
+    assert_eq!(manifest["network_calls_per_sample"], 3 * steps);
     let shards = c.fetch(&c.key_a, &job);
     let mut service = shards[0].clone();
     for s in &shards[1..] {

@@ -540,6 +540,7 @@ mod tests {
             steps: None,
             network_calls_per_sample: None,
             filter: None,
+            steering: None,
         };
         check_manifest(&m, job).unwrap();
         assert!(check_manifest(&m, JobId::new()).is_err());
