@@ -195,55 +195,25 @@ fn smc_case(st: &Steering, steps: i64, back: bool) {
 
 #[test]
 fn a_group_is_the_same_alone_and_in_any_batch() {
-    let spring = spring_energy;
     let sched = schedule(50);
-    let all = {
+    let groups = |seed: u64, indices: &[u64]| {
         let mut f = Gaussian { mu: MU, s2: S2 };
         sample_groups_with(
             &sched,
             &mut f,
             &steering(4),
-            Some(&spring),
-            5,
-            &[0, 1, 2, 3, 4, 5],
+            Some(&spring_energy),
+            seed,
+            indices,
             1,
             35.0,
             Device::Cpu,
             |_| {},
         )
     };
-    let alone = {
-        let mut f = Gaussian { mu: MU, s2: S2 };
-        sample_groups_with(
-            &sched,
-            &mut f,
-            &steering(4),
-            Some(&spring),
-            5,
-            &[4],
-            1,
-            35.0,
-            Device::Cpu,
-            |_| {},
-        )
-    };
-    assert_eq!(alone[0], all[4]);
-    let other_seed = {
-        let mut f = Gaussian { mu: MU, s2: S2 };
-        sample_groups_with(
-            &sched,
-            &mut f,
-            &steering(4),
-            Some(&spring),
-            6,
-            &[4],
-            1,
-            35.0,
-            Device::Cpu,
-            |_| {},
-        )
-    };
-    assert_ne!(other_seed[0].tr, all[4].tr);
+    let all = groups(5, &[0, 1, 2, 3, 4, 5]);
+    assert_eq!(groups(5, &[4])[0], all[4]);
+    assert_ne!(groups(6, &[4])[0].tr, all[4].tr);
 }
 
 #[test]

@@ -384,16 +384,28 @@ impl Cluster {
 
     /// Uploads the fixture features as tenant `key`; their SHA-256.
     pub fn upload_features(&self, key: &str) -> String {
-        let out = self.client_ok(
-            key,
-            &[
-                "upload-features",
-                "--json",
-                fixture("features.npz").to_str().unwrap(),
-            ],
-        );
+        self.upload_features_from(key, &fixture("features.npz"))
+    }
+
+    /// Uploads the features `path` as tenant `key`; their SHA-256.
+    pub fn upload_features_from(&self, key: &str, path: &Path) -> String {
+        let out = self.client_ok(key, &["upload-features", "--json", path.to_str().unwrap()]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v["sha256"].as_str().unwrap().to_string()
+    }
+
+    /// Polls until `job` has a finished shard or has succeeded (at most 120
+    /// s, else a panic with `worker`'s log); the view then.
+    pub fn wait_first_shard(&self, key: &str, job: &str, worker: &Service) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let v = self.status(key, job);
+            if v["shards"]["done"].as_u64().unwrap_or(0) >= 1 || v["state"] == "succeeded" {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "no shard done: {v}\n{}", worker.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Submits a job of the fixture protein; its id.

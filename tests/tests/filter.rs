@@ -159,41 +159,18 @@ fn filtered_jobs_return_exactly_the_valid_samples_of_digctl_sample_or_fail_with_
     let mut api = c.start_api();
     let mut coordinator = c.start_coordinator();
     let mut victim = c.start_worker();
-    let sha = {
-        let out = c.client_ok(
-            &c.key_a,
-            &[
-                "upload-features",
-                "--json",
-                data("features.npz").to_str().unwrap(),
-            ],
-        );
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["sha256"].as_str().unwrap().to_string()
-    };
+    let sha = c.upload_features_from(&c.key_a, &data("features.npz"));
 
     // 60 valid samples at about 60 % valid: 6 initial shards of 10, then
     // more. The worker is killed once the first shard is done.
     let (num, seed, steps) = (60u64, 3u64, 20u64);
     let job = submit(&c, &sha, num, seed, steps, 10, 3);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = c.status(&c.key_a, &job);
-        if v["shards"]["done"].as_u64().unwrap() >= 1 || v["state"] == "succeeded" {
-            eprintln!(
-                "[{:.1} s] killing the worker at {}",
-                t0.elapsed().as_secs_f64(),
-                v
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no shard done: {v}\n{}",
-            victim.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let v = c.wait_first_shard(&c.key_a, &job, &victim);
+    eprintln!(
+        "[{:.1} s] killing the worker at {}",
+        t0.elapsed().as_secs_f64(),
+        v
+    );
     victim.kill();
     let mut worker = c.start_worker();
     let view = c.wait_final(

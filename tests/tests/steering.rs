@@ -93,18 +93,7 @@ fn a_steered_job_equals_digctl_sample_through_a_worker_kill_and_bad_steering_is_
     let mut api = c.start_api();
     let mut coordinator = c.start_coordinator();
     let mut victim = c.start_worker();
-    let sha = {
-        let out = c.client_ok(
-            &c.key_a,
-            &[
-                "upload-features",
-                "--json",
-                data("features.npz").to_str().unwrap(),
-            ],
-        );
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["sha256"].as_str().unwrap().to_string()
-    };
+    let sha = c.upload_features_from(&c.key_a, &data("features.npz"));
     let steer = steering_file(c.dir.path());
     let (num, seed, steps) = (12u64, 4u64, 12u64);
     let job = c
@@ -132,19 +121,7 @@ fn a_steered_job_equals_digctl_sample_through_a_worker_kill_and_bad_steering_is_
         )
         .trim()
         .to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = c.status(&c.key_a, &job);
-        if v["shards"]["done"].as_u64().unwrap() >= 1 || v["state"] == "succeeded" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no shard done: {v}\n{}",
-            victim.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_first_shard(&c.key_a, &job, &victim);
     victim.kill();
     eprintln!("[{:.1} s] worker killed", t0.elapsed().as_secs_f64());
     let mut worker = c.start_worker();
