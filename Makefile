@@ -10,7 +10,7 @@ DIGCTL := target/release/digctl
 # an unchanged set-up costs nothing.
 STAMP  := $(VENV)/.dig-setup-$(shell sha256sum requirements-dev.txt | cut -c1-12)
 
-.PHONY: help setup build run run-hp35 test lint bench bench-pipeline bench-load services train-adk evaluate-adk chaos bench-scale
+.PHONY: help setup build run run-hp35 test lint bench bench-pipeline bench-load services train-adk evaluate-adk chaos bench-scale bench-steering
 
 help:
 	@echo "make run    sample adenylate kinase from the trained model through digctl standalone, fetch and score it"
@@ -23,6 +23,7 @@ help:
 	@echo "make bench-load  status reads and submissions (wrk) against digctl api while a job samples"
 	@echo "make chaos  faults at random moments (kills, broker/Redis restarts) while a batch runs; every sample checked"
 	@echo "make bench-scale  two 10 000-entry batches and a 10^6-sample job: control-plane times and memory"
+	@echo "make bench-steering  the steering measurements of docs/steering.md (PARTS=..., about 2 h on one core)"
 
 setup: $(STAMP)
 
@@ -49,6 +50,10 @@ train-adk: build
 	    --size small --steps 7000 --batch-size 4 --lr 1e-3 --warmup 300 --schedule cosine \
 	    --min-lr-fraction 0.05 --clip 1.0 --dropout 0 --seed 0 --val-fraction 0.1 \
 	    --checkpoint-every 500 --val-every 1000 --log-every 100 --threads 1 $(ARGS)
+
+# docs/steering.md: unsteered, filtered and steered AdK ensembles (PARTS, OUT, N ...).
+bench-steering: build
+	scripts/steering-bench.sh
 
 # The targets' measurement: 256 samples at the full 500 steps, scored.
 evaluate-adk: build
