@@ -403,7 +403,11 @@ impl Cluster {
             if v["shards"]["done"].as_u64().unwrap_or(0) >= 1 || v["state"] == "succeeded" {
                 return v;
             }
-            assert!(Instant::now() < deadline, "no shard done: {v}\n{}", worker.log());
+            assert!(
+                Instant::now() < deadline,
+                "no shard done: {v}\n{}",
+                worker.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
