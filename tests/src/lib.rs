@@ -7,6 +7,7 @@
 
 pub mod chaos;
 pub mod cluster;
+pub mod fragment;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

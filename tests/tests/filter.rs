@@ -10,23 +10,14 @@
 //!   with the valid fraction it reached, and its valid samples are listed.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dig_model::structure::Ensemble;
 use dig_tests::cluster::Cluster;
-use dig_tests::{digctl_path, repo_root};
+use dig_tests::fragment::{self, data, BATCH, MODEL, SEQUENCE};
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-const SEQUENCE: &str = "AGKGTQAQFIMEKYGIPQISTGDM";
-const MODEL: &str = "adk-fragment";
-const BATCH: &str = "5"; // DIG_WORKER_BATCH_SIZE of every Cluster
-
-fn data(name: &str) -> PathBuf {
-    repo_root().join("tests/data/adk-fragment").join(name)
-}
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -44,37 +35,14 @@ fn local_filtered(
     factor: u64,
 ) -> (PathBuf, bool, String) {
     let out = dir.join(format!("local-{num}-{seed}-{steps}-{factor}"));
-    let o = Command::new(digctl_path())
-        .args([
-            "sample",
-            "--model",
-            data("model").to_str().unwrap(),
-            "--features",
-            data("features.npz").to_str().unwrap(),
-            "--num-samples",
-            &num.to_string(),
-            "--seed",
-            &seed.to_string(),
-            "--steps",
-            &steps.to_string(),
-            "--batch-size",
-            BATCH,
-            "--threads",
-            "1",
-            "--filter",
-            "physical",
-            "--max-draw-factor",
-            &factor.to_string(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    (
-        out,
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
+    let factor = factor.to_string();
+    let (ok, stderr) = fragment::sample(
+        &out,
+        (num, seed, steps),
+        BATCH,
+        &["--filter", "physical", "--max-draw-factor", &factor],
+    );
+    (out, ok, stderr)
 }
 
 /// The samples a fetched job's manifest keeps, shard by shard, in index order.
@@ -122,32 +90,14 @@ fn submit(
     shard: u64,
     factor: u64,
 ) -> String {
-    c.client_ok(
-        &c.key_a,
-        &[
-            "submit",
-            "--features-sha256",
-            sha,
-            "--sequence",
-            SEQUENCE,
-            "--model",
-            MODEL,
-            "--num-samples",
-            &num.to_string(),
-            "--seed",
-            &seed.to_string(),
-            "--steps",
-            &steps.to_string(),
-            "--shard-size",
-            &shard.to_string(),
-            "--filter",
-            "physical",
-            "--max-draw-factor",
-            &factor.to_string(),
-        ],
+    let factor = factor.to_string();
+    fragment::submit(
+        c,
+        sha,
+        (num, seed, steps),
+        shard,
+        &["--filter", "physical", "--max-draw-factor", &factor],
     )
-    .trim()
-    .to_string()
 }
 
 #[test]

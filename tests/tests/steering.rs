@@ -10,23 +10,14 @@
 //!   no job behind.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dig_model::structure::Ensemble;
 use dig_tests::cluster::Cluster;
-use dig_tests::{digctl_path, repo_root};
+use dig_tests::fragment::{self, data, BATCH, MODEL, SEQUENCE};
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-const SEQUENCE: &str = "AGKGTQAQFIMEKYGIPQISTGDM";
-const MODEL: &str = "adk-fragment";
-const BATCH: &str = "5"; // DIG_WORKER_BATCH_SIZE of every Cluster
-
-fn data(name: &str) -> PathBuf {
-    repo_root().join("tests/data/adk-fragment").join(name)
-}
 
 /// Three particles, weights from t = 0.8, a physical term and a radius of
 /// gyration pulled towards 9 Å.
@@ -53,33 +44,13 @@ fn local_steered(
     batch: &str,
 ) -> PathBuf {
     let out = dir.join(format!("local-{num}-{seed}-{steps}-{batch}"));
-    let o = Command::new(digctl_path())
-        .args([
-            "sample",
-            "--model",
-            data("model").to_str().unwrap(),
-            "--features",
-            data("features.npz").to_str().unwrap(),
-            "--sequence",
-            SEQUENCE,
-            "--num-samples",
-            &num.to_string(),
-            "--seed",
-            &seed.to_string(),
-            "--steps",
-            &steps.to_string(),
-            "--batch-size",
-            batch,
-            "--threads",
-            "1",
-            "--steer",
-            steer.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ok, stderr) = fragment::sample(
+        &out,
+        (num, seed, steps),
+        batch,
+        &["--steer", steer.to_str().unwrap()],
+    );
+    assert!(ok, "{stderr}");
     out
 }
 
@@ -96,31 +67,13 @@ fn a_steered_job_equals_digctl_sample_through_a_worker_kill_and_bad_steering_is_
     let sha = c.upload_features_from(&c.key_a, &data("features.npz"));
     let steer = steering_file(c.dir.path());
     let (num, seed, steps) = (12u64, 4u64, 12u64);
-    let job = c
-        .client_ok(
-            &c.key_a,
-            &[
-                "submit",
-                "--features-sha256",
-                &sha,
-                "--sequence",
-                SEQUENCE,
-                "--model",
-                MODEL,
-                "--num-samples",
-                &num.to_string(),
-                "--seed",
-                &seed.to_string(),
-                "--steps",
-                &steps.to_string(),
-                "--shard-size",
-                "4",
-                "--steer",
-                steer.to_str().unwrap(),
-            ],
-        )
-        .trim()
-        .to_string();
+    let job = fragment::submit(
+        &c,
+        &sha,
+        (num, seed, steps),
+        4,
+        &["--steer", steer.to_str().unwrap()],
+    );
     c.wait_first_shard(&c.key_a, &job, &victim);
     victim.kill();
     eprintln!("[{:.1} s] worker killed", t0.elapsed().as_secs_f64());
