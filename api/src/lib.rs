@@ -720,19 +720,6 @@ impl Lookups {
     }
 }
 
-/// A steering error as `steering.<field>: message` (a field path has no
-/// spaces before its colon) or `steering: message`.
-fn steering_error(e: &str) -> String {
-    let field = e
-        .split_once(':')
-        .is_some_and(|(f, _)| !f.is_empty() && !f.contains(' '));
-    if field {
-        format!("steering.{e}")
-    } else {
-        format!("steering: {e}")
-    }
-}
-
 /// Checks a submission against the limits and the store; the spec to run.
 pub(crate) async fn validate(
     st: &ApiState,
@@ -835,16 +822,18 @@ pub(crate) async fn validate(
     let steering = match &req.steering {
         None => None,
         Some(v) => {
-            let spec = dig_model::sampling::SteerSpec::from_value(v)
-                .map_err(|e| ApiError::invalid(steering_error(&e)))?;
+            let spec = dig_model::sampling::SteerSpec::from_value(v).map_err(|e| {
+                ApiError::invalid(dig_model::sampling::steering::qualify("steering", &e))
+            })?;
             let solver: dig_model::Solver = req
                 .solver
                 .unwrap_or_default()
                 .as_str()
                 .parse()
                 .expect("every job solver is a model solver");
-            spec.compile(length as usize, solver)
-                .map_err(|e| ApiError::invalid(steering_error(&e)))?;
+            spec.compile(length as usize, solver).map_err(|e| {
+                ApiError::invalid(dig_model::sampling::steering::qualify("steering", &e))
+            })?;
             Some(serde_json::to_value(&spec).expect("a steering spec serializes"))
         }
     };

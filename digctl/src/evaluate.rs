@@ -597,6 +597,7 @@ fn summary_json(
         .enumerate()
         .map(|(k, r)| {
             let s = Stats::of(records.iter().map(|rec| rec.rmsd[k]));
+            let within = fraction_within(records, |rec| rec.rmsd[k]);
             json!({
                 "name": r.name,
                 "path": r.path,
@@ -605,8 +606,8 @@ fn summary_json(
                 "min": s.min,
                 "p05": s.p05,
                 "p95": s.p95,
-                WITHIN_KEY: fraction_within(records, |rec| rec.rmsd[k]),
-                "fraction_within_3A_se": fraction_se(records, fraction_within(records, |rec| rec.rmsd[k])),
+                WITHIN_KEY: within,
+                "fraction_within_3A_se": fraction_se(records, within),
             })
         })
         .collect();

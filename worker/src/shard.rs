@@ -185,7 +185,7 @@ impl ShardSampler {
                 // Validated at submission; checked again, as any spec field.
                 let steering = SteerSpec::from_value(value)
                     .and_then(|s| s.compile(ctx.len() as usize, model_solver(spec.solver)))
-                    .map_err(|e| invalid(format!("steering.{e}")))?;
+                    .map_err(|e| invalid(dig_model::sampling::steering::qualify("steering", &e)))?;
                 sample_ensemble_steered_until(
                     &sampler,
                     ctx,

@@ -162,7 +162,7 @@ impl SteerSpec {
                 "must be a JSON object (particles, ess_threshold, window, noise, guidance, potentials), got {value}"
             ));
         }
-        serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             if path == "." {
                 e.inner().to_string()
@@ -237,6 +237,22 @@ impl SteerSpec {
     }
 }
 
+/// An error of [`SteerSpec::from_value`] or [`SteerSpec::compile`] as the
+/// field `name` of a larger object: `name.<field>: message`, or `name:
+/// message` for the object as a whole (every field error is `path:
+/// message` with a path of no spaces; other messages have a space before
+/// any colon). The API's 400s and the worker's shard errors both use it.
+pub fn qualify(name: &str, e: &str) -> String {
+    let field = e
+        .split_once(':')
+        .is_some_and(|(f, _)| !f.is_empty() && !f.contains(' '));
+    if field {
+        format!("{name}.{e}")
+    } else {
+        format!("{name}: {e}")
+    }
+}
+
 /// The returned particle of one group.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupResult {
@@ -286,9 +302,17 @@ fn systematic(w: &[f64], u: f64) -> Vec<usize> {
 
 /// CA positions of every particle from a `(P, L, 3)` tensor.
 fn positions(t: &Tensor, p: usize, len: usize) -> Vec<Vec<[f64; 3]>> {
-    let flat: Vec<f32> =
-        Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))
-            .expect("float32 positions");
+    positions_of(&floats(t), p, len)
+}
+
+/// A tensor's values on the CPU as float32, flattened.
+fn floats(t: &Tensor) -> Vec<f32> {
+    Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))
+        .expect("float32 values")
+}
+
+/// CA positions of every particle from flat `(P, L, 3)` values.
+fn positions_of(flat: &[f32], p: usize, len: usize) -> Vec<Vec<[f64; 3]>> {
     (0..p)
         .map(|i| {
             flat[i * len * 3..(i + 1) * len * 3]
@@ -470,19 +494,16 @@ pub fn sample_groups_with(
         }
         on_step(step);
     }
+    let tr_all = floats(&tr);
+    let rot_all = floats(&rot);
     // The final increment on the returned structures themselves.
-    let final_ca = positions(&tr, p, len);
     let mut final_u = vec![0.0f64; p];
     if steered {
-        for (j, x) in final_ca.iter().enumerate() {
+        for (j, x) in positions_of(&tr_all, p, len).iter().enumerate() {
             final_u[j] = energy(x, false).0;
             log_w[j] -= final_u[j] - prev_u[j];
         }
     }
-    let tr_all: Vec<f32> =
-        Vec::try_from(tr.to_device(Device::Cpu).flatten(0, -1)).expect("float32");
-    let rot_all: Vec<f32> =
-        Vec::try_from(rot.to_device(Device::Cpu).flatten(0, -1)).expect("float32");
     (0..g)
         .map(|gi| {
             let lw = &log_w[gi * k..(gi + 1) * k];
