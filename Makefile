@@ -10,7 +10,7 @@ DIGCTL := target/release/digctl
 # an unchanged set-up costs nothing.
 STAMP  := $(VENV)/.dig-setup-$(shell sha256sum requirements-dev.txt | cut -c1-12)
 
-.PHONY: help setup build run run-hp35 test lint bench bench-pipeline bench-load services train-adk evaluate-adk chaos bench-scale bench-steering
+.PHONY: help setup build run run-hp35 test lint bench bench-train bench-pipeline bench-load services train-adk evaluate-adk chaos bench-scale bench-steering
 
 help:
 	@echo "make run    sample adenylate kinase from the trained model through digctl standalone, fetch and score it"
@@ -19,6 +19,7 @@ help:
 	@echo "make train-adk  retrain examples/adk/model (about 90 min on 2 cores; examples/adk/README.md)"
 	@echo "make evaluate-adk  256 samples x 500 steps of the AdK model, scored (examples/adk/README.md)"
 	@echo "make bench  sampler benchmark (naive vs optimized, published architecture)"
+	@echo "make bench-train  training update: native trainer vs the published PyTorch step"
 	@echo "make bench-pipeline  a 1000-sample job through API, RabbitMQ, worker, S3 vs digctl sample"
 	@echo "make bench-load  status reads and submissions (wrk) against digctl api while a job samples"
 	@echo "make chaos  faults at random moments (kills, broker/Redis restarts) while a batch runs; every sample checked"
@@ -80,6 +81,12 @@ test: lint services
 
 bench: build
 	$(DIGCTL) bench
+
+# A training update, native against the published PyTorch step
+# (bench/published-dig), small and published sizes, L = 128 and 214, batch 4,
+# 1 and 2 threads. ARGS="--steps 5 ..." (digctl bench-train --help).
+bench-train: build
+	$(DIGCTL) bench-train $(ARGS)
 
 # ARGS="--samples 1000 --steps 20 ..." (see target/release/pipeline-bench --help)
 bench-pipeline: build services

@@ -61,16 +61,22 @@ const CONCURRENCY: usize = 16;
 #[serde(deny_unknown_fields)]
 pub(crate) struct SubmitBatch {
     /// A name for people, at most 200 characters.
+    #[schema(max_length = 200)]
     name: Option<String>,
     /// The jobs, each what `POST /v1/jobs` takes; `priority` defaults to
-    /// `bulk` here.
+    /// `bulk` here. At most `api.max_batch_entries`.
+    #[schema(min_items = 1)]
     jobs: Vec<SubmitJob>,
     /// An http(s) URL that gets one signed `POST` of the batch's view
     /// (without the per-job list) when every job of the batch is final
     /// (`X-Dig-Event: batch.succeeded`, `batch.failed` or
     /// `batch.cancelled`); needs a webhook secret for the tenant, as a
     /// job's `callback_url` does. Entries may have their own.
-    #[schema(max_length = 2048, example = "https://lab.example.org/hooks/dig-batch")]
+    #[schema(
+        max_length = 2048,
+        pattern = "^[Hh][Tt][Tt][Pp][Ss]?://[^\\s]+",
+        example = "https://lab.example.org/hooks/dig-batch"
+    )]
     callback_url: Option<String>,
 }
 
@@ -213,7 +219,7 @@ fn batch_state(counts: &StateCounts, num_jobs: u64) -> JobState {
     path = "/v1/batches",
     tag = "batches",
     request_body = SubmitBatch,
-    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; repeats of a request answer the first one's batch")),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "1 to 255 visible ASCII characters; repeats of a request answer the first one's batch")),
     responses(
         (status = 202, description = "Accepted: every job queued", body = SubmittedBatch),
         (status = 200, description = "The batch of an earlier request with the same Idempotency-Key", body = BatchView),

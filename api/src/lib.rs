@@ -166,6 +166,8 @@ pub struct ApiState {
     /// (a graceful shutdown waits for every open response). A receiver
     /// whose sender is gone never ends them.
     pub shutdown: watch::Receiver<bool>,
+    /// `/openapi.json`, made once from the limits.
+    pub openapi: std::sync::OnceLock<axum::body::Bytes>,
 }
 
 impl Limits {
@@ -385,15 +387,24 @@ async fn owned_features(st: &ApiState, tenant: &str, sha: &str) -> ApiResult<u64
 #[serde(deny_unknown_fields)]
 pub(crate) struct SubmitJob {
     /// A name for people, at most 200 characters.
+    #[schema(max_length = 200)]
     name: Option<String>,
     /// One-letter amino-acid codes (`ACDEFGHIKLMNPQRSTVWYX`), as long as the features.
+    #[schema(
+        min_length = 1,
+        pattern = "^[ACDEFGHIKLMNPQRSTVWYX]+$",
+        example = "MKTAYIAKQRQISFVKSHFSRQLE"
+    )]
     sequence: String,
-    /// The features, uploaded by this tenant with `POST /v1/features`.
+    /// The features, uploaded by this tenant with `POST /v1/features`: the
+    /// SHA-256 it answered, 64 lowercase hex digits.
+    #[schema(min_length = 64, max_length = 64, pattern = "^[0-9a-f]{64}$")]
     features_sha256: String,
-    /// How many samples to draw.
+    /// How many samples to draw (at most `api.max_num_samples`).
     #[schema(minimum = 1)]
     num_samples: u64,
     /// The RNG seed; random when absent.
+    #[schema(minimum = 0)]
     seed: Option<u64>,
     /// Sampler steps, at most the model's `n_time_step`; the model's own
     /// number when absent.
@@ -401,11 +412,11 @@ pub(crate) struct SubmitJob {
     steps: Option<i64>,
     /// How the sampler integrates: `euler` (the published update, the
     /// default), `exp`, `heun` or `ab2` (see the README's fidelity table).
-    #[schema(value_type = Option<String>, example = "ab2")]
+    #[schema(value_type = Option<openapi::SolverSchema>)]
     solver: Option<Solver>,
     /// `physical`: return exactly `num_samples` physically valid samples,
     /// drawing sample indices past `num_samples` to replace invalid ones.
-    #[schema(value_type = Option<String>, example = "physical")]
+    #[schema(value_type = Option<openapi::FilterSchema>)]
     filter: Option<FilterCriteria>,
     /// With `filter`: draw at most this many times `num_samples` (1 to 10,
     /// default 3); past it the job fails, its valid samples fetchable.
@@ -419,9 +430,14 @@ pub(crate) struct SubmitJob {
     /// reference's CA coordinates, one [x, y, z] per residue). Needs solver
     /// euler. Each sample's `steer_energy` and `steer_log_z` go into the
     /// shards' npz.
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = openapi::steering_schema)]
     steering: Option<serde_json::Value>,
     /// A model listed by `GET /v1/models`; the service's default when absent.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]*$"
+    )]
     model: Option<String>,
     #[schema(value_type = Option<PrioritySchema>)]
     pub(crate) priority: Option<Priority>,
@@ -432,7 +448,11 @@ pub(crate) struct SubmitJob {
     /// job is final (headers `X-Dig-Event`, `X-Dig-Delivery`,
     /// `X-Dig-Signature: sha256=HMAC`); needs a webhook secret configured
     /// for the tenant. Delivered at least once: deduplicate by `X-Dig-Delivery`.
-    #[schema(max_length = 2048, example = "https://lab.example.org/hooks/dig")]
+    #[schema(
+        max_length = 2048,
+        pattern = "^[Hh][Tt][Tt][Pp][Ss]?://[^\\s]+",
+        example = "https://lab.example.org/hooks/dig"
+    )]
     callback_url: Option<String>,
 }
 
@@ -869,7 +889,7 @@ pub(crate) async fn validate(
     path = "/v1/jobs",
     tag = "jobs",
     request_body = SubmitJob,
-    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; repeats of a request answer the first one's job")),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "1 to 255 visible ASCII characters; repeats of a request answer the first one's job")),
     responses(
         (status = 202, description = "Accepted and queued", body = SubmittedJob),
         (status = 200, description = "The job of an earlier request with the same Idempotency-Key", body = JobView),
@@ -1120,9 +1140,13 @@ struct ListQuery {
     /// Page size (default 50, at most 500).
     #[param(minimum = 1, maximum = 500)]
     limit: Option<usize>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (a job id); empty: the first page.
+    #[param(
+        pattern = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$"
+    )]
     cursor: Option<String>,
-    /// Only jobs in this state: queued, running, succeeded, failed, cancelled.
+    /// Only jobs in this state; empty: every state.
+    #[param(pattern = "^(queued|running|succeeded|failed|cancelled)?$")]
     state: Option<String>,
 }
 
@@ -1134,7 +1158,8 @@ struct ListQuery {
     params(ListQuery),
     responses(
         (status = 200, description = "A page of jobs", body = JobList),
-        (status = 400, description = "Invalid limit or cursor", body = ErrorBody),
+        (status = 400, description = "Invalid limit, cursor or state", body = ErrorBody),
+        (status = 404, description = "The cursor names none of the tenant's jobs", body = ErrorBody),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -1176,7 +1201,14 @@ async fn list_jobs(
     let mut next = None;
     let mut from = cursor;
     'pages: loop {
-        let ids = st.progress.list_jobs(&tenant, limit, from).await?;
+        let ids = match st.progress.list_jobs(&tenant, limit, from).await {
+            // A well-formed cursor that names none of the tenant's jobs (a
+            // schema cannot tell): the page it points into is not found.
+            Err(dig_common::CommonError::Invalid(m)) if from == cursor && cursor.is_some() => {
+                return Err(ApiError::not_found(format!("cursor: {m}")))
+            }
+            other => other?,
+        };
         for (k, id) in ids.iter().enumerate() {
             if let Some(p) = st.progress.get(*id).await? {
                 if state.is_none_or(|s| s == p.state) {

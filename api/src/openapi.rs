@@ -3,18 +3,49 @@
 //! schema-only types that mirror shapes defined elsewhere (other crates'
 //! types, and the JSON error body).
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
+use crate::{ApiState, Limits};
+
 /// The OpenAPI document served at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
+}
+
+/// The document as served: [`openapi`] with this deployment's limits as
+/// the bounds of the numbers they bound, and links in OpenAPI's spelling.
+pub fn openapi_json_value(limits: &Limits) -> serde_json::Value {
+    let mut doc = serde_json::to_value(openapi()).expect("the OpenAPI document serializes");
+    camel_case_links(&mut doc);
+    let job = "/components/schemas/SubmitJob/properties";
+    for (field, max) in [
+        ("num_samples", limits.max_num_samples as i64),
+        ("steps", limits.max_steps),
+        ("shard_size", limits.max_shard_size as i64),
+    ] {
+        if let Some(p) = doc.pointer_mut(&format!("{job}/{field}")) {
+            p["maximum"] = max.into();
+        }
+    }
+    if let Some(p) = doc.pointer_mut("/components/schemas/SubmitBatch/properties/jobs") {
+        p["maxItems"] = limits.max_batch_entries.into();
+    }
+    if let Some(params) = doc
+        .pointer_mut("/paths/~1v1~1jobs/get/parameters")
+        .and_then(|p| p.as_array_mut())
+    {
+        for p in params.iter_mut().filter(|p| p["name"] == "limit") {
+            p["schema"]["maximum"] = limits.max_page.into();
+        }
+    }
+    doc
 }
 
 /// This document.
@@ -24,14 +55,16 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     tag = "service",
     responses((status = 200, description = "The OpenAPI 3 document of this API", body = Object))
 )]
-pub(crate) async fn openapi_json() -> impl IntoResponse {
-    static DOC: OnceLock<Bytes> = OnceLock::new();
-    let doc = DOC.get_or_init(|| {
-        let mut doc = serde_json::to_value(openapi()).expect("the OpenAPI document serializes");
-        camel_case_links(&mut doc);
-        serde_json::to_vec(&doc).expect("JSON").into()
-    });
-    ([(header::CONTENT_TYPE, "application/json")], doc.clone())
+pub(crate) async fn openapi_json(State(st): State<Arc<ApiState>>) -> impl IntoResponse {
+    let doc = st
+        .openapi
+        .get_or_init(|| {
+            serde_json::to_vec(&openapi_json_value(&st.limits))
+                .expect("JSON")
+                .into()
+        })
+        .clone();
+    ([(header::CONTENT_TYPE, "application/json")], doc)
 }
 
 /// utoipa 5.5 writes a Link object's `operationId` and `operationRef` in
@@ -97,7 +130,15 @@ fn camel_case_links(doc: &mut serde_json::Value) {
         crate::results::get_topology_pdb,
         crate::results::get_shard,
     ),
-    components(schemas(ErrorBody, ErrorDetail, JobStateSchema, PrioritySchema, WebhookStateSchema)),
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        JobStateSchema,
+        PrioritySchema,
+        WebhookStateSchema,
+        SolverSchema,
+        FilterSchema
+    )),
     modifiers(&BearerAuth, &Links),
     tags(
         (name = "service", description = "Health, readiness and this document"),
@@ -239,6 +280,96 @@ pub(crate) enum WebhookStateSchema {
 pub(crate) enum PrioritySchema {
     Interactive,
     Bulk,
+}
+
+/// How the sampler integrates: `euler` (the published update), `exp`,
+/// `heun` or `ab2` (the README's fidelity table).
+#[derive(ToSchema)]
+#[schema(as = Solver)]
+#[allow(dead_code)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum SolverSchema {
+    Euler,
+    Exp,
+    Heun,
+    Ab2,
+}
+
+/// Which samples a filtered job keeps: `physical` (BioEmu's validity
+/// criteria).
+#[derive(ToSchema)]
+#[schema(as = Filter)]
+#[allow(dead_code)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum FilterSchema {
+    Physical,
+}
+
+/// The `steering` object of a job (README, "Steering"): its JSON Schema.
+/// What it cannot state is checked at submission (400 naming the field):
+/// `window`'s order (t_start >= t_end), that more than one particle or a
+/// guidance needs a potential, the solver (euler), and what depends on the
+/// protein (`reference_ca` one point per residue, `residues` within it,
+/// native contacts within `cutoff`).
+pub(crate) fn steering_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use serde_json::json;
+    let common = json!({
+        "weight": {"type": "number", "minimum": 0, "description": "Multiplies the term (default 1)"},
+        "target": {"type": "number", "description": "Where the flat bottom is centred"},
+        "flat_bottom": {"type": "number", "minimum": 0, "description": "Half-width of the flat bottom"},
+        "slope": {"type": "number", "exclusiveMinimum": 0},
+        "order": {"type": "number", "minimum": 1, "maximum": 8},
+        "linear_from": {"type": "number", "exclusiveMinimum": 0, "description": "Linear beyond this excess"},
+        "side": {"type": "string", "enum": ["both", "below", "above"]}
+    });
+    let ca = json!({
+        "type": "array",
+        "description": "The reference's CA coordinates, Å, one [x, y, z] per residue of the protein",
+        "minItems": 1,
+        "items": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
+    });
+    let term = |kind: &str, extra: serde_json::Value, required: &[&str]| {
+        let mut props = common.clone();
+        props["type"] = json!({"type": "string", "enum": [kind]});
+        for (k, v) in extra.as_object().unwrap() {
+            props[k] = v.clone();
+        }
+        let mut req = vec!["type".to_string()];
+        req.extend(required.iter().map(|r| r.to_string()));
+        json!({"type": "object", "title": kind, "additionalProperties": false,
+               "properties": props, "required": req})
+    };
+    let potentials = json!({
+        "type": "array",
+        "description": "The potential terms, summed",
+        "items": {"oneOf": [
+            term("chain_break", json!({}), &[]),
+            term("clash", json!({"min_separation": {"type": "integer", "minimum": 0}}), &[]),
+            term("rg", json!({}), &["target"]),
+            term("distance", json!({"residues": {
+                "type": "array", "description": "The two residues, 1-based, different",
+                "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 2}}),
+                &["target", "residues"]),
+            term("rmsd", json!({"reference_ca": ca}), &["reference_ca"]),
+            term("q", json!({"reference_ca": ca, "cutoff": {"type": "number", "exclusiveMinimum": 0}}),
+                &["reference_ca"]),
+        ]}
+    });
+    let schema = json!({
+        "type": ["object", "null"],
+        "description": "Steered sampling by sequential Monte Carlo (README, \"Steering\"); needs solver euler",
+        "additionalProperties": false,
+        "properties": {
+            "particles": {"type": "integer", "minimum": 1, "maximum": 64, "description": "Particles per returned sample (default 4)"},
+            "ess_threshold": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "description": "Resample below this fraction of K (default 0.5)"},
+            "window": {"type": "array", "description": "[t_start, t_end], 1 >= t_start >= t_end >= 0 (default [0.9, 0.1])",
+                       "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2, "maxItems": 2},
+            "noise": {"type": "number", "exclusiveMinimum": 0, "maximum": 2, "description": "Noise factor eta (default 1)"},
+            "guidance": {"type": "number", "minimum": 0, "maximum": 1000, "description": "Gradient guidance (default 0)"},
+            "potentials": potentials
+        }
+    });
+    utoipa::openapi::RefOr::T(serde_json::from_value(schema).expect("the steering schema"))
 }
 
 /// Raw bytes (an npz).

@@ -348,7 +348,7 @@ fn shard_xtc(
     tag = "results",
     params(
         ("id" = String, Path, format = Uuid, description = "The job id"),
-        ("shard" = String, Path, description = "Shard index from 0, optionally with `.npz` or `.pdb`"),
+        ("shard" = String, Path, pattern = "^[0-9]{1,18}(\\.(npz|pdb))?$", description = "Shard index from 0, optionally with `.npz` or `.pdb`"),
         ShardQuery,
     ),
     responses(

@@ -88,6 +88,7 @@ async fn ctx_with(max_bytes: u64, tweak: impl FnOnce(&mut ApiState)) -> Ctx {
         },
         webhook_secrets: Default::default(),
         shutdown: tokio::sync::watch::channel(false).1,
+        openapi: Default::default(),
     };
     tweak(&mut state);
     Ctx {
@@ -698,6 +699,72 @@ async fn openapi_document_lists_every_route() {
     assert_eq!(
         states,
         &json!(["queued", "running", "succeeded", "failed", "cancelled"])
+    );
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_document_states_the_deployments_limits_and_the_fields_formats() {
+    let c = ctx_with(1 << 30, |st| {
+        st.limits.max_num_samples = 777;
+        st.limits.max_steps = 321;
+        st.limits.max_shard_size = 99;
+        st.limits.max_batch_entries = 12;
+        st.limits.max_page = 33;
+        st.limits.default_page = 10;
+    })
+    .await;
+    let (_, doc) = c
+        .json("GET", "/openapi.json", None, &[], Body::empty())
+        .await;
+    let job = &doc["components"]["schemas"]["SubmitJob"]["properties"];
+    assert_eq!(job["num_samples"]["maximum"], 777);
+    assert_eq!(job["steps"]["maximum"], 321);
+    assert_eq!(job["shard_size"]["maximum"], 99);
+    assert_eq!(job["features_sha256"]["pattern"], "^[0-9a-f]{64}$");
+    assert_eq!(job["sequence"]["minLength"], 1);
+    assert_eq!(job["name"]["maxLength"], 200);
+    assert_eq!(
+        doc["components"]["schemas"]["Solver"]["enum"],
+        json!(["euler", "exp", "heun", "ab2"])
+    );
+    assert_eq!(job["steering"]["properties"]["particles"]["maximum"], 64);
+    assert_eq!(
+        doc["components"]["schemas"]["SubmitBatch"]["properties"]["jobs"]["maxItems"],
+        12
+    );
+    let limit = doc["paths"]["/v1/jobs"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .unwrap();
+    assert_eq!(limit["schema"]["maximum"], 33);
+    // A well-formed cursor naming none of the tenant's jobs: not found
+    // (schema-valid, so not a 400); a malformed one: 400.
+    let (s, v) = c
+        .json(
+            "GET",
+            &format!("/v1/jobs?cursor={}", JobId::new()),
+            Some(&c.key_a),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert!(message(&v).starts_with("cursor: "), "{v}");
+    let (s, v) = c
+        .json(
+            "GET",
+            "/v1/jobs?cursor=abc",
+            Some(&c.key_a),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(
+        (s, message(&v)),
+        (StatusCode::BAD_REQUEST, "cursor: not a job id".into())
     );
     c.cleanup().await;
 }

@@ -85,6 +85,7 @@ async fn ctx_with(tweak: impl FnOnce(&mut Limits)) -> Ctx {
         limits,
         webhook_secrets: secrets.clone(),
         shutdown,
+        openapi: Default::default(),
     };
     Ctx {
         app: router(state),

@@ -193,8 +193,13 @@ pub struct WorkerSection {
     pub pair_cache_mb: u64,
     /// Local copies of models and features.
     pub cache_dir: PathBuf,
-    /// Attempts at a shard before it is parked and its job fails.
+    /// Attempts at a shard that ended in an error the worker reported
+    /// before it is parked and its job fails.
     pub max_attempts: u32,
+    /// Attempts at a shard whose worker died (killed, preempted, out of
+    /// memory: nothing reported) before it is parked: a shard that takes
+    /// down every worker running it. Deaths never count as `max_attempts`.
+    pub max_deaths: u32,
     /// Seconds between heartbeats (a worker is listed for 3 of them).
     pub heartbeat_secs: u64,
     /// On SIGTERM, how long a shard in progress may run on before it is
@@ -314,6 +319,7 @@ impl Default for WorkerSection {
             pair_cache_mb: 4096,
             cache_dir: "dig-cache".into(),
             max_attempts: 3,
+            max_deaths: 20,
             heartbeat_secs: 10,
             shutdown_grace_secs: 60,
             threads: 0,
@@ -566,6 +572,7 @@ mod tests {
             "DIG_API_WEBHOOK_SECRETS_FILE",
             "DIG_COORDINATOR_WINDOW_PER_JOB",
             "DIG_WORKER_HEARTBEAT_SECS",
+            "DIG_WORKER_MAX_DEATHS",
             "DIG_WORKER_SHUTDOWN_GRACE_SECS",
             "DIG_METRICS_LISTEN",
             "DIG_WORKER_THREADS",
@@ -574,7 +581,7 @@ mod tests {
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing");
         }
-        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 16 + 3 + 9 + 1);
+        assert_eq!(names.len(), 1 + 1 + 1 + 8 + 16 + 3 + 10 + 1);
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use dig_common::job::{FilterCriteria, JobId, JobSpec, JobState, Priority, SampleFilter, Solver};
 use dig_common::progress::{
-    now_ms, LimitExceeded, MemoryProgress, ProgressStore, RedisProgress, TenantCaps, TenantUsage,
-    WebhookAttempt, WebhookClaim, WebhookState, WebhookStatus, WorkerHeartbeat,
+    now_ms, LimitExceeded, MemoryProgress, ProgressStore, RedisProgress, ShardAttempts, TenantCaps,
+    TenantUsage, WebhookAttempt, WebhookClaim, WebhookState, WebhookStatus, WorkerHeartbeat,
 };
 use dig_common::CommonError;
 use futures::FutureExt;
@@ -100,6 +100,7 @@ behaviours!(
     running_sets_started_at_and_final_sets_finished_at,
     final_state_is_not_overwritten,
     attempts_count_up_per_shard,
+    reported_failures_are_counted_apart_from_deaths,
     forgiven_attempts_count_down_not_below_zero,
     shard_failure_counts_once_and_keeps_first_error,
     list_jobs_pages_newest_first_within_tenant,
@@ -169,7 +170,7 @@ async fn delete_job_undoes_a_creation(store: Store) {
     store.delete_job(&s).await.unwrap();
     assert_eq!(store.get(s.id).await.unwrap(), None);
     assert_eq!(store.done_shards(s.id).await.unwrap(), Vec::<u64>::new());
-    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 1);
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap().started, 1);
     assert_eq!(
         store.list_jobs("acme", 10, None).await.unwrap(),
         vec![keep.id]
@@ -390,10 +391,34 @@ async fn final_state_is_not_overwritten(store: Store) {
 async fn attempts_count_up_per_shard(store: Store) {
     let s = spec("acme", 30, 10, 100);
     store.create_job(&s).await.unwrap();
-    assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), 1);
-    assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), 2);
-    assert_eq!(store.start_attempt(s.id, 2).await.unwrap(), 1);
-    assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), 3);
+    assert_eq!(store.start_attempt(s.id, 1).await.unwrap().started, 1);
+    assert_eq!(store.start_attempt(s.id, 1).await.unwrap().started, 2);
+    assert_eq!(store.start_attempt(s.id, 2).await.unwrap().started, 1);
+    assert_eq!(store.start_attempt(s.id, 1).await.unwrap().started, 3);
+}
+
+async fn reported_failures_are_counted_apart_from_deaths(store: Store) {
+    let s = spec("acme", 30, 10, 100);
+    store.create_job(&s).await.unwrap();
+    let a = |started, failed| ShardAttempts { started, failed };
+    // First delivery: nothing before it.
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), a(1, 0));
+    assert_eq!(store.record_attempt_failed(s.id, 0).await.unwrap(), 1);
+    // Second: the first reported its failure, so no death.
+    let second = store.start_attempt(s.id, 0).await.unwrap();
+    assert_eq!((second, second.deaths()), (a(2, 1), 0));
+    // Its worker dies; the third and fourth die as well.
+    store.start_attempt(s.id, 0).await.unwrap();
+    store.start_attempt(s.id, 0).await.unwrap();
+    let fifth = store.start_attempt(s.id, 0).await.unwrap();
+    assert_eq!((fifth, fifth.deaths()), (a(5, 1), 3));
+    // A forgiven start (transient failure, shutdown) is neither.
+    assert_eq!(store.forgive_attempt(s.id, 0).await.unwrap(), 4);
+    assert_eq!(store.record_attempt_failed(s.id, 0).await.unwrap(), 2);
+    let next = store.start_attempt(s.id, 0).await.unwrap();
+    assert_eq!((next, next.deaths()), (a(5, 2), 2));
+    // Other shards have their own counts.
+    assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), a(1, 0));
 }
 
 async fn forgiven_attempts_count_down_not_below_zero(store: Store) {
@@ -401,17 +426,17 @@ async fn forgiven_attempts_count_down_not_below_zero(store: Store) {
     store.create_job(&s).await.unwrap();
     // Nothing to forgive: no counter appears.
     assert_eq!(store.forgive_attempt(s.id, 0).await.unwrap(), 0);
-    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 1);
-    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 2);
-    assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), 1);
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap().started, 1);
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap().started, 2);
+    assert_eq!(store.start_attempt(s.id, 1).await.unwrap().started, 1);
     assert_eq!(store.forgive_attempt(s.id, 0).await.unwrap(), 1);
     // The next attempt is the second again; other shards are untouched.
-    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 2);
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap().started, 2);
     assert_eq!(store.forgive_attempt(s.id, 0).await.unwrap(), 1);
     assert_eq!(store.forgive_attempt(s.id, 0).await.unwrap(), 0);
     assert_eq!(store.forgive_attempt(s.id, 0).await.unwrap(), 0);
-    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 1);
-    assert_eq!(store.start_attempt(s.id, 1).await.unwrap(), 2);
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap().started, 1);
+    assert_eq!(store.start_attempt(s.id, 1).await.unwrap().started, 2);
 }
 
 async fn shard_failure_counts_once_and_keeps_first_error(store: Store) {
@@ -690,7 +715,7 @@ async fn delete_all_forgets_everything(store: Store) {
         Vec::<JobId>::new()
     );
     assert_eq!(store.workers().await.unwrap(), Vec::new());
-    assert_eq!(store.start_attempt(s.id, 0).await.unwrap(), 1);
+    assert_eq!(store.start_attempt(s.id, 0).await.unwrap().started, 1);
     let other = JobId::new();
     assert_eq!(
         store.idempotent_job("acme", "k", other).await.unwrap(),

@@ -13,6 +13,7 @@
 //! `cancel`, `jobs`, `models` against any API URL.
 
 mod bench;
+mod bench_train;
 mod client;
 mod device;
 mod evaluate;
@@ -84,6 +85,9 @@ enum Command {
     BenchFidelity(fidelity::FidelityArgs),
     /// Benchmark the sampler: naive (published strategy) against the optimized path.
     Bench(bench::BenchArgs),
+    /// Benchmark a training update: the native trainer against the published
+    /// PyTorch step (bench/published-dig), same sizes, lengths and threads.
+    BenchTrain(bench_train::BenchTrainArgs),
     /// Run the REST API (RabbitMQ, Redis and the object store from the configuration).
     Api(services::ConfigArg),
     /// Run the coordinator: shards submitted jobs onto the queue, writes manifests.
@@ -149,6 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sample(args) => sample::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchTrain(args) => bench_train::run(args),
         Command::BenchFidelity(args) => fidelity::run(args),
         Command::Train(args) => train::run(args),
         Command::Frames(args) => frames::run(args),

@@ -139,6 +139,7 @@ impl Backends {
             },
             webhook_secrets,
             shutdown,
+            openapi: Default::default(),
         }
     }
 
@@ -190,6 +191,7 @@ impl Backends {
                 pair_cache_bytes: cfg.worker.pair_cache_mb.saturating_mul(1 << 20),
                 cache_dir: cfg.worker.cache_dir.clone(),
                 max_attempts: cfg.worker.max_attempts.max(1),
+                max_deaths: cfg.worker.max_deaths.max(1),
                 heartbeat_secs: cfg.worker.heartbeat_secs,
                 shutdown_grace: Duration::from_secs(cfg.worker.shutdown_grace_secs),
                 ..WorkerSettings::default()

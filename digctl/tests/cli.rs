@@ -9,7 +9,7 @@
 
 use std::process::Command;
 
-const COMMANDS: [&str; 25] = [
+const COMMANDS: [&str; 26] = [
     "sample",
     "evaluate",
     "convert-checkpoint",
@@ -19,6 +19,7 @@ const COMMANDS: [&str; 25] = [
     "features",
     "bench-fidelity",
     "bench",
+    "bench-train",
     "api",
     "coordinator",
     "worker",
@@ -83,4 +84,35 @@ fn a_mistyped_command_is_named_with_a_suggestion() {
         err.contains("unrecognized subcommand 'sumbit'") && err.contains("submit"),
         "{err}"
     );
+}
+
+#[test]
+fn bench_train_times_the_native_update_and_refuses_an_odd_batch() {
+    let (ok, _, err) = digctl(&["bench-train", "--batch-size", "3", "--native-only"]);
+    assert!(!ok);
+    assert!(err.contains("--batch-size must be even"), "{err}");
+    let (ok, out, err) = digctl(&[
+        "bench-train",
+        "--sizes",
+        "small",
+        "--lengths",
+        "12",
+        "--threads",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--native-only",
+    ]);
+    assert!(ok, "{err}");
+    // The shipped AdK model's size: 1 053 222 parameters, one row, no ratio.
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("small"))
+        .unwrap_or_else(|| panic!("no row: {out}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols[..4], ["small", "12", "1", "1053222"], "{row}");
+    assert!(cols[4].parse::<f64>().unwrap() > 0.0, "{row}");
+    assert_eq!(cols[5..], ["-", "-"], "{row}");
 }

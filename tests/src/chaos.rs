@@ -55,14 +55,11 @@ pub struct ChaosOptions {
     /// Pause between one fault's recovery and the next fault: uniform in
     /// this range.
     pub gap: (Duration, Duration),
-    /// `worker.max_attempts`: a shard whose worker died this many times is
-    /// parked and fails its job (the guard against a shard that kills every
-    /// worker, e.g. out of memory). The run kills a worker every few
-    /// seconds, far more often than a real fleet loses one, so a shard can
-    /// lose all of a production budget (3) to kills alone: the ten-minute
-    /// run with 3 failed 6 of its 40 jobs that way, each with the error
-    /// naming the shard and the dead workers. The run grants more.
-    pub max_attempts: u32,
+    /// `worker.max_deaths` over the production default (20) when set: a
+    /// shard whose worker died this many times is parked. Kills never spend
+    /// `worker.max_attempts` (reported failures only), which the run leaves
+    /// at its production default.
+    pub max_deaths: Option<u32>,
 }
 
 impl Default for ChaosOptions {
@@ -76,7 +73,7 @@ impl Default for ChaosOptions {
             steps: 100,
             workers: 2,
             gap: (Duration::from_millis(500), Duration::from_secs(4)),
-            max_attempts: 20,
+            max_deaths: None,
         }
     }
 }
@@ -286,7 +283,9 @@ pub fn run(opts: &ChaosOptions) -> ChaosReport {
     // coordinator kills land between publications.
     c.set_env("DIG_COORDINATOR_WINDOW_PER_JOB", "2");
     c.set_env("DIG_LOG", "info,lapin=warn");
-    c.set_env("DIG_WORKER_MAX_ATTEMPTS", &opts.max_attempts.to_string());
+    if let Some(n) = opts.max_deaths {
+        c.set_env("DIG_WORKER_MAX_DEATHS", &n.to_string());
+    }
     c.upload_model();
     let key = c.key_a.clone();
 
@@ -339,14 +338,15 @@ pub fn run(opts: &ChaosOptions) -> ChaosReport {
     let total = opts.samples * opts.jobs as u64;
     eprintln!(
         "chaos: seed {}, batch {batch}: {} jobs x {} samples ({} steps, shards of {}), {} workers \
-         (max {} attempts a shard), faults for {:?}",
+         (worker.max_deaths {}, production max_attempts), faults for {:?}",
         opts.seed,
         opts.jobs,
         opts.samples,
         opts.steps,
         opts.shard_size,
         opts.workers,
-        opts.max_attempts,
+        opts.max_deaths
+            .map_or("20 (default)".to_string(), |n| n.to_string()),
         opts.window
     );
 

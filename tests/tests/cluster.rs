@@ -183,6 +183,117 @@ fn a_worker_killed_mid_shard_loses_and_duplicates_no_sample() {
     rt.block_on(c.cleanup());
 }
 
+/// Starts workers one after another and SIGKILLs each as soon as its
+/// heartbeat names `shard` (as a preempted spot instance dies): `kills` times.
+fn kill_each_worker_on(
+    c: &mut Cluster,
+    rt: &tokio::runtime::Runtime,
+    shard: &str,
+    kills: usize,
+    extra: &[(&str, &str)],
+) {
+    for k in 1..=kills {
+        let name = format!("victim-{shard}-{k}").replace('/', "-");
+        let mut victim = c.spawn_with(&name, &["worker"], extra);
+        rt.block_on(async {
+            let b = c.backends().await;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let beats = b.workers().await;
+                if beats
+                    .iter()
+                    .any(|w| w.id == name && w.shard.as_deref() == Some(shard))
+                {
+                    victim.kill();
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{name} never reported {shard}; log:\n{}",
+                    victim.log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        assert!(
+            !victim.log().contains("shard done"),
+            "{name} finished the shard before its kill; the test needs a longer shard"
+        );
+    }
+}
+
+#[test]
+fn preemption_costs_no_attempt_and_a_shard_that_kills_every_worker_is_parked_after_max_deaths() {
+    let _serial = serial();
+    let rt = runtime();
+    let mut c = Cluster::distributed("deaths");
+    c.upload_model();
+    let mut api = c.start_api();
+    let mut coordinator = c.start_coordinator();
+    let sha = c.upload_features(&c.key_a);
+    // One long shard (8 batches of 60 steps), so each kill lands inside it.
+    let args = ["--steps", "60", "--shard-size", "40"];
+
+    // Production defaults (3 attempts, 20 deaths): five workers killed on the
+    // one shard, then a sixth finishes it, every sample as digctl sample's.
+    let job = c.submit(&c.key_a, &sha, 40, &[&["--seed", "5"][..], &args].concat());
+    kill_each_worker_on(&mut c, &rt, &format!("{job}/0"), 5, &[]);
+    let mut rescuer = c.start_worker();
+    let done = c.wait_final(
+        &c.key_a,
+        &job,
+        Duration::from_secs(300),
+        &mut [&mut api, &mut coordinator, &mut rescuer],
+    );
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["samples_done"], 40);
+    assert!(
+        rescuer
+            .log()
+            .contains("shard redelivered after its worker died"),
+        "{}",
+        rescuer.log()
+    );
+    let reference = local_sample(c.dir.path(), 40, 5, 60, BATCH);
+    assert_same_samples(&c.fetch(&c.key_a, &job), &reference);
+    rescuer.terminate(Duration::from_secs(30));
+
+    // A shard that takes down every worker: parked after worker.max_deaths
+    // (3 here) without running a fourth time, the job failed saying so.
+    let doomed = c.submit(&c.key_a, &sha, 40, &[&["--seed", "6"][..], &args].concat());
+    let capped = [("DIG_WORKER_MAX_DEATHS", "3")];
+    kill_each_worker_on(&mut c, &rt, &format!("{doomed}/0"), 3, &capped);
+    let mut last = c.spawn_with("last", &["worker"], &capped);
+    let failed = c.wait_final(
+        &c.key_a,
+        &doomed,
+        Duration::from_secs(120),
+        &mut [&mut api, &mut coordinator, &mut last],
+    );
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(
+        failed["error"],
+        "shard 0: parked after 3 attempts whose worker died without reporting an error \
+         (killed, preempted, out of memory or a crash that takes the process down; \
+         worker.max_deaths = 3); 0 reported failures",
+        "{failed}"
+    );
+    assert!(!last.log().contains("shard done"), "{}", last.log());
+    rt.block_on(async {
+        let b = c.backends().await;
+        assert_eq!(b.queue.parked_depth().await.unwrap(), 1);
+        let objects = b.objects().await;
+        assert!(
+            !objects
+                .iter()
+                .any(|k| k.contains(&format!("{doomed}/shards/"))),
+            "{objects:?}"
+        );
+    });
+    drop((api, coordinator, last));
+    rt.block_on(c.cleanup());
+}
+
 #[test]
 fn idempotency_tenants_and_validation_over_http() {
     let _serial = serial();

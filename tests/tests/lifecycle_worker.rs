@@ -330,7 +330,7 @@ fn a_worker_terminated_mid_shard_requeues_it_exits_0_and_another_finishes_the_jo
     // one counted, so this one is the second.
     let attempts = rt.block_on(async {
         let b = c.backends().await;
-        b.progress.start_attempt(id, index).await.unwrap()
+        b.progress.start_attempt(id, index).await.unwrap().started
     });
     assert_eq!(attempts, 2, "the interrupted attempt still counts");
     drop((api, coordinator, rescuer));

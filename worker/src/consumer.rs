@@ -28,23 +28,27 @@
 //! missing spec, model or features object, unreadable data, a sampler error.
 //! See [`WorkerError::is_transient`].
 //!
-//! Attempts are counted in the progress store when an attempt *starts*
-//! ([`ProgressStore::start_attempt`]), before anything can go wrong, and
-//! taken back ([`ProgressStore::forgive_attempt`]) when the attempt ends for
-//! a reason that is not the shard's: a transient failure, a shutdown past
-//! its grace. Counting at the start is what makes a worker that dies
-//! mid-shard (SIGKILL, out of memory, a segfault in libtorch) count: it
-//! never gets to report anything, so its attempt stays counted, and a
-//! delivery whose counter is already past `max_attempts` is parked without
-//! being run again: a shard that kills every worker taking it cannot loop
-//! forever. (Counting only reported permanent failures instead would need a
-//! second counter for crashes; forgiving keeps one.) A transient failure
+//! Deaths are not failures. Every attempt is counted in the progress store
+//! when it *starts* ([`ProgressStore::start_attempt`]), before anything can
+//! go wrong; one that ends in an error the worker reports is also counted as
+//! *failed* ([`ProgressStore::record_attempt_failed`]); one that ends for a
+//! reason that is not the shard's (a transient failure, a shutdown past its
+//! grace) is taken back ([`ProgressStore::forgive_attempt`]); a successful
+//! one is acked and never starts again. So every earlier start that is
+//! neither failed nor taken back was a *death*: its worker was SIGKILLed,
+//! preempted, ran out of memory or crashed, and never reported anything
+//! ([`ShardAttempts::deaths`]). On a preemptible fleet deaths are routine and
+//! cost nothing: only reported failures count towards `max_attempts`. A
+//! separate, larger cap, `max_deaths`, parks a shard whose workers have died
+//! that many times without it being run again, so a shard that takes down
+//! every worker running it (a crash that kills the process) cannot loop
+//! forever; the job's error says which cap it was. A transient failure
 //! requeues the shard at once and pauses this worker's consuming for a
 //! backoff (1 s doubling to 30 s, reset by the next shard handled), so other
 //! workers can take the shard meanwhile and an outage is not a hot loop.
-//! Permanent failures are retried until `max_attempts`, then the shard is
-//! parked (the parking queue) and its failure recorded with the reason,
-//! which fails the job.
+//! Reported (permanent) failures are retried until `max_attempts`, then the
+//! shard is parked (the parking queue) and its failure recorded with the
+//! reason, which fails the job.
 //!
 //! The price: a failure taken for transient that is in fact lasting (every
 //! worker's cache disk broken, a store answering every write with an error
@@ -85,8 +89,12 @@ pub struct WorkerSettings {
     pub pair_cache_bytes: u64,
     /// Local copies of models and features.
     pub cache_dir: PathBuf,
-    /// Attempts per shard before it is parked and its job fails.
+    /// Attempts per shard that ended in a reported error before it is
+    /// parked and its job fails.
     pub max_attempts: u32,
+    /// Attempts per shard whose worker died (reported nothing) before it is
+    /// parked; deaths never count towards `max_attempts`.
+    pub max_deaths: u32,
     /// Seconds between heartbeats; a worker is listed for three of them.
     pub heartbeat_secs: u64,
     /// After shutdown is asked for, how long the shard in progress may run
@@ -109,6 +117,7 @@ impl Default for WorkerSettings {
             pair_cache_bytes: 4096 << 20,
             cache_dir: "dig-cache".into(),
             max_attempts: 3,
+            max_deaths: 20,
             heartbeat_secs: 10,
             shutdown_grace: Duration::from_secs(60),
             cancel_poll: Duration::from_secs(1),
@@ -447,24 +456,24 @@ impl Worker {
                 tracing::warn!(%job, shard, "cannot read the job's state: {e}");
             }
         }
-        let attempt = match self.ctx.progress.start_attempt(job, shard).await {
+        let attempts = match self.ctx.progress.start_attempt(job, shard).await {
             Ok(a) => a,
             Err(e) => return self.retry_later(delivery, false, &e.into()).await,
         };
-        let max = self.settings.max_attempts;
-        if attempt > max {
-            // The last allowed attempt started and never reported back (a
-            // reported failure would have parked the shard, a transient one
-            // been forgiven): its worker died. Running it again may kill
-            // this one too.
+        let deaths = attempts.deaths();
+        if deaths >= self.settings.max_deaths {
+            // Running it again may kill this worker too.
             let reason = format!(
-                "gave up after {} attempts, the last of which ended without a result \
-                 (the worker running it died: killed, out of memory, crashed?)",
-                attempt - 1
+                "parked after {deaths} attempts whose worker died without reporting an error \
+                 (killed, preempted, out of memory or a crash that takes the process down; \
+                 worker.max_deaths = {}); {} reported failures",
+                self.settings.max_deaths, attempts.failed
             );
-            return self.give_up(delivery, attempt, &reason).await;
+            return self.give_up(delivery, attempts.started, &reason).await;
         }
-
+        if deaths > 0 {
+            tracing::info!(%job, shard, deaths, "shard redelivered after its worker died (not counted as a failure)");
+        }
         let stop = StopFlag::new();
         let result = {
             let watcher = self.watch(&task, &stop, shutdown.clone());
@@ -494,14 +503,26 @@ impl Worker {
                 Next::Exit
             }
             Err(e) if e.is_transient() => self.retry_later(delivery, true, &e).await,
-            Err(e) if attempt >= max => {
-                metrics::worker().shards_failed.inc();
-                self.give_up(delivery, attempt, &e.to_string()).await
-            }
             Err(e) => {
                 metrics::worker().shards_failed.inc();
+                let failed = match self.ctx.progress.record_attempt_failed(job, shard).await {
+                    Ok(n) => n,
+                    Err(store) => {
+                        // Unrecorded, the attempt would later count as a
+                        // death; retry the shard when the store is back.
+                        tracing::warn!(%job, shard, "cannot record the failure ({store}); shard requeued: {e}");
+                        return self.retry_later(delivery, true, &store.into()).await;
+                    }
+                };
+                let max = self.settings.max_attempts;
+                if failed >= max {
+                    let reason = format!(
+                        "failed {failed} times (worker.max_attempts = {max}), the last: {e}"
+                    );
+                    return self.give_up(delivery, attempts.started, &reason).await;
+                }
                 metrics::worker().shards_retried.inc();
-                tracing::warn!(%job, shard, attempt, "shard failed, will retry: {e}");
+                tracing::warn!(%job, shard, failed, "shard failed, will retry: {e}");
                 settle(&task, "requeue", delivery.requeue().await);
                 Next::Continue
             }

@@ -388,7 +388,14 @@ async fn shards_of_a_cancelled_job_are_acked_and_skipped_without_an_attempt() {
     for i in 0..cancelled.num_shards() {
         assert!(!c.shard_exists(&cancelled, i).await, "shard {i} written");
         // No attempt was started at the skipped shards: this is the first.
-        assert_eq!(c.redis.start_attempt(cancelled.id, i).await.unwrap(), 1);
+        assert_eq!(
+            c.redis
+                .start_attempt(cancelled.id, i)
+                .await
+                .unwrap()
+                .started,
+            1
+        );
     }
     assert!(c.shard_exists(&live, 0).await);
     c.cleanup().await;
@@ -553,7 +560,7 @@ async fn a_transient_store_error_is_retried_without_counting_an_attempt() {
     assert_eq!(c.rabbit.parked_depth().await.unwrap(), 0);
     assert_eq!(c.rabbit.shard_queue_depth().await.unwrap(), 0);
     // Three attempts ran, two were forgiven: the next one is the second.
-    assert_eq!(c.redis.start_attempt(spec.id, 0).await.unwrap(), 2);
+    assert_eq!(c.redis.start_attempt(spec.id, 0).await.unwrap().started, 2);
     let got = c
         .ctx
         .store
@@ -568,19 +575,25 @@ async fn a_transient_store_error_is_retried_without_counting_an_attempt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shard_whose_attempts_all_died_is_parked_without_running_again() {
+async fn a_shard_whose_workers_died_max_deaths_times_is_parked_without_running_again() {
     let c = cluster().await;
     let spec = c.submit(2, 2).await;
     // Three workers started it and died (SIGKILL, out of memory) without
-    // reporting anything.
+    // reporting anything; one more reported a failure.
     for n in 1..=3 {
-        assert_eq!(c.redis.start_attempt(spec.id, 0).await.unwrap(), n);
+        assert_eq!(c.redis.start_attempt(spec.id, 0).await.unwrap().started, n);
     }
+    assert_eq!(c.redis.record_attempt_failed(spec.id, 0).await.unwrap(), 1);
+    assert_eq!(c.redis.start_attempt(spec.id, 0).await.unwrap().started, 4);
     c.rabbit
         .publish_shard(&spec.shard(0), spec.priority)
         .await
         .unwrap();
-    let w = c.spawn_worker(c.ctx.clone(), c.settings("w1"));
+    let settings = WorkerSettings {
+        max_deaths: 3,
+        ..c.settings("w1")
+    };
+    let w = c.spawn_worker(c.ctx.clone(), settings);
     let deadline = Instant::now() + Duration::from_secs(60);
     while c.rabbit.parked_depth().await.unwrap() == 0 {
         assert!(Instant::now() < deadline, "shard was never parked");
@@ -592,12 +605,45 @@ async fn a_shard_whose_attempts_all_died_is_parked_without_running_again() {
     let error = p.error.unwrap();
     assert!(
         error
-            == "shard 0: gave up after 3 attempts, the last of which ended without a result \
-                (the worker running it died: killed, out of memory, crashed?)",
+            == "shard 0: parked after 3 attempts whose worker died without reporting an error \
+                (killed, preempted, out of memory or a crash that takes the process down; \
+                worker.max_deaths = 3); 1 reported failures",
         "{error}"
     );
     assert!(!c.shard_exists(&spec, 0).await, "the shard ran again");
     assert_eq!(c.rabbit.shard_queue_depth().await.unwrap(), 0);
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deaths_below_max_deaths_cost_no_attempt() {
+    let c = cluster().await;
+    let spec = c.submit(2, 2).await;
+    // Five preemptions, and a worker allowed a single failed attempt: the
+    // deaths must not have spent it.
+    for _ in 0..5 {
+        c.redis.start_attempt(spec.id, 0).await.unwrap();
+    }
+    c.rabbit
+        .publish_shard(&spec.shard(0), spec.priority)
+        .await
+        .unwrap();
+    let settings = WorkerSettings {
+        max_attempts: 1,
+        max_deaths: 6,
+        ..c.settings("w1")
+    };
+    let w = c.spawn_worker(c.ctx.clone(), settings);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while c.redis.done_shards(spec.id).await.unwrap() != vec![0] {
+        assert_eq!(c.rabbit.parked_depth().await.unwrap(), 0, "parked");
+        assert!(Instant::now() < deadline, "the shard was never done");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.shut_down(Duration::from_secs(60)).await;
+    let p = c.redis.get(spec.id).await.unwrap().unwrap();
+    assert_eq!((p.shards_done, p.samples_done, p.shards_failed), (1, 2, 0));
+    assert!(c.shard_exists(&spec, 0).await);
     c.cleanup().await;
 }
 
@@ -663,6 +709,6 @@ async fn shutdown_past_the_grace_requeues_the_shard_in_progress_uncounted() {
     assert!(!c.shard_exists(&spec, 0).await);
     let p = c.redis.get(spec.id).await.unwrap().unwrap();
     assert_eq!((p.shards_done, p.samples_done, p.shards_failed), (0, 0, 0));
-    assert_eq!(c.redis.start_attempt(spec.id, 0).await.unwrap(), 1);
+    assert_eq!(c.redis.start_attempt(spec.id, 0).await.unwrap().started, 1);
     c.cleanup().await;
 }

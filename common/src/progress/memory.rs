@@ -13,6 +13,8 @@ struct JobEntry {
     done: BTreeSet<u64>,
     failed: BTreeSet<u64>,
     attempts: HashMap<u64, u32>,
+    /// Reported failures per shard.
+    failed_attempts: HashMap<u64, u32>,
     /// The webhook and its fixed body.
     webhook: Option<(WebhookStatus, Option<String>)>,
 }
@@ -303,17 +305,28 @@ impl ProgressStore for MemoryProgress {
             .unwrap_or_default())
     }
 
-    async fn start_attempt(&self, job: JobId, shard: u64) -> Result<u32> {
+    async fn start_attempt(&self, job: JobId, shard: u64) -> Result<ShardAttempts> {
         let mut inner = self.lock();
-        let attempts = inner
+        let entry = inner.jobs.entry(job).or_default();
+        let started = entry.attempts.entry(shard).or_insert(0);
+        *started += 1;
+        Ok(ShardAttempts {
+            started: *started,
+            failed: entry.failed_attempts.get(&shard).copied().unwrap_or(0),
+        })
+    }
+
+    async fn record_attempt_failed(&self, job: JobId, shard: u64) -> Result<u32> {
+        let mut inner = self.lock();
+        let failed = inner
             .jobs
             .entry(job)
             .or_default()
-            .attempts
+            .failed_attempts
             .entry(shard)
             .or_insert(0);
-        *attempts += 1;
-        Ok(*attempts)
+        *failed += 1;
+        Ok(*failed)
     }
 
     async fn forgive_attempt(&self, job: JobId, shard: u64) -> Result<u32> {

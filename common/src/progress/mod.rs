@@ -242,6 +242,26 @@ pub enum WebhookAttempt<'a> {
     },
 }
 
+/// The attempts at one shard so far ([`ProgressStore::start_attempt`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardAttempts {
+    /// Attempts started and not taken back, the one starting included.
+    pub started: u32,
+    /// Of those, the ones that ended in an error their worker reported
+    /// ([`ProgressStore::record_attempt_failed`]).
+    pub failed: u32,
+}
+
+impl ShardAttempts {
+    /// Earlier attempts that ended without any report: each worker running
+    /// one died (SIGKILL, preemption, out of memory, a crash that takes the
+    /// process down). Successful attempts are acked and never start again,
+    /// so every other earlier start is a reported failure or a death.
+    pub fn deaths(&self) -> u32 {
+        self.started.saturating_sub(1 + self.failed)
+    }
+}
+
 /// A worker's periodic "I am alive", kept for `ttl_secs` after each beat.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct WorkerHeartbeat {
@@ -340,14 +360,19 @@ pub trait ProgressStore: Send + Sync {
     /// Indices of the finished shards, ascending.
     async fn done_shards(&self, job: JobId) -> Result<Vec<u64>>;
 
-    /// Counts one more attempt at `shard`; returns the attempts so far,
-    /// this one included (1 on the first delivery).
-    async fn start_attempt(&self, job: JobId, shard: u64) -> Result<u32>;
+    /// Counts one more attempt at `shard` as started; returns the attempts
+    /// so far (`started` 1 on the first delivery) and how many of them
+    /// reported a failure, read in the same atomic step.
+    async fn start_attempt(&self, job: JobId, shard: u64) -> Result<ShardAttempts>;
 
-    /// Takes back one attempt at `shard` (never below zero): the attempt
-    /// ended for a reason that is not the shard's (a backing service
-    /// unreachable, the worker shutting down), so it must not bring the
-    /// shard closer to being given up. Returns the attempts that remain.
+    /// Counts the attempt in progress at `shard` as failed by an error its
+    /// worker reported (not a death); returns the reported failures so far.
+    async fn record_attempt_failed(&self, job: JobId, shard: u64) -> Result<u32>;
+
+    /// Takes back one started attempt at `shard` (never below zero): the
+    /// attempt ended for a reason that is not the shard's (a backing service
+    /// unreachable, the worker shutting down), so it counts neither as a
+    /// failure nor as a death. Returns the started attempts that remain.
     async fn forgive_attempt(&self, job: JobId, shard: u64) -> Result<u32>;
 
     /// Counts shard `shard` as failed for good (once per shard) and keeps the

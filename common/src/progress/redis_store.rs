@@ -727,15 +727,36 @@ impl ProgressStore for RedisProgress {
         Ok(done)
     }
 
-    async fn start_attempt(&self, job: JobId, shard: u64) -> Result<u32> {
+    async fn start_attempt(&self, job: JobId, shard: u64) -> Result<ShardAttempts> {
         let mut conn = self.conn.clone();
-        let attempts: u32 = redis::cmd("HINCRBY")
-            .arg(self.keys.job_attempts(job))
+        let key = self.keys.job_attempts(job);
+        // Field `{shard}` counts starts, `{shard}:failed` reported failures.
+        let (started, failed): (u32, Option<u32>) = redis::pipe()
+            .atomic()
+            .cmd("HINCRBY")
+            .arg(&key)
             .arg(shard)
+            .arg(1)
+            .cmd("HGET")
+            .arg(&key)
+            .arg(format!("{shard}:failed"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(ShardAttempts {
+            started,
+            failed: failed.unwrap_or(0),
+        })
+    }
+
+    async fn record_attempt_failed(&self, job: JobId, shard: u64) -> Result<u32> {
+        let mut conn = self.conn.clone();
+        let failed: u32 = redis::cmd("HINCRBY")
+            .arg(self.keys.job_attempts(job))
+            .arg(format!("{shard}:failed"))
             .arg(1)
             .query_async(&mut conn)
             .await?;
-        Ok(attempts)
+        Ok(failed)
     }
 
     async fn forgive_attempt(&self, job: JobId, shard: u64) -> Result<u32> {

@@ -39,10 +39,10 @@ struct Args {
     /// Seed of the fault schedule (default: the clock).
     #[arg(long)]
     seed: Option<u64>,
-    /// Attempts a shard gets (`worker.max_attempts`; production default 3,
-    /// too few for a worker SIGKILL every few seconds).
-    #[arg(long, default_value_t = 20)]
-    max_attempts: u32,
+    /// `worker.max_deaths` (worker deaths a shard survives; default: the
+    /// production 20). Kills never spend `worker.max_attempts`.
+    #[arg(long)]
+    max_deaths: Option<u32>,
     /// Longest pause between faults, in seconds (the shortest is 0.5).
     #[arg(long, default_value_t = 6.0)]
     max_gap: f64,
@@ -68,7 +68,7 @@ fn main() {
             Duration::from_millis(500),
             Duration::from_secs_f64(a.max_gap.max(0.5)),
         ),
-        max_attempts: a.max_attempts,
+        max_deaths: a.max_deaths,
     });
     print!("{}", report.table());
     if report
