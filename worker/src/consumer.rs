@@ -4,6 +4,19 @@
 //! and only then ack. A crash anywhere before the ack redelivers the shard;
 //! the re-run writes identical bytes and the completion counts once.
 //!
+//! # Sampling while the previous shard uploads
+//!
+//! The consumer holds up to two deliveries (prefetch 2): once a shard is
+//! sampled, its upload (object written, completion recorded, then the ack)
+//! runs as a task while the consumer takes and samples the next shard. At
+//! most one upload is in flight: before handing over the next one, the
+//! consumer waits for the previous, whose verdict (a transient failure's
+//! pause, say) then applies. So a slow object store costs throughput only
+//! where an upload takes longer than sampling a shard. A crash while both
+//! are open redelivers both; the cost of the second delivery is that a
+//! worker may hold one shard more than it samples (it waits in the
+//! prefetch buffer while the current one samples).
+//!
 //! # Ending a shard early
 //!
 //! - **The job ended** (cancelled through the API, or failed, or finished by
@@ -68,7 +81,7 @@ use dig_common::error::store_is_transient;
 use dig_common::job::{JobId, JobSpec, ShardTask};
 use dig_common::layout::ObjectLayout;
 use dig_common::metrics;
-use dig_common::progress::{ProgressStore, WorkerHeartbeat};
+use dig_common::progress::{ProgressStore, ShardAttempts, WorkerHeartbeat};
 use dig_common::queue::{ShardDelivery, ShardQueue, ShardStream};
 use dig_common::store::FeatureStore;
 use dig_common::CommonError;
@@ -266,11 +279,42 @@ enum Next {
     Exit,
 }
 
+#[derive(Clone)]
 pub struct Worker {
     ctx: WorkerContext,
     settings: WorkerSettings,
     sampler: Arc<Mutex<ShardSampler>>,
     status: Arc<Mutex<Status>>,
+}
+
+/// A shard sampled and not yet stored: what its upload needs.
+pub struct Sampled {
+    residues: usize,
+    valid: u64,
+    bytes: Vec<u8>,
+    /// When its delivery arrived (the shard-duration metric).
+    delivered: Instant,
+}
+
+/// Unsettled deliveries a worker holds: the shard sampling and the one
+/// uploading.
+const PREFETCH: u16 = 2;
+
+/// The upload in flight: its delivery settles when the task ends, with what
+/// the consumer does next.
+type Upload = tokio::task::JoinHandle<Next>;
+
+/// Waits for the upload in flight, if any; its verdict (`Continue` when none).
+async fn settle_upload(upload: &mut Option<Upload>) -> Next {
+    match upload.take() {
+        None => Next::Continue,
+        Some(h) => h.await.unwrap_or_else(|e| {
+            // Its delivery was neither acked nor requeued here: the broker
+            // redelivers it when this worker's channel closes.
+            tracing::error!("a shard upload task panicked: {e}");
+            Next::Continue
+        }),
+    }
 }
 
 /// What the heartbeat reports.
@@ -376,14 +420,17 @@ impl Worker {
             Backoff::new(self.settings.retry_backoff, self.settings.retry_backoff_max);
         // The first subscription's failure is fatal (a wrong URL shows at
         // start); later ones are retried.
-        let mut shards: Option<ShardStream> = Some(self.ctx.queue.consume_shards(1).await?);
+        // Prefetch 2: the shard being sampled and the one being uploaded
+        // (acked once stored); at most one upload is in flight.
+        let mut shards: Option<ShardStream> = Some(self.ctx.queue.consume_shards(PREFETCH).await?);
+        let mut upload: Option<Upload> = None;
         loop {
             if *shutdown.borrow() {
                 break;
             }
             let stream = match &mut shards {
                 Some(stream) => stream,
-                None => match self.ctx.queue.consume_shards(1).await {
+                None => match self.ctx.queue.consume_shards(PREFETCH).await {
                     Ok(stream) => shards.insert(stream),
                     Err(e) => {
                         let pause = backoff.next_pause();
@@ -404,13 +451,25 @@ impl Worker {
                         tracing::warn!(worker = %id, "shard queue: {e}; retrying");
                         continue;
                     }
-                    None => return Ok(()),
+                    None => break,
                 },
             };
             // Every line logged about the shard carries its job and index.
             let span =
                 tracing::info_span!("shard", job = %delivery.task.job, shard = delivery.task.index);
-            match self.handle(delivery, &shutdown).instrument(span).await {
+            let next = self
+                .handle(delivery, &shutdown, &mut upload)
+                .instrument(span)
+                .await;
+            let next = match next {
+                // Settled before unsubscribing: its ack needs the channel.
+                Next::Backoff | Next::Exit => {
+                    settle_upload(&mut upload).await;
+                    next
+                }
+                Next::Continue => next,
+            };
+            match next {
                 Next::Continue => backoff.reset(),
                 Next::Backoff => {
                     // Unsubscribe for the pause: what the broker would hand
@@ -426,13 +485,19 @@ impl Worker {
                 Next::Exit => break,
             }
         }
+        settle_upload(&mut upload).await;
         tracing::info!(worker = %id, "worker stopped: no shard in progress");
         Ok(())
     }
 
     /// Runs one delivery to its end and settles it; never fails (a failure
     /// to settle is logged: the broker redelivers what was not settled).
-    async fn handle(&self, delivery: ShardDelivery, shutdown: &watch::Receiver<bool>) -> Next {
+    async fn handle(
+        &self,
+        delivery: ShardDelivery,
+        shutdown: &watch::Receiver<bool>,
+        upload: &mut Option<Upload>,
+    ) -> Next {
         let task = delivery.task;
         let (job, shard) = (task.job, task.index);
         if *shutdown.borrow() {
@@ -475,25 +540,59 @@ impl Worker {
             tracing::info!(%job, shard, deaths, "shard redelivered after its worker died (not counted as a failure)");
         }
         let stop = StopFlag::new();
-        let result = {
+        let sampled = {
             let watcher = self.watch(&task, &stop, shutdown.clone());
             tokio::pin!(watcher);
             tokio::select! {
-                r = self.process_until(&task, &stop) => r,
+                r = self.sample_shard(&task, &stop) => r,
                 never = &mut watcher => match never {},
             }
         };
-        match result {
-            Ok(()) => {
-                settle(&task, "ack", delivery.ack().await);
-                Next::Continue
+        let sampled = match sampled {
+            Ok(s) => s,
+            Err(e) => return self.settle_failure(delivery, attempts, e).await,
+        };
+        // The next shard samples while this one uploads: at most one upload
+        // in flight, so the previous one settles first (its verdict is what
+        // the consumer does next), and this delivery is acked only once its
+        // object is written and its completion recorded, as before.
+        let previous = settle_upload(upload).await;
+        let this = self.clone();
+        let span = tracing::Span::current();
+        *upload = Some(tokio::spawn(
+            async move {
+                let task = delivery.task;
+                match this.store_shard(&task, sampled).await {
+                    Ok(()) => {
+                        settle(&task, "ack", delivery.ack().await);
+                        Next::Continue
+                    }
+                    Err(e) => this.settle_failure(delivery, attempts, e).await,
+                }
             }
-            Err(WorkerError::Stopped(StopReason::JobEnded)) => {
+            .instrument(span),
+        ));
+        previous
+    }
+
+    /// Settles a delivery whose attempt ended in `e`: acked when its job
+    /// ended, requeued uncounted at shutdown or after a transient failure,
+    /// otherwise counted as a reported failure and retried or parked.
+    async fn settle_failure(
+        &self,
+        delivery: ShardDelivery,
+        attempts: ShardAttempts,
+        e: WorkerError,
+    ) -> Next {
+        let task = delivery.task;
+        let (job, shard) = (task.job, task.index);
+        match e {
+            WorkerError::Stopped(StopReason::JobEnded) => {
                 tracing::info!(%job, shard, "job has ended; shard stopped unwritten");
                 settle(&task, "ack", delivery.ack().await);
                 Next::Continue
             }
-            Err(WorkerError::Stopped(StopReason::Shutdown)) => {
+            WorkerError::Stopped(StopReason::Shutdown) => {
                 self.forgive(&task).await;
                 let requeued = delivery.requeue().await;
                 if requeued.is_ok() {
@@ -502,8 +601,8 @@ impl Worker {
                 settle(&task, "requeue", requeued);
                 Next::Exit
             }
-            Err(e) if e.is_transient() => self.retry_later(delivery, true, &e).await,
-            Err(e) => {
+            e if e.is_transient() => self.retry_later(delivery, true, &e).await,
+            e => {
                 metrics::worker().shards_failed.inc();
                 let failed = match self.ctx.progress.record_attempt_failed(job, shard).await {
                     Ok(n) => n,
@@ -653,6 +752,17 @@ impl Worker {
         task: &ShardTask,
         stop: &StopFlag,
     ) -> Result<(), WorkerError> {
+        let sampled = self.sample_shard(task, stop).await?;
+        self.store_shard(task, sampled).await
+    }
+
+    /// The sampling half of [`Worker::process_until`]: the shard's npz bytes,
+    /// unless `stop` was raised (or its job ended) first.
+    async fn sample_shard(
+        &self,
+        task: &ShardTask,
+        stop: &StopFlag,
+    ) -> Result<Sampled, WorkerError> {
         let delivered = Instant::now();
         let spec = self.spec(task.job).await?;
         let model_dir = self.local_model(&spec.model).await?;
@@ -707,6 +817,23 @@ impl Worker {
             // Complete, but nobody wants it any more.
             return Err(WorkerError::Stopped(StopReason::JobEnded));
         }
+        Ok(Sampled {
+            residues,
+            valid,
+            bytes,
+            delivered,
+        })
+    }
+
+    /// The storing half: writes the shard's object, then records its
+    /// completion (counted once however often it is stored).
+    async fn store_shard(&self, task: &ShardTask, sampled: Sampled) -> Result<(), WorkerError> {
+        let Sampled {
+            residues,
+            valid,
+            bytes,
+            delivered,
+        } = sampled;
         // Identical bytes on a re-run: overwriting is harmless.
         self.ctx
             .store

@@ -448,6 +448,10 @@ struct FlakyStore {
     inner: Arc<dyn ObjectStore>,
     failures: usize,
     puts: AtomicUsize,
+    /// Shard puts wait here for a permit (when set).
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// Reads of job specs: one per shard the worker starts.
+    spec_reads: AtomicUsize,
 }
 
 impl std::fmt::Display for FlakyStore {
@@ -472,6 +476,9 @@ impl ObjectStore for FlakyStore {
                 source: "error sending request: operation timed out".into(),
             });
         }
+        if let (true, Some(gate)) = (location.as_ref().contains("/shards/"), &self.gate) {
+            gate.acquire().await.expect("gate open").forget();
+        }
         self.inner.put_opts(location, payload, opts).await
     }
     async fn put_multipart_opts(
@@ -486,6 +493,9 @@ impl ObjectStore for FlakyStore {
         location: &object_store::path::Path,
         options: object_store::GetOptions,
     ) -> object_store::Result<object_store::GetResult> {
+        if location.as_ref().ends_with("spec.json") {
+            self.spec_reads.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.get_opts(location, options).await
     }
     async fn delete(&self, location: &object_store::path::Path) -> object_store::Result<()> {
@@ -520,6 +530,78 @@ impl ObjectStore for FlakyStore {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_shard_samples_while_the_previous_one_uploads() {
+    let c = cluster().await;
+    let spec = c.submit(4, 2).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = Arc::new(FlakyStore {
+        inner: c.ctx.store.clone(),
+        failures: 0,
+        puts: AtomicUsize::new(0),
+        gate: Some(gate.clone()),
+        spec_reads: AtomicUsize::new(0),
+    });
+    let ctx = WorkerContext {
+        store: held.clone(),
+        ..c.ctx.clone()
+    };
+    for i in 0..2 {
+        c.rabbit
+            .publish_shard(&spec.shard(i), spec.priority)
+            .await
+            .unwrap();
+    }
+    let w = c.spawn_worker(ctx, c.settings("w1"));
+    // Shard 0 sampled and its upload held at the gate; shard 1 started
+    // (its spec read) meanwhile: sampling overlaps the upload.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while held.puts.load(Ordering::SeqCst) < 1 || held.spec_reads.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no overlap: {} shard puts, {} spec reads",
+            held.puts.load(Ordering::SeqCst),
+            held.spec_reads.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing is recorded or acked before its object is written, and at
+    // most one upload is in flight: shard 1's waits for shard 0's.
+    assert!(c.redis.done_shards(spec.id).await.unwrap().is_empty());
+    assert!(!c.shard_exists(&spec, 0).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        held.puts.load(Ordering::SeqCst),
+        1,
+        "a second upload started"
+    );
+    gate.add_permits(16);
+    while c.redis.done_shards(spec.id).await.unwrap() != vec![0, 1] {
+        assert!(Instant::now() < deadline, "the shards were never done");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.shut_down(Duration::from_secs(60)).await;
+    assert_eq!(c.rabbit.shard_queue_depth().await.unwrap(), 0);
+    for i in 0..2 {
+        let got = c
+            .ctx
+            .store
+            .get(&c.ctx.layout.shard(spec.id, i))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(
+            got.as_ref() == expected_shard(&spec, i).as_slice(),
+            "shard {i}"
+        );
+    }
+    let p = c.redis.get(spec.id).await.unwrap().unwrap();
+    assert_eq!((p.shards_done, p.samples_done, p.shards_failed), (2, 4, 0));
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_store_error_is_retried_without_counting_an_attempt() {
     let c = cluster().await;
     let spec = c.submit(4, 4).await;
@@ -527,6 +609,8 @@ async fn a_transient_store_error_is_retried_without_counting_an_attempt() {
         inner: c.ctx.store.clone(),
         failures: 2,
         puts: AtomicUsize::new(0),
+        gate: None,
+        spec_reads: AtomicUsize::new(0),
     });
     let ctx = WorkerContext {
         store: flaky.clone(),
