@@ -75,9 +75,18 @@ services: setup
 # target and target/debug/digctl (digctl/tests/cli.rs makes cargo build the
 # binary) with one feature resolution; a separate `cargo build -p digctl`
 # would resolve features for digctl alone and build part of it twice.
-test: lint services
-	scripts/stage.sh build cargo test --workspace --no-run
-	set -a && . .services/env && set +a && scripts/stage.sh tests cargo test --workspace
+# The same build lints: clippy-driver wraps rustc for the workspace's own
+# crates (what `cargo clippy` does, but in a real build instead of a check),
+# with -D warnings, so the dependencies compile once instead of once for
+# clippy and once for the tests. The test stage keeps the same wrapper, or
+# cargo would rebuild the workspace's crates for the changed fingerprint.
+LINT_BUILD := RUSTC_WORKSPACE_WRAPPER="$$(command -v clippy-driver)" CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
+
+test: setup services
+	@command -v clippy-driver >/dev/null || { echo "error: clippy-driver not found; rustup component add clippy"; exit 1; }
+	scripts/stage.sh fmt cargo fmt --all -- --check
+	$(LINT_BUILD) scripts/stage.sh build+clippy cargo test --workspace --no-run
+	set -a && . .services/env && set +a && $(LINT_BUILD) scripts/stage.sh tests cargo test --workspace
 
 bench: build
 	$(DIGCTL) bench
