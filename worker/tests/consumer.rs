@@ -169,6 +169,24 @@ impl Cluster {
         }
     }
 
+    /// Asserts that shard `i` of `spec` in the store is what a single
+    /// local sampler gives, byte for byte.
+    async fn assert_shard_is_local(&self, spec: &JobSpec, i: u64) {
+        let got = self
+            .ctx
+            .store
+            .get(&self.ctx.layout.shard(spec.id, i))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(
+            got.as_ref() == expected_shard(spec, i).as_slice(),
+            "shard {i} differs from the local run"
+        );
+    }
+
     async fn shard_exists(&self, spec: &JobSpec, i: u64) -> bool {
         match self
             .ctx
@@ -272,19 +290,7 @@ async fn two_workers_drain_a_job_and_every_shard_lands_once_with_local_bytes() {
     done.sort();
     assert_eq!(done, vec![0, 1, 2, 3]);
     for i in 0..spec.num_shards() {
-        let got = c
-            .ctx
-            .store
-            .get(&c.ctx.layout.shard(spec.id, i))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        assert!(
-            got.as_ref() == expected_shard(&spec, i).as_slice(),
-            "shard {i} differs from the local run"
-        );
+        c.assert_shard_is_local(&spec, i).await;
     }
     c.cleanup().await;
 }
@@ -582,19 +588,7 @@ async fn the_next_shard_samples_while_the_previous_one_uploads() {
     w.shut_down(Duration::from_secs(60)).await;
     assert_eq!(c.rabbit.shard_queue_depth().await.unwrap(), 0);
     for i in 0..2 {
-        let got = c
-            .ctx
-            .store
-            .get(&c.ctx.layout.shard(spec.id, i))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        assert!(
-            got.as_ref() == expected_shard(&spec, i).as_slice(),
-            "shard {i}"
-        );
+        c.assert_shard_is_local(&spec, i).await;
     }
     let p = c.redis.get(spec.id).await.unwrap().unwrap();
     assert_eq!((p.shards_done, p.samples_done, p.shards_failed), (2, 4, 0));
@@ -645,16 +639,7 @@ async fn a_transient_store_error_is_retried_without_counting_an_attempt() {
     assert_eq!(c.rabbit.shard_queue_depth().await.unwrap(), 0);
     // Three attempts ran, two were forgiven: the next one is the second.
     assert_eq!(c.redis.start_attempt(spec.id, 0).await.unwrap().started, 2);
-    let got = c
-        .ctx
-        .store
-        .get(&c.ctx.layout.shard(spec.id, 0))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert!(got.as_ref() == expected_shard(&spec, 0).as_slice());
+    c.assert_shard_is_local(&spec, 0).await;
     c.cleanup().await;
 }
 
@@ -758,16 +743,7 @@ async fn shutdown_lets_the_shard_in_progress_finish_within_the_grace() {
     assert_eq!(p.samples_done, 60);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(c.rabbit.shard_queue_depth().await.unwrap(), 0);
-    let got = c
-        .ctx
-        .store
-        .get(&c.ctx.layout.shard(spec.id, 0))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert!(got.as_ref() == expected_shard(&spec, 0).as_slice());
+    c.assert_shard_is_local(&spec, 0).await;
     c.cleanup().await;
 }
 
