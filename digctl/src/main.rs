@@ -19,6 +19,7 @@ mod device;
 mod evaluate;
 mod fidelity;
 mod frames;
+mod gpu_check;
 mod metrics_http;
 mod progress;
 mod reconcile;
@@ -85,6 +86,11 @@ enum Command {
     BenchFidelity(fidelity::FidelityArgs),
     /// Benchmark the sampler: naive (published strategy) against the optimized path.
     Bench(bench::BenchArgs),
+    /// Check a GPU machine in one command: parity against the published
+    /// fixtures on the device, speed of the published architecture at each
+    /// length and batch up to the memory, and a `digctl standalone` job with
+    /// a worker on the device; one table (`gpu-check.sh` of `make gpu-bundle`).
+    GpuCheck(gpu_check::GpuCheckArgs),
     /// Benchmark a training update: the native trainer against the published
     /// PyTorch step (bench/published-dig), same sizes, lengths and threads.
     BenchTrain(bench_train::BenchTrainArgs),
@@ -153,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sample(args) => sample::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::GpuCheck(args) => gpu_check::run(args),
         Command::BenchTrain(args) => bench_train::run(args),
         Command::BenchFidelity(args) => fidelity::run(args),
         Command::Train(args) => train::run(args),

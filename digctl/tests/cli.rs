@@ -9,7 +9,7 @@
 
 use std::process::Command;
 
-const COMMANDS: [&str; 26] = [
+const COMMANDS: [&str; 27] = [
     "sample",
     "evaluate",
     "convert-checkpoint",
@@ -19,6 +19,7 @@ const COMMANDS: [&str; 26] = [
     "features",
     "bench-fidelity",
     "bench",
+    "gpu-check",
     "bench-train",
     "api",
     "coordinator",

@@ -406,6 +406,20 @@ impl ScoreNetwork {
         self.trunk(ctx, tr, rot, mask, step, None)
     }
 
+    /// [`forward_step`](Self::forward_step) under autograd: differentiable in
+    /// the poses (and the weights), the prepared per-protein tensors held
+    /// constant; the point logits use tensor ops (the fused CPU kernel has no
+    /// backward). The probability-flow ODE's divergence needs it.
+    pub fn forward_grad(
+        &self,
+        ctx: &ProteinContext,
+        tr: &Tensor,
+        rot: &Tensor,
+        step: &Tensor,
+    ) -> (Tensor, Tensor) {
+        self.trunk(ctx, tr, rot, None, step, Some(0.0))
+    }
+
     /// The same function as [`forward_step`](Self::forward_step), differentiable
     /// in every parameter: the per-protein tensors are recomputed under
     /// autograd, the point logits use tensor ops (the fused CPU kernel has no

@@ -10,9 +10,12 @@
 //!   and collective variables) with flat-bottom forms;
 //! * [`steering`]: sequential Monte Carlo over particle groups, with the
 //!   importance weights that recover the unsteered ensemble;
+//! * [`flow`]: the probability-flow ODE: encode, decode and the
+//!   log-density of a structure;
 //! * [`ensemble`]: batches of samples of one protein into an [`Ensemble`](crate::structure::Ensemble).
 
 pub mod ensemble;
+pub mod flow;
 pub mod noise;
 pub mod potentials;
 pub mod schedule;
