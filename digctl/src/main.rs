@@ -15,6 +15,7 @@
 mod bench;
 mod bench_train;
 mod client;
+mod density;
 mod device;
 mod evaluate;
 mod fidelity;
@@ -55,6 +56,9 @@ enum Command {
     /// Score sampled ensembles: physical validity (BioEmu's criteria) and CA-RMSD to
     /// reference structures and to the nearest training frame; optionally a PNG plot.
     Evaluate(evaluate::EvaluateArgs),
+    /// Log-density of given structures under the model (probability-flow
+    /// ODE): per structure, in file order, with its standard error.
+    Density(density::DensityArgs),
     /// Convert a published DiG checkpoint (.pth) into a model directory.
     ConvertCheckpoint {
         /// `checkpoint.pth` as published (`{"state_dict": {"module.<key>": tensor}}`).
@@ -158,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Sample(args) => sample::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::Density(args) => density::run(args),
         Command::Bench(args) => bench::run(args),
         Command::GpuCheck(args) => gpu_check::run(args),
         Command::BenchTrain(args) => bench_train::run(args),

@@ -9,9 +9,10 @@
 
 use std::process::Command;
 
-const COMMANDS: [&str; 27] = [
+const COMMANDS: [&str; 28] = [
     "sample",
     "evaluate",
+    "density",
     "convert-checkpoint",
     "demo-model",
     "train",

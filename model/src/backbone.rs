@@ -359,3 +359,34 @@ pub fn resolve(base: &Path, p: &Path) -> PathBuf {
         base.join(p)
     }
 }
+
+/// The frames `(tr (N*L*3), rot (N*L*9))` of every structure in a PDB, DCD
+/// or XTC file (each centred on its mean CA, as in training), checked
+/// against the protein length `len`; `N` is the number of structures. The
+/// errors name the file, and the structure and residue at fault.
+pub fn read_poses(
+    path: &Path,
+    topology: Option<&Path>,
+    len: usize,
+) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+    let traj = read_trajectory(path, topology)?;
+    if traj.len_residues() != len {
+        return Err(ModelError::Invalid(format!(
+            "{}: {} residues per structure, but the protein (its features) has {len}",
+            path.display(),
+            traj.len_residues()
+        )));
+    }
+    if traj.frames.is_empty() {
+        return Err(ModelError::format(path, "no structures in the file"));
+    }
+    let (mut tr, mut rot) = (Vec::new(), Vec::new());
+    for (k, f) in traj.frames.iter().enumerate() {
+        let atoms: Vec<[[f64; 3]; 3]> = f.iter().map(|r| r.map(|a| a.map(f64::from))).collect();
+        let (t, r) = crate::training::frames(&atoms)
+            .map_err(|m| ModelError::format(path, format!("structure {}: {m}", k + 1)))?;
+        tr.extend(t);
+        rot.extend(r);
+    }
+    Ok((tr, rot, traj.frames.len()))
+}

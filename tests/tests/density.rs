@@ -1,0 +1,191 @@
+//! `digctl density` on the AdK-fragment model: per-structure log-densities
+//! in file order, deterministic whatever the batch, the exact divergence and
+//! Hutchinson's agreeing within the stated error, and bad inputs named.
+
+use std::path::Path;
+use std::process::Command;
+
+use dig_tests::digctl_path;
+use dig_tests::fragment::data;
+
+/// A multi-model PDB of the given single-structure PDBs, in order.
+fn models(out: &Path, files: &[&str]) {
+    let mut text = String::new();
+    for (i, f) in files.iter().enumerate() {
+        text.push_str(&format!("MODEL     {:>4}\n", i + 1));
+        for line in std::fs::read_to_string(data(f)).unwrap().lines() {
+            if line.starts_with("ATOM") {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text.push_str("ENDMDL\n");
+    }
+    text.push_str("END\n");
+    std::fs::write(out, text).unwrap();
+}
+
+fn density(structures: &Path, extra: &[&str]) -> (bool, String, String) {
+    let o = Command::new(digctl_path())
+        .args([
+            "density",
+            "--model",
+            data("model").to_str().unwrap(),
+            "--features",
+            data("features.npz").to_str().unwrap(),
+            "--structures",
+            structures.to_str().unwrap(),
+            "--threads",
+            "1",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+fn results(json: &str) -> Vec<(f64, f64)> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            assert_eq!(r["index"], i);
+            (
+                r["log_density"].as_f64().unwrap(),
+                r["std_error"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn densities_come_in_file_order_whatever_the_batch_and_both_divergences_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let three = dir.path().join("three.pdb");
+    models(&three, &["closed.pdb", "open.pdb", "closed.pdb"]);
+    let flow = ["--flow-steps", "20", "--divergence", "hutchinson:4"];
+    let (ok, one_batch, err) = density(&three, &[&flow[..], &["--batch-size", "3"]].concat());
+    assert!(ok, "{err}");
+    let (ok, singles, err) = density(&three, &[&flow[..], &["--batch-size", "1"]].concat());
+    assert!(ok, "{err}");
+    let (a, b) = (results(&one_batch), results(&singles));
+    assert_eq!(a.len(), 3);
+    for i in 0..3 {
+        // Each structure's probes are its own stream: the batch changes
+        // nothing but float rounding.
+        assert!(
+            (a[i].0 - b[i].0).abs() < 1e-3 * a[i].0.abs().max(1.0),
+            "{i}: {a:?} vs {b:?}"
+        );
+        assert!(a[i].1 > 0.0, "{a:?}");
+    }
+    // The same structure at positions 0 and 2: the same poses, other probes.
+    assert!(
+        (a[0].0 - a[2].0).abs() < 4.0 * (a[0].1.powi(2) + a[2].1.powi(2)).sqrt(),
+        "{a:?}"
+    );
+    // The exact divergence: no error, and Hutchinson's estimate within its own.
+    let (ok, exact, err) = density(
+        &three,
+        &[
+            "--flow-steps",
+            "20",
+            "--divergence",
+            "exact",
+            "--batch-size",
+            "3",
+        ],
+    );
+    assert!(ok, "{err}");
+    let e = results(&exact);
+    let v: serde_json::Value = serde_json::from_str(&exact).unwrap();
+    assert_eq!(v["network_forward_passes_per_structure"], 40);
+    assert_eq!(v["vector_jacobian_products_per_structure"], 40 * 6 * 24);
+    for i in 0..3 {
+        assert_eq!(e[i].1, 0.0);
+        println!(
+            "structure {i}: exact {:.3}, Hutchinson {:.3} +- {:.3}",
+            e[i].0, a[i].0, a[i].1
+        );
+        assert!(
+            (e[i].0 - a[i].0).abs() < 4.0 * a[i].1,
+            "{i}: exact {e:?}, Hutchinson {a:?}"
+        );
+    }
+    assert!(
+        (e[0].0 - e[2].0).abs() < 1e-6 * e[0].0.abs().max(1.0),
+        "{e:?}"
+    );
+    // CSV: the same numbers, one line each.
+    let (ok, csv, err) = density(
+        &three,
+        &[
+            "--flow-steps",
+            "20",
+            "--divergence",
+            "exact",
+            "--format",
+            "csv",
+        ],
+    );
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "index,log_density,per_residue,std_error");
+    assert_eq!(lines.len(), 4);
+    let first: Vec<f64> = lines[1].split(',').map(|x| x.parse().unwrap()).collect();
+    assert!((first[1] - e[0].0).abs() < 1e-5 * e[0].0.abs().max(1.0));
+    assert!((first[2] - e[0].0 / 24.0).abs() < 1e-5 * e[0].0.abs().max(1.0));
+}
+
+#[test]
+fn bad_structures_and_settings_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = dig_tests::repo_root().join("examples/adk/closed.pdb");
+    let (ok, out, err) = density(&full, &[]);
+    assert!(!ok && out.is_empty());
+    assert!(
+        err.contains(
+            "closed.pdb: 214 residues per structure, but the protein (its features) has 24"
+        ),
+        "{err}"
+    );
+    let text = dir.path().join("notes.pdb");
+    std::fs::write(&text, "these are notes, not atoms\n").unwrap();
+    let (ok, _, err) = density(&text, &[]);
+    assert!(!ok);
+    assert!(err.contains("notes.pdb: no ATOM records"), "{err}");
+    let other = dir.path().join("structure.cif");
+    std::fs::write(&other, "data_x\n").unwrap();
+    let (ok, _, err) = density(&other, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("unknown trajectory format (expected .pdb, .dcd or .xtc)"),
+        "{err}"
+    );
+    let closed = data("closed.pdb");
+    let (ok, _, err) = density(&closed, &["--divergence", "hutchinson:1"]);
+    assert!(!ok);
+    assert!(err.contains("hutchinson needs at least 2 probes"), "{err}");
+    let (ok, _, err) = density(&closed, &["--divergence", "trace"]);
+    assert!(!ok);
+    assert!(err.contains("use exact or hutchinson:K"), "{err}");
+    let (ok, _, err) = density(&closed, &["--flow-steps", "0"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--flow-steps must be between 1 and 1000, got 0"),
+        "{err}"
+    );
+    let (ok, _, err) = density(
+        &closed,
+        &["--out", "/nonexistent/dir/d.json", "--flow-steps", "1"],
+    );
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/dir/d.tmp"), "{err}");
+}
