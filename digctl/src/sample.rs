@@ -10,10 +10,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dig_common::job::SampleFilter;
+use dig_model::backbone::read_poses;
 use dig_model::features::{check_sequence, read_fasta, Features};
 use dig_model::sampling::steering::Steering;
 use dig_model::sampling::{
-    read_initial_state, sample_ensemble, sample_ensemble_steered_until, InitialPoses, SteerSpec,
+    read_initial_state, sample_ensemble, sample_ensemble_steered_until, InitialPoses, PartialStart,
+    SteerSpec,
 };
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
@@ -85,6 +87,20 @@ pub struct SampleArgs {
     /// Start from these poses (`tr (N,L,3)`/`(L,3)`, `rot_mat`) instead of seeded noise.
     #[arg(long)]
     init_state: Option<PathBuf>,
+    /// Partial diffusion: start from this structure (PDB, or DCD/XTC with
+    /// --from-topology; several structures: sample i starts from structure
+    /// i mod M), noised by the forward process to --from-time, and run the
+    /// sampler from there. Small times relax or repair the input, larger
+    /// ones explore around it; 1 is ordinary sampling.
+    #[arg(long, requires = "from_time", conflicts_with_all = ["init_state", "steer", "noise"])]
+    from_structure: Option<PathBuf>,
+    /// Topology of a DCD or XTC --from-structure (PSF, PDB or GRO).
+    #[arg(long, requires = "from_structure")]
+    from_topology: Option<PathBuf>,
+    /// Diffusion time to start from, in (0, 1]; snapped down to the
+    /// schedule's grid (t_k = 1 - k/steps).
+    #[arg(long, requires = "from_structure")]
+    from_time: Option<f64>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -156,7 +172,40 @@ pub fn run(args: SampleArgs) -> Result<()> {
         }
         tch::set_num_threads(t);
     }
-    let schedule = Schedule::with_solver(&cfg, &so3, args.steps, args.solver)?;
+    let mut schedule = Schedule::with_solver(&cfg, &so3, args.steps, args.solver)?;
+    // Partial diffusion: the tail of the schedule from --from-time, and the
+    // input structures noised to its first step's level.
+    let partial = match (&args.from_structure, args.from_time) {
+        (Some(path), Some(t)) => {
+            if !(t > 0.0 && t <= 1.0) {
+                bail!("--from-time must be in (0, 1], got {t}");
+            }
+            let (tr, rot, m) = read_poses(path, args.from_topology.as_deref(), len as usize)
+                .with_context(|| format!("--from-structure {}", path.display()))?;
+            let k0 = schedule.first_step_at(t);
+            let start_time = schedule.steps.get(k0).map_or(0.0, |p| p.t);
+            let noise = schedule.steps.get(k0).map(|p| {
+                let (omegas, cdf) = dig_model::training::Igso3::new().cdf(p.sigma_rot);
+                (p.sigma_tr, p.sigma_rot, (omegas, cdf))
+            });
+            if k0 > 0 {
+                schedule = schedule.tail(k0);
+            }
+            Some((
+                std::sync::Arc::new(PartialStart {
+                    tr,
+                    rot,
+                    structures: m,
+                    len: len as usize,
+                    noise,
+                }),
+                k0,
+                start_time,
+                t,
+            ))
+        }
+        _ => None,
+    };
     let steps = schedule.len();
     let (spec, steering): (Option<SteerSpec>, Option<Steering>) = match (&args.steer, args.noise) {
         (Some(arg), _) => {
@@ -199,8 +248,26 @@ pub fn run(args: SampleArgs) -> Result<()> {
         args.batch_size,
         device
     );
+    // A partial-diffusion run (k0 > 0) noises its inputs; from t = 1 it is
+    // ordinary sampling from the prior.
+    let partial_start = partial
+        .as_ref()
+        .filter(|(_, k0, _, _)| *k0 > 0)
+        .map(|(start, ..)| start.clone());
     let draw = |init: &InitialPoses| {
-        let mut progress = Progress::new((init.len() * steps) as u64, "sampling");
+        let noised;
+        let init = match (&partial_start, init) {
+            (Some(start), InitialPoses::Seeded { seed, indices }) => {
+                noised = InitialPoses::Noised {
+                    seed: *seed,
+                    indices: indices.clone(),
+                    start: start.clone(),
+                };
+                &noised
+            }
+            _ => init,
+        };
+        let mut progress = Progress::new((init.len() * steps).max(1) as u64, "sampling");
         let e = match (&steering, init) {
             (Some(st), InitialPoses::Seeded { seed, indices }) => sample_ensemble_steered_until(
                 &sampler,
@@ -273,6 +340,15 @@ pub fn run(args: SampleArgs) -> Result<()> {
         "network_calls_per_sample": calls,
         "noise": steering.as_ref().map(|s| s.noise),
         "steering": spec,
+        "from_structure": partial.as_ref().map(|(start, k0, start_time, t)| serde_json::json!({
+            "path": args.from_structure,
+            "structures": start.structures,
+            "from_time": t,
+            "start_step": k0,
+            "start_time": start_time,
+            "sigma_tr": start.noise.as_ref().filter(|_| *k0 > 0).map(|n| n.0),
+            "sigma_rot": start.noise.as_ref().filter(|_| *k0 > 0).map(|n| n.1),
+        })),
         "samples_valid": valid,
         "filter": filtered.as_ref().map(|f: &FilterSummary| serde_json::json!({
             "criteria": "physical",

@@ -85,7 +85,7 @@ pub fn frames(atoms: &[[[f64; 3]; 3]]) -> std::result::Result<(Vec<f32>, Vec<f32
 }
 
 /// `np.interp(x, xp, fp)` for increasing `xp`: clamps outside the range.
-fn interp(x: f64, xp: &[f64], fp: &[f64]) -> f64 {
+pub fn interp(x: f64, xp: &[f64], fp: &[f64]) -> f64 {
     let n = xp.len();
     if x.is_nan() {
         return f64::NAN;

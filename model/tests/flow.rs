@@ -342,3 +342,40 @@ fn encode_then_decode_returns_the_fixture_models_samples() {
         .double_value(&[]);
     assert!(diff < 1e-3, "batch changes sample 1 by {diff} Å");
 }
+
+#[test]
+fn partial_diffusion_from_time_zero_returns_the_input_unchanged() {
+    use dig_model::sampling::{sample_ensemble, InitialPoses, PartialStart};
+    use dig_model::{Sampler, Schedule};
+    let model = DigModel::load_dir(&data(""), Device::Cpu).unwrap();
+    let f = npz("features.npz");
+    let ctx = model.net.prepare(&f["single"], &f["pair"], u64::MAX);
+    let so3 = So3Tables::compute();
+    let schedule = Schedule::new(model.net.config(), &so3, Some(20)).unwrap();
+    assert_eq!(schedule.first_step_at(0.0), 20);
+    assert_eq!(schedule.first_step_at(1.0), 0);
+    assert_eq!(schedule.first_step_at(0.5), 10);
+    assert_eq!(schedule.first_step_at(0.49), 11);
+    let init = npz("init_state.npz");
+    let tr = Vec::<f32>::try_from(init["tr"].flatten(0, -1)).unwrap();
+    let rot = Vec::<f32>::try_from(init["rot_mat"].flatten(0, -1)).unwrap();
+    let start = std::sync::Arc::new(PartialStart {
+        tr: tr.clone(),
+        rot: rot.clone(),
+        structures: 1,
+        len: 24,
+        noise: None,
+    });
+    let sampler = Sampler::new(&model.net, schedule.tail(20));
+    let poses = InitialPoses::Noised {
+        seed: 1,
+        indices: vec![0, 1, 2],
+        start,
+    };
+    let e = sample_ensemble(&sampler, &ctx, &poses, 2, 35.0, &"A".repeat(24), |_| {});
+    assert_eq!(e.sample_index, [0, 1, 2]);
+    for i in 0..3 {
+        assert_eq!(e.tr[i * 72..(i + 1) * 72], tr[..]);
+        assert_eq!(e.rot_mat[i * 216..(i + 1) * 216], rot[..]);
+    }
+}

@@ -18,12 +18,79 @@ pub enum InitialPoses {
     /// Given explicitly (for example the published code's `init_state.npz`):
     /// `tr (N, L, 3)`, `rot (N, L, 3, 3)`; sample indices are `0..N`.
     Given { tr: Tensor, rot: Tensor },
+    /// Partial diffusion: sample `i` starts from structure `i mod M` of
+    /// `start`, noised by the forward process to its schedule's start
+    /// ([`PartialStart`]).
+    Noised {
+        seed: u64,
+        indices: Vec<u64>,
+        start: std::sync::Arc<PartialStart>,
+    },
+}
+
+/// Where a partial-diffusion run starts: `M` structures (frames centred on
+/// the mean CA, `tr (M*L*3)`, `rot (M*L*9)`) and the noise level of the
+/// first step run, `sigma_tr`, `sigma_rot` (none at `t = 0`: the input
+/// itself). Sample `i`'s forward-process draws come from a ChaCha20 stream
+/// keyed by `seed (u64 LE) | "digpartl" | 0 | 0` with stream number `i`: per
+/// residue 3 translation normals (x y z, [`standard_normals`]), then per
+/// residue an axis (3 normals, normalised) and an IGSO(3) angle by inverse
+/// CDF of one uniform ([`uniform`](crate::rng::uniform)) on the published
+/// table of `sigma_rot`; `T = T0 + sigma_tr z`, `R = expmap(angle axis) R0`
+/// (space frame, as in training).
+pub struct PartialStart {
+    pub tr: Vec<f32>,
+    pub rot: Vec<f32>,
+    pub structures: usize,
+    pub len: usize,
+    /// `(sigma_tr, sigma_rot, (omegas, cdf))`; `None` at `t = 0`.
+    pub noise: Option<(f64, f64, (Vec<f64>, Vec<f64>))>,
+}
+
+impl PartialStart {
+    /// The start of sample `index` under `seed`: `(tr (L*3), rot (L*9))`.
+    pub fn pose(&self, seed: u64, index: u64) -> (Vec<f32>, Vec<f32>) {
+        use rand::SeedableRng;
+        let l = self.len;
+        let m = (index % self.structures as u64) as usize;
+        let tr0 = &self.tr[m * l * 3..(m + 1) * l * 3];
+        let rot0 = &self.rot[m * l * 9..(m + 1) * l * 9];
+        let Some((s_tr, _s_rot, (omegas, cdf))) = &self.noise else {
+            return (tr0.to_vec(), rot0.to_vec());
+        };
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&seed.to_le_bytes());
+        key[8..16].copy_from_slice(b"digpartl");
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed(key);
+        rng.set_stream(index);
+        let z = crate::rng::standard_normals(&mut rng, 3 * l);
+        let tr: Vec<f32> = tr0
+            .iter()
+            .zip(&z)
+            .map(|(&t, &z)| (t as f64 + s_tr * z) as f32)
+            .collect();
+        let mut v = Vec::with_capacity(3 * l);
+        for _ in 0..l {
+            let a = crate::rng::standard_normals(&mut rng, 3);
+            let norm = (a[0] * a[0] + a[1] * a[1] + a[2] * a[2]).sqrt().max(1e-12);
+            let angle = crate::training::interp(crate::rng::uniform(&mut rng), cdf, omegas);
+            v.extend(a.iter().map(|x| (x / norm * angle) as f32));
+        }
+        let noise = super::solvers::expmap(&Tensor::from_slice(&v).view([l as i64, 3]));
+        let rot = noise.matmul(&Tensor::from_slice(rot0).view([l as i64, 3, 3]));
+        (
+            tr,
+            Vec::<f32>::try_from(rot.flatten(0, -1)).expect("float32 rotations"),
+        )
+    }
 }
 
 impl InitialPoses {
     pub fn len(&self) -> usize {
         match self {
-            InitialPoses::Seeded { indices, .. } => indices.len(),
+            InitialPoses::Seeded { indices, .. } | InitialPoses::Noised { indices, .. } => {
+                indices.len()
+            }
             InitialPoses::Given { tr, .. } => tr.size()[0] as usize,
         }
     }
@@ -34,7 +101,9 @@ impl InitialPoses {
 
     fn indices(&self) -> Vec<i64> {
         match self {
-            InitialPoses::Seeded { indices, .. } => indices.iter().map(|&i| i as i64).collect(),
+            InitialPoses::Seeded { indices, .. } | InitialPoses::Noised { indices, .. } => {
+                indices.iter().map(|&i| i as i64).collect()
+            }
             InitialPoses::Given { tr, .. } => (0..tr.size()[0]).collect(),
         }
     }
@@ -55,6 +124,25 @@ impl InitialPoses {
                     let s = initial_state(*seed, i, len as usize, tr_sigma_max);
                     tr.extend(s.tr);
                     rot.extend(s.rot);
+                }
+                (
+                    Tensor::from_slice(&tr).view([b, len, 3]).to_device(device),
+                    Tensor::from_slice(&rot)
+                        .view([b, len, 3, 3])
+                        .to_device(device),
+                )
+            }
+            InitialPoses::Noised {
+                seed,
+                indices,
+                start,
+            } => {
+                let b = range.len() as i64;
+                let (mut tr, mut rot) = (Vec::new(), Vec::new());
+                for &i in &indices[range] {
+                    let (t, r) = start.pose(*seed, i);
+                    tr.extend(t);
+                    rot.extend(r);
                 }
                 (
                     Tensor::from_slice(&tr).view([b, len, 3]).to_device(device),

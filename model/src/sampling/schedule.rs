@@ -154,6 +154,25 @@ impl Schedule {
         })
     }
 
+    /// The first step of a run that starts at diffusion time `from_time`
+    /// (partial diffusion): the first step whose time is at most
+    /// `from_time`, so the start snaps down to the grid `t_k = 1 - k/T'`;
+    /// `len()` (no step) at `from_time = 0`.
+    pub fn first_step_at(&self, from_time: f64) -> usize {
+        self.steps
+            .iter()
+            .position(|p| p.t <= from_time + 1e-12)
+            .unwrap_or(self.steps.len())
+    }
+
+    /// The steps from `k` on (the same plans: times, gains, network steps).
+    pub fn tail(&self, k: usize) -> Schedule {
+        Schedule {
+            steps: self.steps[k.min(self.steps.len())..].to_vec(),
+            solver: self.solver,
+        }
+    }
+
     /// Network calls per sample.
     pub fn network_calls(&self) -> usize {
         self.solver.network_calls(self.steps.len())
