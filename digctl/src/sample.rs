@@ -14,8 +14,8 @@ use dig_model::backbone::read_poses;
 use dig_model::features::{check_sequence, read_fasta, Features};
 use dig_model::sampling::steering::Steering;
 use dig_model::sampling::{
-    read_initial_state, sample_ensemble, sample_ensemble_steered_until, InitialPoses, PartialStart,
-    SteerSpec,
+    read_initial_state, sample_ensemble, sample_ensemble_steered_until, InitialPoses, PartialNoise,
+    PartialStart, SteerSpec,
 };
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
@@ -186,7 +186,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
             let start_time = schedule.steps.get(k0).map_or(0.0, |p| p.t);
             let noise = schedule.steps.get(k0).map(|p| {
                 let (omegas, cdf) = dig_model::training::Igso3::new().cdf(p.sigma_rot);
-                (p.sigma_tr, p.sigma_rot, (omegas, cdf))
+                PartialNoise {
+                    sigma_tr: p.sigma_tr,
+                    sigma_rot: p.sigma_rot,
+                    omegas,
+                    cdf,
+                }
             });
             if k0 > 0 {
                 schedule = schedule.tail(k0);
@@ -346,8 +351,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
             "from_time": t,
             "start_step": k0,
             "start_time": start_time,
-            "sigma_tr": start.noise.as_ref().filter(|_| *k0 > 0).map(|n| n.0),
-            "sigma_rot": start.noise.as_ref().filter(|_| *k0 > 0).map(|n| n.1),
+            "sigma_tr": start.noise.as_ref().filter(|_| *k0 > 0).map(|n| n.sigma_tr),
+            "sigma_rot": start.noise.as_ref().filter(|_| *k0 > 0).map(|n| n.sigma_rot),
         })),
         "samples_valid": valid,
         "filter": filtered.as_ref().map(|f: &FilterSummary| serde_json::json!({

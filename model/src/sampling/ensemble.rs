@@ -43,8 +43,17 @@ pub struct PartialStart {
     pub rot: Vec<f32>,
     pub structures: usize,
     pub len: usize,
-    /// `(sigma_tr, sigma_rot, (omegas, cdf))`; `None` at `t = 0`.
-    pub noise: Option<(f64, f64, (Vec<f64>, Vec<f64>))>,
+    /// The forward process's level at the start; `None` at `t = 0`.
+    pub noise: Option<PartialNoise>,
+}
+
+/// The noise level of a partial-diffusion start and the IGSO(3) angle CDF
+/// of its `sigma_rot` (on the published table's angles).
+pub struct PartialNoise {
+    pub sigma_tr: f64,
+    pub sigma_rot: f64,
+    pub omegas: Vec<f64>,
+    pub cdf: Vec<f64>,
 }
 
 impl PartialStart {
@@ -55,7 +64,13 @@ impl PartialStart {
         let m = (index % self.structures as u64) as usize;
         let tr0 = &self.tr[m * l * 3..(m + 1) * l * 3];
         let rot0 = &self.rot[m * l * 9..(m + 1) * l * 9];
-        let Some((s_tr, _s_rot, (omegas, cdf))) = &self.noise else {
+        let Some(PartialNoise {
+            sigma_tr: s_tr,
+            omegas,
+            cdf,
+            ..
+        }) = &self.noise
+        else {
             return (tr0.to_vec(), rot0.to_vec());
         };
         let mut key = [0u8; 32];
