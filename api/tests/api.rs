@@ -839,6 +839,7 @@ async fn job_view_reports_throughput_and_eta() {
         .await
         .unwrap();
     assert!(c.redis.record_shard_done(id, 0, 4).await.unwrap());
+    // Time passing is the point: the rate needs a whole second since the start.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let before = now_secs();
     let (s, v) = c
@@ -866,6 +867,8 @@ async fn job_view_reports_throughput_and_eta() {
         .set_state(id, JobState::Succeeded, None)
         .await
         .unwrap();
+    // Time passing is the point: now is past finished_at, so a rate measured
+    // to now would differ from the one measured to finished_at.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (_, v) = c
         .json("GET", &uri, Some(&c.key_a), &[], Body::empty())

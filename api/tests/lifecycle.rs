@@ -414,7 +414,16 @@ async fn events_of_a_final_job_end_at_once_and_shutdown_ends_open_streams() {
     // A stream of an unfinished job ends when the server shuts down.
     let open = c.submitted(&c.job_body(&sha, 10, 5)).await.id;
     let (_, _, got, reader) = open_events(&c, open, Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first two events (progress, state) arrive; nothing else changes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.lock().unwrap().events.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the stream's first two events did not arrive: {:?}",
+            got.lock().unwrap().events
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(got.lock().unwrap().events.len(), 2);
     let asked = Instant::now();
     c.stop.send(true).unwrap();
@@ -559,6 +568,7 @@ async fn webhooks_are_signed_retried_and_recorded() {
     );
     // Not again before the pause.
     assert_eq!(d.deliver_due().await.unwrap(), 0);
+    // The backoff (200 ms) passing is the point: then the retry is due.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(d.deliver_due().await.unwrap(), 1);
     let w = &c.job(id).await["webhook"];
@@ -567,6 +577,7 @@ async fn webhooks_are_signed_retried_and_recorded() {
         (&json!("delivered"), &json!(2)),
         "{w}"
     );
+    // Delivered: nothing is due even once another backoff has passed.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(d.deliver_due().await.unwrap(), 0);
 
@@ -611,6 +622,7 @@ async fn webhooks_give_up_after_the_last_attempt_and_are_sent_by_one_replica() {
     assert_eq!(s, StatusCode::OK);
     let d = c.deliverer(fast(2));
     assert_eq!(d.deliver_due().await.unwrap(), 1);
+    // The backoff (200 ms) passing is the point: then the retry is due.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(d.deliver_due().await.unwrap(), 1);
     let w = &c.job(failing).await["webhook"];
@@ -623,6 +635,7 @@ async fn webhooks_give_up_after_the_last_attempt_and_are_sent_by_one_replica() {
         w["last_error"].as_str().unwrap().contains("HTTP 503"),
         "{w}"
     );
+    // Given up: nothing is due even once another backoff has passed.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(d.deliver_due().await.unwrap(), 0);
     {

@@ -574,6 +574,7 @@ async fn heartbeats_are_listed_and_expire(store: Store) {
     store.heartbeat(&idle.id, &idle, 1).await.unwrap();
     assert_eq!(store.workers().await.unwrap(), vec![cpu.clone(), idle]);
 
+    // The expiry is the point: the 1 s beat's TTL runs out, the 30 s one's not.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(store.workers().await.unwrap(), vec![cpu]);
     assert!(matches!(

@@ -364,6 +364,7 @@ async fn large_upload_goes_through_multipart_and_round_trips(env: Arc<Env>) {
         bytes.as_slice()
     );
 
+    // Past a whole second of last_modified, as above: a rewrite would show.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(fs.put_stream(body(&bytes, 1 << 20)).await.unwrap(), got);
     let again = env.store.head(&env.key(&got.sha256)).await.unwrap();

@@ -365,6 +365,8 @@ pub fn run(opts: &ChaosOptions) -> ChaosReport {
     let mut order = KINDS.to_vec();
     order.shuffle(&mut rng);
     while start.elapsed() < opts.window {
+        // The time between faults is part of the schedule (seeded), not a
+        // wait for anything.
         let gap = rng.random_range(opts.gap.0..=opts.gap.1);
         std::thread::sleep(gap);
         match samples_done(&fleet) {
@@ -379,6 +381,8 @@ pub fn run(opts: &ChaosOptions) -> ChaosReport {
         };
         let at = start.elapsed();
         let t0 = Instant::now();
+        // How long the killed process or stopped server stays down: part of
+        // the fault (seeded), not a wait for anything.
         let pause = Duration::from_millis(rng.random_range(0..=2000));
         let (what, down) = match kind {
             FaultKind::KillWorker => {

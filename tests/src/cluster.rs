@@ -99,6 +99,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Polls `probe` every 200 ms until it holds: the tests' way to wait for
+/// a readiness signal rather than a fixed sleep. After `timeout` it panics
+/// naming `what` was awaited, with the logs of `svcs`.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    svcs: &[&Service],
+    mut probe: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !probe() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}; logs:\n{}",
+            svcs.iter()
+                .map(|s| format!("--- {} ---\n{}", s.name, s.log()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A fresh key of `tenant` and its keys-file line, from `digctl api-key new`.
 fn new_key(tenant: &str) -> (String, String) {
     let out = Command::new(digctl_path())

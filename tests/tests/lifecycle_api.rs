@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dig_tests::cluster::{
-    assert_same_samples, assert_samples_within, local_sample, Cluster, Service,
+    assert_same_samples, assert_samples_within, http_get, local_sample, parse_metrics, wait_until,
+    Cluster, Service,
 };
 use dig_tests::digctl_path;
 use hmac::{Hmac, Mac};
@@ -161,6 +162,24 @@ fn events_follow_a_job_through_the_cluster_to_succeeded() {
     }
     drop(svcs);
     runtime().block_on(c.cleanup());
+}
+
+/// How many `GET /v1/jobs/{id}/events` the API at `addr` has answered 200
+/// (`dig_api_requests_total`, counted once the stream's head is ready); 0
+/// when it does not answer.
+fn event_streams_opened(addr: &str) -> f64 {
+    let Some((200, body)) = http_get(addr, "/metrics") else {
+        return 0.0;
+    };
+    parse_metrics(&body)
+        .iter()
+        .filter(|(name, labels, _)| {
+            name == "dig_api_requests_total"
+                && labels.contains(&("route".into(), "/v1/jobs/{id}/events".into()))
+                && labels.contains(&("status".into(), "200".into()))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
 }
 
 /// Waits for a child's exit, killing it after `limit`.
@@ -437,7 +456,15 @@ fn a_stream_ends_with_the_api_and_wait_goes_on_polling() {
         .unwrap();
     let (status, events, closed) = std::thread::scope(|s| {
         let reader = s.spawn(|| c.job_events(&c.key_a, &job, Duration::from_secs(120)));
-        std::thread::sleep(Duration::from_secs(2));
+        // Both streams open, this reader's and `digctl wait`'s: the API has
+        // answered two event-stream requests (its request counter).
+        let api_addr = c.api_url.trim_start_matches("http://").to_string();
+        wait_until(
+            "the API has answered both event-stream requests",
+            Duration::from_secs(60),
+            &[&api],
+            || event_streams_opened(&api_addr) >= 2.0,
+        );
         // SIGTERM: the open streams end, so the API exits promptly.
         let asked = Instant::now();
         assert!(api.terminate(Duration::from_secs(30)), "{}", api.log());
@@ -505,8 +532,18 @@ fn a_cancelled_jobs_finished_shards_are_fetched_as_partial_results_standalone() 
         std::thread::sleep(Duration::from_millis(100));
     }
     c.client_ok(&c.key_a, &["cancel", &job]);
-    // A shard that was running finishes; then nothing changes.
-    std::thread::sleep(Duration::from_secs(3));
+    // The worker has seen the cancel (it skips or stops the job's shards,
+    // logging "job has ended"): a shard that was running has finished.
+    wait_until(
+        "the standalone worker logs that the cancelled job has ended",
+        Duration::from_secs(60),
+        &[&svc],
+        || {
+            svc.log()
+                .lines()
+                .any(|l| l.contains("job has ended") && l.contains(job.as_str()))
+        },
+    );
     let v = c.status(&c.key_a, &job);
     assert_eq!(v["state"], "cancelled", "{v}");
     let done = v["shards"]["done"].as_u64().unwrap();
@@ -625,6 +662,8 @@ fn a_batch_webhook_is_sent_once_when_every_job_has_ended() {
     };
     assert_eq!(view["webhook"]["state"], "delivered", "{}", view["webhook"]);
     assert_eq!(view["webhook"]["attempts"], 1);
+    // Sent once: a window for a second POST to show (nothing signals one
+    // that does not come).
     std::thread::sleep(Duration::from_secs(4));
     let got = hooks.requests();
     assert_eq!(got.len(), 1, "{got:?}");

@@ -18,7 +18,9 @@ use dig_common::layout::ObjectLayout;
 use dig_common::progress::ProgressStore;
 use dig_common::queue::ShardQueue;
 use dig_model::structure::Ensemble;
-use dig_tests::cluster::{assert_same_samples, local_sample, Cluster, Outage, Service, SEQUENCE};
+use dig_tests::cluster::{
+    assert_same_samples, local_sample, wait_until, Cluster, Outage, Service, SEQUENCE,
+};
 use object_store::ObjectStore;
 
 /// These tests run several processes that each want both cores, and one
@@ -120,19 +122,6 @@ fn wait_final(c: &Cluster, job: &str, svcs: &[&Service]) -> serde_json::Value {
     }
 }
 
-/// Polls until `probe` holds.
-fn wait_until(what: &str, timeout: Duration, svcs: &[&Service], mut probe: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !probe() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting until {what}; logs:\n{}",
-            logs(svcs)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// A succeeded job of `n` samples: counted once per sample and shard, one
 /// object per shard, and the samples equal `digctl sample`'s.
 fn check_succeeded(
@@ -205,10 +194,12 @@ fn a_coordinator_killed_mid_job_resumes_every_job_without_losing_or_repeating_a_
     // Submitted while no coordinator runs: its id is on the jobs queue,
     // while the first job's was acked by the killed coordinator.
     let second = submit(&c, &sha, 40, 22);
-    // A restart killed again early (wherever it is by then: reconciling,
-    // resuming, publishing), then one that stays.
+    // A restart killed again early, then one that stays. Killed as soon as
+    // it logs its metrics listener (its configuration loaded, the process
+    // up), so the kill lands in its start (connecting, reconciling,
+    // resuming, publishing), never before the process has run at all.
     let mut early = c.start_coordinator();
-    std::thread::sleep(Duration::from_millis(300));
+    early.metrics_addr();
     early.kill();
     let coordinator = c.start_coordinator();
 
@@ -435,7 +426,8 @@ fn a_redis_restart_mid_job_loses_no_shard_and_submissions_meanwhile_get_503() {
                 .any(|h| h.eq_ignore_ascii_case("retry-after: 5")),
             "{headers:?}"
         );
-        // Workers carry on sampling meanwhile and retry what they cannot record.
+        // The outage lasting is the point (nothing to wait for): workers
+        // carry on sampling meanwhile and retry what they cannot record.
         std::thread::sleep(Duration::from_secs(3));
     });
 }

@@ -167,6 +167,8 @@ fn a_cancelled_job_stops_its_workers_and_keeps_what_they_finished() {
         })
     };
     let settled = shard_objects(&c);
+    // Nothing is written once the workers settled: a window for a late
+    // shard object to show (nothing signals one that does not come).
     std::thread::sleep(Duration::from_secs(5));
     let later = shard_objects(&c);
     assert_eq!(settled, later, "shard objects appeared after the cancel");

@@ -384,7 +384,9 @@ async fn shards_of_a_cancelled_job_are_acked_and_skipped_without_an_attempt() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     w.shut_down(Duration::from_secs(60)).await;
-    // Acked, not requeued: nothing comes back once the consumer is gone.
+    // Acked, not requeued: nothing comes back once the consumer is gone
+    // (the broker requeues an unacked message asynchronously, as the
+    // channel closes: a window for one to show).
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(c.rabbit.shard_queue_depth().await.unwrap(), 0);
     assert_eq!(c.rabbit.parked_depth().await.unwrap(), 0);
@@ -429,6 +431,8 @@ async fn a_running_shard_stops_at_a_batch_boundary_when_its_job_is_cancelled() {
     // Noticed within a poll (250 ms), stopped at the next batch.
     w.wait_until_idle(Duration::from_secs(120)).await;
     w.shut_down(Duration::from_secs(60)).await;
+    // Acked, not requeued: a window for a requeue at the channel's close to
+    // show, as above.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(c.rabbit.shard_queue_depth().await.unwrap(), 0, "acked");
     assert_eq!(c.rabbit.parked_depth().await.unwrap(), 0);
@@ -574,6 +578,8 @@ async fn the_next_shard_samples_while_the_previous_one_uploads() {
     // most one upload is in flight: shard 1's waits for shard 0's.
     assert!(c.redis.done_shards(spec.id).await.unwrap().is_empty());
     assert!(!c.shard_exists(&spec, 0).await);
+    // A window for a second upload to start, if one could (nothing signals
+    // one that does not).
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         held.puts.load(Ordering::SeqCst),
@@ -741,6 +747,8 @@ async fn shutdown_lets_the_shard_in_progress_finish_within_the_grace() {
     assert_eq!(c.redis.done_shards(spec.id).await.unwrap(), vec![0]);
     let p = c.redis.get(spec.id).await.unwrap().unwrap();
     assert_eq!(p.samples_done, 60);
+    // Acked, not requeued: a window for a requeue at the channel's close to
+    // show, as above.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(c.rabbit.shard_queue_depth().await.unwrap(), 0);
     c.assert_shard_is_local(&spec, 0).await;
