@@ -21,6 +21,7 @@ mod evaluate;
 mod fidelity;
 mod frames;
 mod gpu_check;
+mod interpolate;
 mod metrics_http;
 mod progress;
 mod reconcile;
@@ -59,6 +60,9 @@ enum Command {
     /// Log-density of given structures under the model (probability-flow
     /// ODE): per structure, in file order, with its standard error.
     Density(density::DensityArgs),
+    /// A path between two structures through the diffusion: both encoded to
+    /// noise, interpolated there, every frame decoded (with its log-density).
+    Interpolate(interpolate::InterpolateArgs),
     /// Convert a published DiG checkpoint (.pth) into a model directory.
     ConvertCheckpoint {
         /// `checkpoint.pth` as published (`{"state_dict": {"module.<key>": tensor}}`).
@@ -163,6 +167,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sample(args) => sample::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Density(args) => density::run(args),
+        Command::Interpolate(args) => interpolate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::GpuCheck(args) => gpu_check::run(args),
         Command::BenchTrain(args) => bench_train::run(args),

@@ -9,10 +9,11 @@
 
 use std::process::Command;
 
-const COMMANDS: [&str; 28] = [
+const COMMANDS: [&str; 29] = [
     "sample",
     "evaluate",
     "density",
+    "interpolate",
     "convert-checkpoint",
     "demo-model",
     "train",
