@@ -163,11 +163,11 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         );
         ensemble.tr.extend(flat(&run.tr));
         ensemble.rot_mat.extend(flat(&run.rot));
-        for i in 0..bsz as usize {
+        for (i, p) in prior.iter().enumerate() {
             densities.push(
                 settings
                     .divergence
-                    .map(|_| (prior[i] + run.integral[i], run.variance[i].sqrt())),
+                    .map(|_| (p + run.integral[i], run.variance[i].sqrt())),
             );
         }
     }
