@@ -283,7 +283,8 @@ pub(crate) enum PrioritySchema {
 }
 
 /// How the sampler integrates: `euler` (the published update), `exp`,
-/// `heun` or `ab2` (the README's fidelity table).
+/// `heun` or `ab2` (the README's fidelity table), or `flow` (the
+/// probability-flow ODE, docs/density.md).
 #[derive(ToSchema)]
 #[schema(as = Solver)]
 #[allow(dead_code)]
@@ -293,6 +294,7 @@ pub(crate) enum SolverSchema {
     Exp,
     Heun,
     Ab2,
+    Flow,
 }
 
 /// Which samples a filtered job keeps: `physical` (BioEmu's validity

@@ -181,6 +181,7 @@ pub fn read_shard(bytes: &[u8], sequence: &str) -> Result<Ensemble, String> {
         tr: tr.f32s("tr")?,
         rot_mat: rot.f32s("rot_mat")?,
         steer: None,
+        log_density: None,
     })
 }
 
@@ -321,6 +322,7 @@ mod tests {
             tr,
             rot_mat: rot,
             steer: None,
+            log_density: None,
         }
     }
 

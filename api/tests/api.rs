@@ -726,7 +726,7 @@ async fn the_document_states_the_deployments_limits_and_the_fields_formats() {
     assert_eq!(job["name"]["maxLength"], 200);
     assert_eq!(
         doc["components"]["schemas"]["Solver"]["enum"],
-        json!(["euler", "exp", "heun", "ab2"])
+        json!(["euler", "exp", "heun", "ab2", "flow"])
     );
     assert_eq!(job["steering"]["properties"]["particles"]["maximum"], 64);
     assert_eq!(
@@ -1127,6 +1127,7 @@ async fn pdb_results_of_a_succeeded_job() {
         tr: shards.iter().flat_map(|e| e.tr.clone()).collect(),
         rot_mat: shards.iter().flat_map(|e| e.rot_mat.clone()).collect(),
         steer: None,
+        log_density: None,
     };
     let mut expected = Vec::new();
     whole.write_pdb(&mut expected).unwrap();
@@ -1178,6 +1179,7 @@ async fn pdb_results_refusals_and_aborts() {
                 .flat_map(|_| [1., 0., 0., 0., 1., 0., 0., 0., 1.])
                 .collect(),
             steer: None,
+            log_density: None,
         }
     };
     for (i, r) in [(0, 0..4), (2, 8..10)] {
@@ -1263,6 +1265,7 @@ fn synthetic(indices: std::ops::Range<i64>) -> Ensemble {
         tr,
         rot_mat: rot,
         steer: None,
+        log_density: None,
     }
 }
 
@@ -1313,6 +1316,7 @@ async fn xtc_results_and_topology_of_a_succeeded_job() {
         tr: shards.iter().flat_map(|e| e.tr.clone()).collect(),
         rot_mat: shards.iter().flat_map(|e| e.rot_mat.clone()).collect(),
         steer: None,
+        log_density: None,
     };
     let (s, ctype, body) = c.fetch(&xtc, Some(&c.key_a)).await;
     assert_eq!(

@@ -86,6 +86,9 @@ pub enum Solver {
     Heun,
     /// Two-step Adams-Bashforth, second order (one call per step).
     Ab2,
+    /// The probability-flow ODE by Heun's method (two calls per step, one
+    /// at the last).
+    Flow,
 }
 
 impl Solver {
@@ -95,13 +98,14 @@ impl Solver {
             Solver::Exp => "exp",
             Solver::Heun => "heun",
             Solver::Ab2 => "ab2",
+            Solver::Flow => "flow",
         }
     }
 
     /// Network calls per sample for `steps` steps.
     pub fn network_calls(self, steps: u64) -> u64 {
         match self {
-            Solver::Heun => (2 * steps).saturating_sub(1),
+            Solver::Heun | Solver::Flow => (2 * steps).saturating_sub(1),
             _ => steps,
         }
     }
@@ -115,8 +119,9 @@ impl std::str::FromStr for Solver {
             "exp" => Ok(Solver::Exp),
             "heun" => Ok(Solver::Heun),
             "ab2" => Ok(Solver::Ab2),
+            "flow" => Ok(Solver::Flow),
             _ => Err(format!(
-                "unknown solver `{s}`; one of euler, exp, heun, ab2"
+                "unknown solver `{s}`; one of euler, exp, heun, ab2, flow"
             )),
         }
     }
@@ -185,7 +190,18 @@ pub struct JobSpec {
     /// default filled in. Absent: the deterministic sampler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steering: Option<serde_json::Value>,
+    /// Also each returned sample's log-density (probability-flow ODE with
+    /// [`LOG_DENSITY_FLOW_STEPS`] Heun steps and Hutchinson's estimator with
+    /// [`LOG_DENSITY_PROBES`] probes, probe seed 0: `digctl sample
+    /// --log-density`'s defaults), in every shard's npz.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub log_density: bool,
 }
+
+/// Heun steps of a job's `log_density` (`digctl sample --flow-steps` default).
+pub const LOG_DENSITY_FLOW_STEPS: usize = 50;
+/// Hutchinson probes of a job's `log_density` (`--divergence hutchinson:4`).
+pub const LOG_DENSITY_PROBES: usize = 4;
 
 /// Particles per returned sample of a stored steering object (1 without one).
 pub fn steering_particles(steering: Option<&serde_json::Value>) -> u64 {
@@ -292,6 +308,7 @@ mod tests {
             solver: Solver::Euler,
             filter: None,
             steering: None,
+            log_density: false,
         }
     }
 
@@ -338,6 +355,7 @@ mod tests {
             ("exp", Solver::Exp, 50),
             ("heun", Solver::Heun, 99),
             ("ab2", Solver::Ab2, 50),
+            ("flow", Solver::Flow, 99),
         ] {
             assert_eq!(name.parse::<Solver>().unwrap(), solver);
             assert_eq!(solver.as_str(), name);

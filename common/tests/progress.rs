@@ -36,6 +36,7 @@ fn spec(tenant: &str, num_samples: u64, shard_size: u64, created_at: u64) -> Job
         solver: Default::default(),
         filter: None,
         steering: None,
+        log_density: false,
     }
 }
 

@@ -233,6 +233,7 @@ mod tests {
             solver: Default::default(),
             filter: None,
             steering: None,
+            log_density: false,
         }
     }
 

@@ -144,6 +144,7 @@ impl Cluster {
             solver: Default::default(),
             filter: None,
             steering: None,
+            log_density: false,
         };
         let json = serde_json::to_vec(&spec).unwrap();
         self.store

@@ -178,7 +178,7 @@ pub enum ClientCommand {
         steps: Option<i64>,
         /// ODE solver: euler (published, default), exp, heun, ab2
         /// (`--solver ab2 --steps 50`: 10x fewer network calls; README).
-        #[arg(long, value_parser = ["euler", "exp", "heun", "ab2"])]
+        #[arg(long, value_parser = ["euler", "exp", "heun", "ab2", "flow"])]
         solver: Option<String>,
         /// `physical`: exactly --num-samples physically valid samples,
         /// drawing further sample indices to replace invalid ones.
@@ -192,6 +192,10 @@ pub enum ClientCommand {
         /// the job's `steering` (README, "Steering"). Needs --solver euler.
         #[arg(long, value_name = "FILE|PRESET")]
         steer: Option<String>,
+        /// Also each returned sample's log-density (the job's
+        /// `log_density`; `log_density` in every shard's npz).
+        #[arg(long)]
+        log_density: bool,
         /// Model id (see `digctl models`; default: the service's).
         #[arg(long, value_name = "ID")]
         model: Option<String>,
@@ -335,6 +339,7 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
             filter,
             max_draw_factor,
             steer,
+            log_density,
             model,
             priority,
             shard_size,
@@ -408,6 +413,7 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
                 filter,
                 max_draw_factor,
                 steering,
+                log_density,
             };
             let answer = api
                 .post(&["v1", "jobs"], Some(&request), idempotency_key.as_deref())

@@ -314,9 +314,17 @@ fn merge(parts: Vec<(PathBuf, Ensemble)>) -> Result<Ensemble> {
             .iter()
             .all(|(_, e)| e.steer.is_some())
             .then(Default::default),
+        log_density: parts
+            .iter()
+            .all(|(_, e)| e.log_density.is_some())
+            .then(Default::default),
     };
     for &(index, p, i) in &all {
         let e = &parts[p].1;
+        if let (Some(m), Some(d)) = (merged.log_density.as_mut(), e.log_density.as_ref()) {
+            m.log_density.push(d.log_density[i]);
+            m.std_error.push(d.std_error[i]);
+        }
         if let (Some(m), Some(s)) = (merged.steer.as_mut(), e.steer.as_ref()) {
             m.energy.push(s.energy[i]);
             m.log_z.push(s.log_z[i]);

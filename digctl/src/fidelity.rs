@@ -180,6 +180,7 @@ pub fn run(args: FidelityArgs) -> Result<()> {
                 tr: per(&all.tr, 3),
                 rot_mat: per(&all.rot_mat, 9),
                 steer: None,
+                log_density: None,
             };
             // Seconds per sample from the run's record, when it has one.
             let secs = path

@@ -143,6 +143,7 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         tr: Vec::with_capacity(n * la),
         rot_mat: Vec::with_capacity(n * lr),
         steer: None,
+        log_density: None,
     };
     let mut densities = Vec::with_capacity(n);
     for start in (0..n).step_by(args.batch_size) {

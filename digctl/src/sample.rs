@@ -59,6 +59,8 @@ pub struct SampleArgs {
     /// ODE solver: euler (the published update), exp (exponential
     /// integrator), heun (second order, 2 calls per step), ab2 (second
     /// order, 1 call per step). See docs/performance.md for their fidelity.
+    /// flow: the probability-flow ODE (Heun, 2 calls per step), whose
+    /// samples have the densities of `digctl density` (docs/density.md).
     #[arg(long, default_value = "euler")]
     solver: dig_model::sampling::Solver,
     /// Keep only physically valid samples (`physical`: consecutive CA-CA
@@ -101,6 +103,15 @@ pub struct SampleArgs {
     /// schedule's grid (t_k = 1 - k/steps).
     #[arg(long, requires = "from_structure")]
     from_time: Option<f64>,
+    /// Also the log-density of every returned sample (digctl density's
+    /// probability-flow ODE; --flow-steps, --divergence, --probe-seed):
+    /// `log_density` and `log_density_std_error` in samples.npz. Costs
+    /// 2 x --flow-steps forward passes per sample, each with the
+    /// divergence's vector-Jacobian products.
+    #[arg(long)]
+    log_density: bool,
+    #[command(flatten)]
+    flow: crate::density::FlowArgs,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -212,6 +223,11 @@ pub fn run(args: SampleArgs) -> Result<()> {
         _ => None,
     };
     let steps = schedule.len();
+    let density_settings = if args.log_density {
+        Some(args.flow.settings(true)?)
+    } else {
+        None
+    };
     let (spec, steering): (Option<SteerSpec>, Option<Steering>) = match (&args.steer, args.noise) {
         (Some(arg), _) => {
             let spec = crate::steer::load(arg)?;
@@ -323,6 +339,23 @@ pub fn run(args: SampleArgs) -> Result<()> {
     } else {
         draw(&init)
     };
+    let mut ensemble = ensemble;
+    if let Some(settings) = &density_settings {
+        let mut progress = Progress::new(
+            (ensemble.num_samples() * settings.steps) as u64,
+            "log-density",
+        );
+        ensemble.log_density = Some(dig_model::sampling::flow::ensemble_log_density(
+            &model.net,
+            &ctx,
+            &so3,
+            &ensemble,
+            settings,
+            args.batch_size,
+            |b| progress.inc(b as u64),
+        ));
+        progress.finish();
+    }
     let seconds = started.elapsed().as_secs_f64();
     let n = ensemble.num_samples();
     let validity = ensemble.validity();
@@ -355,6 +388,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
             "sigma_rot": start.noise.as_ref().filter(|_| *k0 > 0).map(|n| n.sigma_rot),
         })),
         "samples_valid": valid,
+        "log_density": density_settings.as_ref().map(|d| serde_json::json!({
+            "flow_steps": d.steps,
+            "divergence": d.divergence.map(|v| v.to_string()),
+            "probe_seed": d.seed,
+            "network_forward_passes_per_sample": 2 * d.steps,
+            "vector_jacobian_products_per_sample": 2 * d.steps * d.divergence.map_or(0, |v| v.products(len)),
+        })),
         "filter": filtered.as_ref().map(|f: &FilterSummary| serde_json::json!({
             "criteria": "physical",
             "max_draw_factor": args.max_draw_factor,

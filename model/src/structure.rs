@@ -51,6 +51,17 @@ pub struct SteerRecord {
     pub log_z: Vec<f64>,
 }
 
+/// Per-sample log-densities under the model (`sampling::flow`): stored in
+/// the npz as `log_density` and `log_density_std_error` (N,) float64 (the
+/// density of the structure at `t = 1/n_time_step`, Lebesgue on
+/// translations x Haar of mass 1 on rotations; the error is Hutchinson's,
+/// 0 for the exact divergence).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DensityRecord {
+    pub log_density: Vec<f64>,
+    pub std_error: Vec<f64>,
+}
+
 /// A set of sampled structures of one protein, CPU float32, row-major.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Ensemble {
@@ -65,6 +76,8 @@ pub struct Ensemble {
     pub rot_mat: Vec<f32>,
     /// Steered samples' energies and log normalising estimates (N each).
     pub steer: Option<SteerRecord>,
+    /// Each sample's log-density, when asked for.
+    pub log_density: Option<DensityRecord>,
 }
 
 impl Ensemble {
@@ -160,6 +173,10 @@ impl Ensemble {
                 energy: pos.iter().map(|&p| s.energy[p]).collect(),
                 log_z: pos.iter().map(|&p| s.log_z[p]).collect(),
             }),
+            log_density: self.log_density.as_ref().map(|d| DensityRecord {
+                log_density: pos.iter().map(|&p| d.log_density[p]).collect(),
+                std_error: pos.iter().map(|&p| d.std_error[p]).collect(),
+            }),
         }
     }
 
@@ -175,6 +192,14 @@ impl Ensemble {
                 // Mixed: keep the steering record only when every part has one.
                 *a = None;
             }
+        }
+        match (&mut self.log_density, other.log_density) {
+            (Some(a), Some(b)) => {
+                a.log_density.extend(b.log_density);
+                a.std_error.extend(b.std_error);
+            }
+            (None, None) => {}
+            (a, _) => *a = None,
         }
         self.sample_index.extend(other.sample_index);
         self.tr.extend(other.tr);
@@ -264,7 +289,14 @@ impl Ensemble {
             ],
             None => Vec::new(),
         };
-        for (name, descr, shape, data) in members.into_iter().chain(steer) {
+        let density: Vec<(&str, &str, Vec<i64>, Vec<u8>)> = match &self.log_density {
+            Some(d) => vec![
+                ("log_density", "<f8", vec![n], f64s(&d.log_density)),
+                ("log_density_std_error", "<f8", vec![n], f64s(&d.std_error)),
+            ],
+            None => Vec::new(),
+        };
+        for (name, descr, shape, data) in members.into_iter().chain(steer).chain(density) {
             zip.start_file(format!("{name}.npy"), opts)
                 .map_err(io::Error::other)?;
             zip.write_all(&npy_header(descr, &shape))?;
@@ -355,6 +387,25 @@ impl Ensemble {
                     Some(SteerRecord {
                         energy: read("steer_energy", e)?,
                         log_z: read("steer_log_z", z)?,
+                    })
+                }
+                _ => None,
+            },
+            log_density: match (entry("log_density"), entry("log_density_std_error")) {
+                (Some(d), Some(e)) => {
+                    let read = |name: &str, t: &Tensor| {
+                        if t.size() != [n] {
+                            return Err(bad(format!(
+                                "`{name}` has shape {:?}, expected ({n},)",
+                                t.size()
+                            )));
+                        }
+                        Vec::<f64>::try_from(&t.to_kind(Kind::Double))
+                            .map_err(|e| bad(e.to_string()))
+                    };
+                    Some(DensityRecord {
+                        log_density: read("log_density", d)?,
+                        std_error: read("log_density_std_error", e)?,
                     })
                 }
                 _ => None,
@@ -541,6 +592,15 @@ impl Ensemble {
                 self.tr.len(),
                 self.rot_mat.len()
             ));
+        }
+        if let Some(d) = &self.log_density {
+            if d.log_density.len() != n || d.std_error.len() != n {
+                return Err(format!(
+                    "inconsistent ensemble: {n} samples but {} log-densities and {} errors",
+                    d.log_density.len(),
+                    d.std_error.len()
+                ));
+            }
         }
         if let Some(st) = &self.steer {
             if st.energy.len() != n || st.log_z.len() != n {

@@ -119,7 +119,9 @@ fn each_solver_converges_at_its_order_on_a_closed_form_flow() {
         assert_eq!(field.calls, schedule.network_calls(), "{solver} calls");
         (dt + 10.0 * dr, field.calls)
     };
-    for solver in Solver::ALL {
+    // The flow solver integrates another ODE (the probability flow): its
+    // distance to the published run does not vanish with the step.
+    for solver in Solver::ALL.into_iter().filter(|&s| s != Solver::Flow) {
         let (e1, c1) = error(solver, 10);
         let (e2, _) = error(solver, 20);
         let (e3, _) = error(solver, 40);
@@ -128,6 +130,7 @@ fn each_solver_converges_at_its_order_on_a_closed_form_flow() {
         let (lo, hi) = match solver {
             Solver::Euler | Solver::Exp => (1.7, 2.4),
             Solver::Heun | Solver::Ab2 => (3.3, 4.8),
+            Solver::Flow => unreachable!(),
         };
         assert!(
             (lo..hi).contains(&r2),

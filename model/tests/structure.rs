@@ -54,6 +54,7 @@ fn random_ensemble(seed: u64, sequence: &str, sample_index: Vec<i64>) -> Ensembl
         tr,
         rot_mat,
         steer: None,
+        log_density: None,
     }
 }
 
@@ -65,6 +66,7 @@ fn single_residue(t: [f32; 3], r: [f32; 9]) -> Ensemble {
         tr: t.to_vec(),
         rot_mat: r.to_vec(),
         steer: None,
+        log_density: None,
     }
 }
 
@@ -341,6 +343,7 @@ fn pdb_records_have_the_fixed_wwpdb_columns() {
         ],
         rot_mat: IDENTITY.repeat(4),
         steer: None,
+        log_density: None,
     };
     let text = pdb_text(&ensemble);
     let lines: Vec<&str> = text.lines().collect();
@@ -555,6 +558,7 @@ fn npz_bytes_equal_the_written_file() {
         tr: (0..12).map(|x| x as f32).collect(),
         rot_mat: (0..36).map(|x| x as f32 * 0.5).collect(),
         steer: None,
+        log_density: None,
     };
     let path = dir.path().join("x.npz");
     e.write_npz(&path).unwrap();
@@ -731,6 +735,7 @@ fn adk_closed() -> (PathBuf, Ensemble) {
         tr,
         rot_mat,
         steer: None,
+        log_density: None,
     };
     (path, e)
 }

@@ -74,6 +74,7 @@ fn random_ensemble(
         tr,
         rot_mat,
         steer: None,
+        log_density: None,
     }
 }
 
@@ -86,6 +87,7 @@ fn slice(e: &Ensemble, range: std::ops::Range<usize>) -> Ensemble {
         tr: e.tr[range.start * l * 3..range.end * l * 3].to_vec(),
         rot_mat: e.rot_mat[range.start * l * 9..range.end * l * 9].to_vec(),
         steer: None,
+        log_density: None,
     }
 }
 
@@ -316,6 +318,7 @@ fn shards_appended_give_the_bytes_of_the_whole_ensemble_and_keep_selects_frames(
                 .flat_map(|&i| whole.rot_mat[i * l * 9..(i + 1) * l * 9].to_vec())
                 .collect(),
             steer: None,
+            log_density: None,
         }
     };
     assert_eq!(w.into_inner(), xtc_bytes(&kept, None).unwrap());

@@ -247,3 +247,58 @@ fn interpolation_runs_from_one_end_to_the_other_with_a_density_per_frame() {
         "{err}"
     );
 }
+
+#[test]
+fn a_job_with_log_density_through_the_services_equals_digctl_sample() {
+    use dig_tests::cluster::Cluster;
+    use dig_tests::fragment::{self, BATCH, MODEL, SEQUENCE};
+    std::env::set_var("OMP_NUM_THREADS", "1");
+    let mut c = Cluster::distributed("density");
+    c.upload_model_dir(&data("model"), MODEL);
+    let _api = c.start_api();
+    let _coordinator = c.start_coordinator();
+    let _worker = c.start_worker();
+    let sha = c.upload_features_from(&c.key_a, &data("features.npz"));
+    // 10 samples in shards of 5 (the workers' batch): two shards.
+    let job = fragment::submit(
+        &c,
+        &sha,
+        (10, 3, 20),
+        5,
+        &["--log-density", "--solver", "flow"],
+    );
+    c.client_ok(
+        &c.key_a,
+        &["wait", &job, "--poll-ms", "200", "--timeout", "600"],
+    );
+    let view = c.status(&c.key_a, &job);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    assert_eq!(view["sampling"]["log_density"], true, "{view}");
+    assert_eq!(view["sampling"]["solver"], "flow", "{view}");
+    assert_eq!(view["sampling"]["network_calls_per_sample"], 39, "{view}");
+    let shards = c.fetch_with_sequence(&c.key_a, &job, SEQUENCE);
+    let mut fetched = shards[0].clone();
+    fetched.append(shards[1].clone());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("local");
+    let (ok, err) = fragment::sample(
+        &out,
+        (10, 3, 20),
+        BATCH,
+        &["--log-density", "--solver", "flow"],
+    );
+    assert!(ok, "{err}");
+    let local = Ensemble::read_npz(&out.join("samples.npz"), SEQUENCE).unwrap();
+    assert_eq!(fetched.sample_index, local.sample_index);
+    assert_eq!(fetched.tr, local.tr, "samples differ");
+    assert_eq!(fetched.rot_mat, local.rot_mat);
+    let (a, b) = (fetched.log_density.unwrap(), local.log_density.unwrap());
+    assert_eq!(a.log_density.len(), 10);
+    assert_eq!(a, b, "log-densities differ");
+    assert!(a.std_error.iter().all(|&e| e > 0.0));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(c.cleanup());
+}

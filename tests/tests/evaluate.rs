@@ -38,6 +38,7 @@ fn write_samples(path: &Path, structures: &[Atoms], indices: &[i64]) {
         tr: Vec::new(),
         rot_mat: Vec::new(),
         steer: None,
+        log_density: None,
     };
     for a in structures {
         let (tr, rot) = frames(a).unwrap();

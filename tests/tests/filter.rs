@@ -57,6 +57,7 @@ fn kept_samples(c: &Cluster, job: &str) -> (serde_json::Value, Ensemble) {
         tr: vec![],
         rot_mat: vec![],
         steer: None,
+        log_density: None,
     };
     let l = SEQUENCE.len();
     for s in manifest["shards"].as_array().unwrap() {

@@ -7,6 +7,7 @@ use std::time::Instant;
 use dig_common::job::{JobSpec, ShardTask};
 use dig_common::metrics;
 use dig_model::features::{check_sequence, Features};
+use dig_model::sampling::flow::{ensemble_log_density, Divergence, FlowSettings};
 use dig_model::sampling::{
     sample_ensemble_steered_until, sample_ensemble_until, InitialPoses, SteerSpec,
 };
@@ -170,7 +171,7 @@ impl ShardSampler {
             step_seconds.observe(last_step.elapsed().as_secs_f64());
             last_step = Instant::now();
         };
-        match &spec.steering {
+        let ensemble = match &spec.steering {
             None => sample_ensemble_until(
                 &sampler,
                 ctx,
@@ -200,7 +201,33 @@ impl ShardSampler {
                 )
             }
         }
-        .ok_or(ShardError::Stopped)
+        .ok_or(ShardError::Stopped)?;
+        let mut ensemble = ensemble;
+        if spec.log_density {
+            // `digctl sample --log-density`'s defaults, per-sample probe
+            // streams: the numbers do not depend on the shard.
+            let settings = FlowSettings {
+                steps: dig_common::job::LOG_DENSITY_FLOW_STEPS,
+                divergence: Some(Divergence::Hutchinson {
+                    probes: dig_common::job::LOG_DENSITY_PROBES,
+                }),
+                seed: 0,
+                chunk: 64,
+            };
+            if stop() {
+                return Err(ShardError::Stopped);
+            }
+            ensemble.log_density = Some(ensemble_log_density(
+                &model.net,
+                ctx,
+                &self.so3,
+                &ensemble,
+                &settings,
+                self.batch_size,
+                |_| {},
+            ));
+        }
+        Ok(ensemble)
     }
 }
 
@@ -213,6 +240,7 @@ pub fn model_solver(solver: dig_common::job::Solver) -> Solver {
         Job::Exp => Solver::Exp,
         Job::Heun => Solver::Heun,
         Job::Ab2 => Solver::Ab2,
+        Job::Flow => Solver::Flow,
     }
 }
 

@@ -33,6 +33,7 @@ fn spec(n: u64, shard: u64) -> JobSpec {
         solver: Default::default(),
         filter: None,
         steering: None,
+        log_density: false,
     }
 }
 

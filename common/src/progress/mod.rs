@@ -85,6 +85,9 @@ pub struct JobProgress {
     /// The spec's steering, as stored (absent: deterministic sampling).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steering: Option<serde_json::Value>,
+    /// The spec's `log_density`.
+    #[serde(default)]
+    pub log_density: bool,
 }
 
 impl JobProgress {
@@ -107,6 +110,7 @@ impl JobProgress {
             steps: spec.steps.map(|s| s.max(0) as u64),
             filter: spec.filter,
             steering: spec.steering.clone(),
+            log_density: spec.log_density,
         }
     }
 }
@@ -125,6 +129,9 @@ fn sampling_fields(spec: &JobSpec) -> Vec<(&'static str, String)> {
     }
     if let Some(steering) = &spec.steering {
         fields.push(("steering", steering.to_string()));
+    }
+    if spec.log_density {
+        fields.push(("log_density", "true".to_string()));
     }
     fields
 }

@@ -434,6 +434,7 @@ fn parse_job(
                 CommonError::Other(format!("job {job}: bad field steering in progress store"))
             })?),
         },
+        log_density: field(&map, job, "log_density")?.unwrap_or(false),
     }))
 }
 

@@ -361,6 +361,9 @@ pub struct SubmitRequest {
     pub max_draw_factor: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steering: Option<serde_json::Value>,
+    /// Each returned sample's log-density (`log_density: true`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub log_density: bool,
 }
 
 /// `POST /v1/jobs` answer (202, or the full view on an idempotent replay).
@@ -568,6 +571,7 @@ mod tests {
             filter: None,
             max_draw_factor: None,
             steering: None,
+            log_density: false,
         };
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(

@@ -286,6 +286,7 @@ pub fn sample_ensemble_until(
         tr: tr_out,
         rot_mat: rot_out,
         steer: None,
+        log_density: None,
     })
 }
 
@@ -316,6 +317,7 @@ pub fn sample_ensemble_steered_until(
         tr: Vec::with_capacity(indices.len() * l * 3),
         rot_mat: Vec::with_capacity(indices.len() * l * 9),
         steer: (!steering.potentials.is_empty()).then(Default::default),
+        log_density: None,
     };
     for chunk in indices.chunks(groups) {
         if stop() {

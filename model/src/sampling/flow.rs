@@ -691,3 +691,48 @@ pub fn interpolate_noise(
     }
     (tr, rot)
 }
+
+/// The log-density of every sample of `ensemble` (encoded in batches of
+/// `batch_size`; sample `i`'s probes are its own stream, so the numbers do
+/// not depend on the batch or the shard). `progress(samples)` after each
+/// step of a batch.
+pub fn ensemble_log_density(
+    net: &ScoreNetwork,
+    ctx: &ProteinContext,
+    so3: &So3Tables,
+    ensemble: &crate::structure::Ensemble,
+    settings: &FlowSettings,
+    batch_size: usize,
+    mut progress: impl FnMut(usize),
+) -> crate::structure::DensityRecord {
+    let mut settings = *settings;
+    settings
+        .divergence
+        .get_or_insert(Divergence::Hutchinson { probes: 4 });
+    let times = FlowTimes::new(net.config());
+    let mut field = NetworkFlowField::new(net, ctx, so3);
+    let (n, l) = (ensemble.num_samples(), ensemble.len_residues());
+    let mut out = crate::structure::DensityRecord::default();
+    for start in (0..n).step_by(batch_size.max(1)) {
+        let end = (start + batch_size.max(1)).min(n);
+        let b = (end - start) as i64;
+        let tr = Tensor::from_slice(&ensemble.tr[start * l * 3..end * l * 3])
+            .view([b, l as i64, 3])
+            .to_device(ctx.device());
+        let rot = Tensor::from_slice(&ensemble.rot_mat[start * l * 9..end * l * 9])
+            .view([b, l as i64, 3, 3])
+            .to_device(ctx.device());
+        // Densities are of centred structures (as the model was trained).
+        let tr = &tr - tr.mean_dim([1i64].as_slice(), true, Kind::Float);
+        let indices: Vec<u64> = ensemble.sample_index[start..end]
+            .iter()
+            .map(|&i| i as u64)
+            .collect();
+        let d = log_density(&mut field, &times, &tr, &rot, &settings, &indices, |_| {
+            progress(b as usize)
+        });
+        out.log_density.extend(d.log_density);
+        out.std_error.extend(d.std_error);
+    }
+    out
+}

@@ -36,10 +36,19 @@ pub enum Solver {
     Heun,
     /// Two-step Adams-Bashforth, second order: one call per step.
     Ab2,
+    /// The probability-flow ODE (half the published drift, `sampling::flow`)
+    /// by Heun's method on the same grid: two calls per step, one at the last.
+    Flow,
 }
 
 impl Solver {
-    pub const ALL: [Solver; 4] = [Solver::Euler, Solver::Exp, Solver::Heun, Solver::Ab2];
+    pub const ALL: [Solver; 5] = [
+        Solver::Euler,
+        Solver::Exp,
+        Solver::Heun,
+        Solver::Ab2,
+        Solver::Flow,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -47,13 +56,14 @@ impl Solver {
             Solver::Exp => "exp",
             Solver::Heun => "heun",
             Solver::Ab2 => "ab2",
+            Solver::Flow => "flow",
         }
     }
 
     /// Network calls per sample for a run of `steps` steps.
     pub fn network_calls(self, steps: usize) -> usize {
         match self {
-            Solver::Heun => (2 * steps).saturating_sub(1),
+            Solver::Heun | Solver::Flow => (2 * steps).saturating_sub(1),
             _ => steps,
         }
     }
@@ -73,7 +83,7 @@ impl std::str::FromStr for Solver {
             .find(|v| v.as_str() == s)
             .ok_or_else(|| {
                 ModelError::Invalid(format!(
-                    "unknown solver {s:?}; use euler (published), exp, heun or ab2"
+                    "unknown solver {s:?}; use euler (published), exp, heun, ab2 or flow"
                 ))
             })
     }

@@ -21,6 +21,11 @@
 //!   the last (whose end, `t = 0`, is outside the trained steps).
 //! * `Solver::Ab2`: two-step Adams-Bashforth, second order, reusing the
 //!   previous step's call: one call per step (Euler for the first).
+//! * `Solver::Flow`: not the published ODE but the probability-flow ODE of
+//!   the same diffusion (`dx/dtau = g^2 s / 2`, [`flow`](super::flow)),
+//!   whose solutions carry the noise distribution to the model's: Heun's
+//!   method on this grid (`flow::flow` integrates the same ODE on a
+//!   continuous grid for encoding, decoding and densities).
 //!
 //! The [`Schedule`] holds every per-step scalar, computed once in f64;
 //! [`Sampler::run`] works on a batch of poses of one protein sharing one
@@ -173,9 +178,15 @@ pub fn integrate(
             Solver::Euler | Solver::Exp => {
                 (tr, rot) = euler_update(&tr, &rot, &s_tr, &s_rot, plan);
             }
-            Solver::Heun => {
-                let d_tr = &s_tr * plan.tr_gain;
-                let d_rot = &s_rot * plan.rot_gain;
+            Solver::Heun | Solver::Flow => {
+                // The probability-flow ODE moves by half the published drift.
+                let f = if schedule.solver == Solver::Flow {
+                    0.5
+                } else {
+                    1.0
+                };
+                let d_tr = &s_tr * (f * plan.tr_gain);
+                let d_rot = &s_rot * (f * plan.rot_gain);
                 match next_point(schedule, k) {
                     None => {
                         tr = &tr + d_tr;
@@ -185,8 +196,8 @@ pub fn integrate(
                         let tr_pred = &tr + &d_tr;
                         let rot_pred = expmap(&d_rot).matmul(&rot);
                         let (s2_tr, s2_rot) = field.score(&tr_pred, &rot_pred, &next);
-                        tr = &tr + (d_tr + s2_tr * next.tr_gain) * 0.5;
-                        let v = (d_rot + s2_rot * next.rot_gain) * 0.5;
+                        tr = &tr + (d_tr + s2_tr * (f * next.tr_gain)) * 0.5;
+                        let v = (d_rot + s2_rot * (f * next.rot_gain)) * 0.5;
                         rot = expmap(&v).matmul(&rot);
                     }
                 }
