@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use dig_model::backbone::read_poses;
 use dig_model::features::Features;
 use dig_model::sampling::flow::{
-    log_density, Divergence, FlowSettings, FlowTimes, NetworkFlowField,
+    log_density, Divergence, FlowSettings, FlowTimes, NetworkFlowField, Ode,
 };
 use dig_model::so3::So3Tables;
 use dig_model::DigModel;
@@ -32,6 +32,13 @@ pub enum OutputFormat {
 /// `interpolate`.
 #[derive(Args, Clone)]
 pub struct FlowArgs {
+    /// The ODE: `published` (the published sampler's `g^2 s` drift: the
+    /// density of the ensemble euler, exp, heun and ab2 return) or `flow`
+    /// (the probability-flow ODE, `g^2 s / 2`: the score's own
+    /// distribution, what `--solver flow` samples). docs/density.md.
+    /// Default: published (sample --log-density: the one its solver follows).
+    #[arg(long, value_parser = parse_ode)]
+    pub ode: Option<Ode>,
     /// Heun steps of the probability-flow ODE between t = 1/n_time_step and
     /// 1 (two network evaluations each).
     #[arg(long = "flow-steps", default_value_t = 50)]
@@ -50,8 +57,13 @@ fn parse_divergence(s: &str) -> std::result::Result<Divergence, String> {
     s.parse()
 }
 
+fn parse_ode(s: &str) -> std::result::Result<Ode, String> {
+    s.parse()
+}
+
 impl FlowArgs {
-    pub fn settings(&self, with_density: bool) -> Result<FlowSettings> {
+    /// The settings, with `default_ode` where --ode is not given.
+    pub fn settings(&self, with_density: bool, default_ode: Ode) -> Result<FlowSettings> {
         if !(1..=1000).contains(&self.flow_steps) {
             bail!(
                 "--flow-steps must be between 1 and 1000, got {}",
@@ -59,6 +71,7 @@ impl FlowArgs {
             );
         }
         Ok(FlowSettings {
+            ode: self.ode.unwrap_or(default_ode),
             steps: self.flow_steps,
             divergence: with_density.then_some(self.divergence),
             seed: self.probe_seed,
@@ -112,7 +125,7 @@ pub fn run(args: DensityArgs) -> Result<()> {
         }
         tch::set_num_threads(t);
     }
-    let settings = args.flow.settings(true)?;
+    let settings = args.flow.settings(true, Ode::Published)?;
     let model = DigModel::load_dir(&args.model, device)
         .with_context(|| format!("cannot load model directory {}", args.model.display()))?;
     let features = Features::from_npz(&args.features)?;
@@ -162,6 +175,7 @@ pub fn run(args: DensityArgs) -> Result<()> {
                 "structures": args.structures,
                 "length": len,
                 "density": "log-density of the centred structure at t = 1/n_time_step: Lebesgue on translations (Å^-3 per residue) x Haar of mass 1 on each rotation",
+                "ode": settings.ode.as_str(),
                 "flow_steps": settings.steps,
                 "divergence": settings.divergence.map(|d| d.to_string()),
                 "network_forward_passes_per_structure": evaluations,

@@ -78,7 +78,9 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         }
         tch::set_num_threads(t);
     }
-    let settings = args.flow.settings(!args.no_density)?;
+    let settings = args
+        .flow
+        .settings(!args.no_density, dig_model::sampling::flow::Ode::Published)?;
     let model = DigModel::load_dir(&args.model, device)
         .with_context(|| format!("cannot load model directory {}", args.model.display()))?;
     let features = Features::from_npz(&args.features)?;
@@ -184,6 +186,7 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         "from": args.from,
         "to": args.to,
         "frames": n,
+        "ode": settings.ode.as_str(),
         "flow_steps": settings.steps,
         "divergence": settings.divergence.map(|d| d.to_string()),
         "interpolation": "noise at t = 1: translations by slerp of the 3L vector, rotations along each residue's geodesic",

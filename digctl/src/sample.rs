@@ -224,7 +224,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
     };
     let steps = schedule.len();
     let density_settings = if args.log_density {
-        Some(args.flow.settings(true)?)
+        // The density of what this solver samples.
+        let ode = match args.solver {
+            dig_model::Solver::Flow => dig_model::sampling::flow::Ode::Flow,
+            _ => dig_model::sampling::flow::Ode::Published,
+        };
+        Some(args.flow.settings(true, ode)?)
     } else {
         None
     };
@@ -389,6 +394,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         })),
         "samples_valid": valid,
         "log_density": density_settings.as_ref().map(|d| serde_json::json!({
+            "ode": d.ode.as_str(),
             "flow_steps": d.steps,
             "divergence": d.divergence.map(|v| v.to_string()),
             "probe_seed": d.seed,

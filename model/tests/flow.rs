@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use dig_model::rng::initial_state;
 use dig_model::sampling::flow::{
     flow, log_density, log_prior, Divergence, FlowField, FlowSettings, FlowTimes, NetworkFlowField,
+    Ode,
 };
 use dig_model::so3::So3Tables;
 use dig_model::DigModel;
@@ -179,6 +180,7 @@ fn log_density_matches_the_closed_form_with_the_exact_divergence_and_hutchinson(
     let t = times();
     let truth = field.log_p(&tr, &rot, t.t_end());
     let exact = FlowSettings {
+        ode: Ode::Flow,
         steps: 200,
         divergence: Some(Divergence::Exact),
         ..Default::default()
@@ -199,6 +201,7 @@ fn log_density_matches_the_closed_form_with_the_exact_divergence_and_hutchinson(
         assert_eq!(d.std_error[i], 0.0);
     }
     let hutch = FlowSettings {
+        ode: Ode::Flow,
         steps: 200,
         divergence: Some(Divergence::Hutchinson { probes: 4 }),
         seed: 3,
@@ -235,6 +238,7 @@ fn the_rotation_part_alone_matches_the_igso3_density() {
     let same_tr = tr.get(0).unsqueeze(0).expand([4, 3, 3], true).contiguous();
     let truth = field.log_p(&same_tr, &rot, t.t_end());
     let settings = FlowSettings {
+        ode: Ode::Flow,
         steps: 200,
         divergence: Some(Divergence::Exact),
         ..Default::default()
@@ -286,16 +290,32 @@ fn encode_then_decode_returns_the_fixture_models_samples() {
             .collect::<Vec<_>>(),
     )
     .view([3, l as i64, 3, 3]);
+    // Both ODEs: the published one (stiffer: twice the drift) and the flow.
+    for (ode, steps) in [(Ode::Published, 200), (Ode::Flow, 100)] {
+        round_trip(&model, &ctx, &so3, &times, (&tr1, &rot1), ode, steps);
+    }
+}
+
+fn round_trip(
+    model: &DigModel,
+    ctx: &dig_model::ProteinContext,
+    so3: &So3Tables,
+    times: &FlowTimes,
+    (tr1, rot1): (&Tensor, &Tensor),
+    ode: Ode,
+    steps: usize,
+) {
     let settings = FlowSettings {
-        steps: 100,
+        ode,
+        steps,
         ..Default::default()
     };
-    let mut field = NetworkFlowField::new(&model.net, &ctx, &so3);
+    let mut field = NetworkFlowField::new(&model.net, ctx, so3);
     // Decode noise into structures, encode them back, decode again.
     let x0 = flow(
         &mut field,
-        &times,
-        (&tr1, &rot1),
+        times,
+        (tr1, rot1),
         (1.0, times.t_end()),
         &settings,
         &[0, 1, 2],
@@ -303,7 +323,7 @@ fn encode_then_decode_returns_the_fixture_models_samples() {
     );
     let back = flow(
         &mut field,
-        &times,
+        times,
         (&x0.tr, &x0.rot),
         (times.t_end(), 1.0),
         &settings,
@@ -312,7 +332,7 @@ fn encode_then_decode_returns_the_fixture_models_samples() {
     );
     let again = flow(
         &mut field,
-        &times,
+        times,
         (&back.tr, &back.rot),
         (1.0, times.t_end()),
         &settings,
@@ -324,12 +344,14 @@ fn encode_then_decode_returns_the_fixture_models_samples() {
         .sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)
         .sqrt();
     let worst = d.max().double_value(&[]);
-    println!("decode(encode(x)) vs x: max per-residue distance {worst:.4} Å");
+    println!(
+        "{ode:?}, {steps} steps: decode(encode(x)) vs x: max per-residue distance {worst:.4} Å"
+    );
     assert!(worst < 0.1, "{worst}");
     // One sample alone equals the same sample in the batch.
     let alone = flow(
         &mut field,
-        &times,
+        times,
         (&tr1.narrow(0, 1, 1), &rot1.narrow(0, 1, 1)),
         (1.0, times.t_end()),
         &settings,

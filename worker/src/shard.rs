@@ -7,7 +7,7 @@ use std::time::Instant;
 use dig_common::job::{JobSpec, ShardTask};
 use dig_common::metrics;
 use dig_model::features::{check_sequence, Features};
-use dig_model::sampling::flow::{ensemble_log_density, Divergence, FlowSettings};
+use dig_model::sampling::flow::{ensemble_log_density, Divergence, FlowSettings, Ode};
 use dig_model::sampling::{
     sample_ensemble_steered_until, sample_ensemble_until, InitialPoses, SteerSpec,
 };
@@ -207,6 +207,10 @@ impl ShardSampler {
             // `digctl sample --log-density`'s defaults, per-sample probe
             // streams: the numbers do not depend on the shard.
             let settings = FlowSettings {
+                ode: match spec.solver {
+                    dig_common::job::Solver::Flow => Ode::Flow,
+                    _ => Ode::Published,
+                },
                 steps: dig_common::job::LOG_DENSITY_FLOW_STEPS,
                 divergence: Some(Divergence::Hutchinson {
                     probes: dig_common::job::LOG_DENSITY_PROBES,

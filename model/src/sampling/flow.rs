@@ -19,14 +19,30 @@
 //!
 //! with `s = grad log p_t` (translations: the Euclidean gradient; rotations:
 //! the gradient along right-invariant fields `R -> expmap(eps e_a) R`, the
-//! frame in which the network's `s_R` acts). This is the probability-flow ODE:
-//! half the drift of the published update (`g^2 dt s`, the reverse SDE's
-//! drift) and no noise. Its solutions carry `p_t` to `p_t'` for all t, t'.
+//! frame in which the network's `s_R` acts). This is the probability-flow ODE
+//! ([`Ode::Flow`]): half the drift of the published update (`g^2 dt s`, the
+//! reverse SDE's drift) and no noise. Its solutions carry `p_t` to `p_t'` for
+//! all t, t' when `s` is the true score.
+//!
+//! The published sampler integrates the other deterministic ODE,
+//! `dx/dtau = g^2 s` ([`Ode::Published`]), which with a true score would
+//! contract every sample towards a mode. The shipped models were trained and
+//! tuned with it, and their scores are not accurate enough for the
+//! probability flow: on the AdK model 0 of 8 probability-flow samples are
+//! physically valid (CA-CA gaps, 12-15 Å from every training frame) where
+//! the published ODE gives about two thirds (docs/density.md). Any
+//! deterministic ODE pushes the prior forward to some density, and the
+//! change of variables below holds for both: with `c` the drift factor (1/2
+//! or 1), the density is that of the ensemble that ODE samples. So
+//! `Ode::Published` (the default) gives the density of what `euler`, `exp`,
+//! `heun` and `ab2` return (to their accuracy), `Ode::Flow` that of
+//! `--solver flow`'s samples.
 //!
 //! # Density
-//! Along a solution, `d/dt log p_t(x_t) = -div(velocity) = (1/2) g^2 div s`,
-//! so with `I = int_{t_end}^{1} (1/2) g^2 div s dt` along the encoding path,
-//! `log p_{t_end}(x) = log p_1(x_1) - I`. The divergence on SO(3) is the
+//! Along a solution of `dx/dt = -c g^2 s` (forward time),
+//! `d/dt log q_t(x_t) = -div(velocity) = c g^2 div s` for the density `q_t`
+//! the ODE transports, so with `I = int_{t_end}^{1} c g^2 div s dt` along the
+//! encoding path, `log q_{t_end}(x) = log q_1(x_1) - I`, `q_1` the prior. The divergence on SO(3) is the
 //! Riemannian one for the bi-invariant (Haar) measure: in right-invariant
 //! coordinates `div V = sum_a E_a V_a` (the structure constants drop out on
 //! a unimodular group), so the rotation part is the trace of the Jacobian of
@@ -201,9 +217,52 @@ impl std::str::FromStr for Divergence {
     }
 }
 
+/// Which deterministic ODE is integrated (and whose density is computed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ode {
+    /// The published sampler's ODE, `dx/dtau = g^2 s` (the reverse SDE's
+    /// drift without its noise): the density of the ensemble the published
+    /// update (and `exp`, `heun`, `ab2`, to their accuracy) returns.
+    #[default]
+    Published,
+    /// The probability-flow ODE, `dx/dtau = g^2 s / 2`: the density of the
+    /// distribution the score describes (exact for a perfect score).
+    Flow,
+}
+
+impl Ode {
+    /// The factor on `g^2 s`.
+    pub fn drift(self) -> f64 {
+        match self {
+            Ode::Published => 1.0,
+            Ode::Flow => 0.5,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ode::Published => "published",
+            Ode::Flow => "flow",
+        }
+    }
+}
+
+impl std::str::FromStr for Ode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "published" => Ok(Ode::Published),
+            "flow" => Ok(Ode::Flow),
+            _ => Err(format!("unknown ODE {s:?}; use published or flow")),
+        }
+    }
+}
+
 /// Settings of one run of the flow.
 #[derive(Debug, Clone, Copy)]
 pub struct FlowSettings {
+    /// The ODE integrated.
+    pub ode: Ode,
     /// Heun steps between `t_end` and 1 (two score evaluations each).
     pub steps: usize,
     /// The density integral: `None` integrates the poses only.
@@ -218,6 +277,7 @@ pub struct FlowSettings {
 impl Default for FlowSettings {
     fn default() -> Self {
         FlowSettings {
+            ode: Ode::Published,
             steps: 100,
             divergence: None,
             seed: 0,
@@ -444,8 +504,8 @@ pub fn flow(
     // Velocity in forward time: -(1/2) g^2 s.
     let velocity = |e: &Evaluation, t: f64| {
         (
-            &e.s_tr * (-0.5 * times.g2_tr(t)),
-            &e.s_rot * (-0.5 * times.g2_rot(t)),
+            &e.s_tr * (-settings.ode.drift() * times.g2_tr(t)),
+            &e.s_rot * (-settings.ode.drift() * times.g2_rot(t)),
         )
     };
     for j in 0..n {
@@ -507,7 +567,8 @@ fn evaluate_weighted(
             (a * self.w_tr, b * self.w_rot)
         }
     }
-    let (w_tr, w_rot) = (0.5 * times.g2_tr(t), 0.5 * times.g2_rot(t));
+    let c = settings.ode.drift();
+    let (w_tr, w_rot) = (c * times.g2_tr(t), c * times.g2_rot(t));
     let mut weighted = Weighted {
         inner: field,
         w_tr,
