@@ -10,7 +10,7 @@ DIGCTL := target/release/digctl
 # an unchanged set-up costs nothing.
 STAMP  := $(VENV)/.dig-setup-$(shell sha256sum requirements-dev.txt | cut -c1-12)
 
-.PHONY: help setup build run run-hp35 test lint bench bench-train bench-pipeline bench-load services train-adk evaluate-adk chaos bench-scale bench-steering gpu-bundle
+.PHONY: help setup build run run-hp35 test lint bench bench-train bench-pipeline bench-load services train-adk evaluate-adk chaos bench-scale bench-steering gpu-bundle density-bench
 
 help:
 	@echo "make run    sample adenylate kinase from the trained model through digctl standalone, fetch and score it"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-load  status reads and submissions (wrk) against digctl api while a job samples"
 	@echo "make chaos  faults at random moments (kills, broker/Redis restarts) while a batch runs; every sample checked"
 	@echo "make bench-scale  two 10 000-entry batches and a 10^6-sample job: control-plane times and memory"
+	@echo "make density-bench  docs/density.md: round trips, density ranking, end states, partial diffusion, the closed-open path (PARTS=...)"
 	@echo "make gpu-bundle  dist/gpu-bundle: digctl for PyTorch 2.11 + fixtures + gpu-check.sh, to check a GPU machine in one command"
 	@echo "make bench-steering  the steering measurements of docs/steering.md (PARTS=..., about 2 h on one core)"
 
@@ -56,6 +57,10 @@ train-adk: build
 # docs/steering.md: unsteered, filtered and steered AdK ensembles (PARTS, OUT, N ...).
 bench-steering: build
 	scripts/steering-bench.sh
+
+# docs/density.md's measurements (scripts/density-bench.sh says which parts).
+density-bench: build
+	scripts/density-bench.sh
 
 # A GPU machine's check in one command, for machines with PyTorch 2.11 and no
 # Rust (scripts/gpu-bundle.sh says how; docs/gpu.md what it prints).

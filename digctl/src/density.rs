@@ -10,9 +10,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use dig_model::backbone::read_poses;
+use dig_model::evaluate::rmsd;
 use dig_model::features::Features;
 use dig_model::sampling::flow::{
-    log_density, Divergence, FlowSettings, FlowTimes, NetworkFlowField, Ode,
+    flow, log_density, log_prior, Density, Divergence, FlowSettings, FlowTimes, NetworkFlowField,
+    Ode,
 };
 use dig_model::so3::So3Tables;
 use dig_model::DigModel;
@@ -100,6 +102,14 @@ pub struct DensityArgs {
     /// Structures per forward pass (times the probes of Hutchinson's estimator).
     #[arg(long, default_value_t = 2)]
     batch_size: usize,
+    /// Also decode each structure's noise back (the same ODE, no
+    /// divergence) and report the CA-RMSD of decode(encode(x)) to x.
+    #[arg(long)]
+    round_trip: bool,
+    /// With --round-trip: only the round trip, no density (no divergence:
+    /// forward passes only).
+    #[arg(long, requires = "round_trip")]
+    no_density: bool,
     /// json (default) or csv.
     #[arg(long, value_enum, default_value = "json")]
     format: OutputFormat,
@@ -125,7 +135,7 @@ pub fn run(args: DensityArgs) -> Result<()> {
         }
         tch::set_num_threads(t);
     }
-    let settings = args.flow.settings(true, Ode::Published)?;
+    let settings = args.flow.settings(!args.no_density, Ode::Published)?;
     let model = DigModel::load_dir(&args.model, device)
         .with_context(|| format!("cannot load model directory {}", args.model.display()))?;
     let features = Features::from_npz(&args.features)?;
@@ -150,18 +160,73 @@ pub fn run(args: DensityArgs) -> Result<()> {
         let end = (start + args.batch_size).min(n);
         let b = (end - start) as i64;
         let indices: Vec<u64> = (start as u64..end as u64).collect();
-        let d = log_density(
-            &mut field,
-            &times,
-            &tr.narrow(0, start as i64, b).to_device(device),
-            &rot.narrow(0, start as i64, b).to_device(device),
-            &settings,
-            &indices,
-            |_| progress.inc(b as u64),
+        let (x_tr, x_rot) = (
+            tr.narrow(0, start as i64, b).to_device(device),
+            rot.narrow(0, start as i64, b).to_device(device),
         );
+        let d = if args.no_density {
+            // Encoding alone: no divergence, no density.
+            let run = flow(
+                &mut field,
+                &times,
+                (&x_tr, &x_rot),
+                (times.t_end(), 1.0),
+                &settings,
+                &indices,
+                |_| progress.inc(b as u64),
+            );
+            Density {
+                log_density: vec![f64::NAN; b as usize],
+                std_error: vec![f64::NAN; b as usize],
+                log_prior: log_prior(&times, &run.tr),
+                noise_tr: run.tr,
+                noise_rot: run.rot,
+                evaluations: run.evaluations,
+            }
+        } else {
+            log_density(
+                &mut field,
+                &times,
+                &x_tr,
+                &x_rot,
+                &settings,
+                &indices,
+                |_| progress.inc(b as u64),
+            )
+        };
         evaluations = d.evaluations;
+        let mut back_rmsd = vec![None; b as usize];
+        if args.round_trip {
+            let mut plain = settings;
+            plain.divergence = None;
+            let back = flow(
+                &mut field,
+                &times,
+                (&d.noise_tr, &d.noise_rot),
+                (1.0, times.t_end()),
+                &plain,
+                &indices,
+                |_| {},
+            );
+            let ca = |t: &Tensor, i: i64| -> Vec<[f64; 3]> {
+                let v = Vec::<f32>::try_from(t.get(i).to_device(tch::Device::Cpu).flatten(0, -1))
+                    .expect("float32");
+                v.chunks(3)
+                    .map(|c| [c[0] as f64, c[1] as f64, c[2] as f64])
+                    .collect()
+            };
+            let input = tr.narrow(0, start as i64, b);
+            for (i, r) in back_rmsd.iter_mut().enumerate() {
+                *r = Some(rmsd(&ca(&back.tr, i as i64), &ca(&input, i as i64)));
+            }
+        }
         for i in 0..b as usize {
-            rows.push((d.log_density[i], d.std_error[i], d.log_prior[i]));
+            rows.push((
+                d.log_density[i],
+                d.std_error[i],
+                d.log_prior[i],
+                back_rmsd[i],
+            ));
         }
     }
     progress.finish();
@@ -181,12 +246,13 @@ pub fn run(args: DensityArgs) -> Result<()> {
                 "network_forward_passes_per_structure": evaluations,
                 "vector_jacobian_products_per_structure": evaluations * products,
                 "seconds": seconds,
-                "results": rows.iter().enumerate().map(|(i, (lp, se, prior))| json!({
+                "results": rows.iter().enumerate().map(|(i, (lp, se, prior, back))| json!({
                     "index": i,
                     "log_density": lp,
                     "per_residue": lp / len as f64,
                     "std_error": se,
                     "log_prior_of_noise": prior,
+                    "round_trip_ca_rmsd": back,
                 })).collect::<Vec<_>>(),
             });
             text.push_str(&serde_json::to_string_pretty(&report)?);
@@ -194,7 +260,7 @@ pub fn run(args: DensityArgs) -> Result<()> {
         }
         OutputFormat::Csv => {
             text.push_str("index,log_density,per_residue,std_error\n");
-            for (i, (lp, se, _)) in rows.iter().enumerate() {
+            for (i, (lp, se, _, _)) in rows.iter().enumerate() {
                 text.push_str(&format!("{i},{lp:.6},{:.6},{se:.6}\n", lp / len as f64));
             }
         }
