@@ -220,13 +220,8 @@ pub fn run(args: DensityArgs) -> Result<()> {
                 *r = Some(rmsd(&ca(&back.tr, i as i64), &ca(&input, i as i64)));
             }
         }
-        for i in 0..b as usize {
-            rows.push((
-                d.log_density[i],
-                d.std_error[i],
-                d.log_prior[i],
-                back_rmsd[i],
-            ));
+        for (i, back) in back_rmsd.into_iter().enumerate() {
+            rows.push((d.log_density[i], d.std_error[i], d.log_prior[i], back));
         }
     }
     progress.finish();
