@@ -13,6 +13,11 @@ here, in the cases generated to be valid only, each by name:
   samples are made cheap (1 to 3; no `shard_size`);
 - a callback without a configured secret: the test tenants have no webhook
   secret, so `callback_url` is removed;
+- partial diffusion: `from_structure` and `from_time` go together, the
+  structures must have been uploaded by the tenant and be as long as the
+  protein, and they do not combine with steering: `from_structure` becomes
+  the structures the test uploaded (`DIG_SCHEMATHESIS_STRUCTURES`),
+  `from_time` 0.5 when absent; both are removed with steering;
 - `max_draw_factor` only with `filter`: `filter` is set to `physical`;
 - steering: the solver becomes `euler`, `window` is put in order
   (t_start >= t_end), potentials that depend on the protein (`rmsd`, `q`:
@@ -81,6 +86,17 @@ def usable(entry):
     entry.pop("model", None)
     if entry.get("max_draw_factor") is not None and entry.get("filter") is None:
         entry["filter"] = "physical"
+    if "from_structure" in entry or "from_time" in entry:
+        if entry.get("steering") is not None:
+            entry.pop("from_structure", None)
+            entry.pop("from_time", None)
+        elif entry.get("from_structure") is None and entry.get("from_time") is None:
+            entry.pop("from_structure", None)
+            entry.pop("from_time", None)
+        else:
+            entry["from_structure"] = os.environ["DIG_SCHEMATHESIS_STRUCTURES"]
+            if entry.get("from_time") is None:
+                entry["from_time"] = 0.5
     if entry.get("steering") is not None:
         entry["solver"] = "euler"
         entry["steering"] = usable_steering(entry["steering"])

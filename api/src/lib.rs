@@ -10,6 +10,7 @@
 //! | `GET /readyz` | readiness: broker, progress store and object store each answer within [`Limits::ready_timeout`]; 503 naming the failing check otherwise |
 //! | `GET /openapi.json` | the OpenAPI 3 document of these routes (generated with utoipa, [`openapi`]) |
 //! | `POST /v1/features` | upload a features npz (streamed, validated, content-addressed) |
+//! | `POST /v1/structures` | upload a PDB of structures that partial-diffusion jobs (`from_structure`) start from ([`structures`]) |
 //! | `GET /v1/models` | the models in the object store, with their config and weight size |
 //! | `POST /v1/jobs` | submit a job (`Idempotency-Key` honoured; optional `callback_url`, [`webhooks`]); 429 past the tenant's limits |
 //! | `GET /v1/jobs` | the tenant's jobs, newest first, paged by `cursor` |
@@ -58,6 +59,7 @@ mod openapi;
 pub mod pdb;
 mod ready;
 mod results;
+pub mod structures;
 mod tenants;
 pub mod webhooks;
 
@@ -193,6 +195,11 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/features",
             post(upload_features).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/structures",
+            post(structures::upload_structures)
+                .layer(DefaultBodyLimit::max(structures::MAX_STRUCTURE_BYTES)),
         )
         .route("/v1/models", get(models::list_models))
         .route("/v1/jobs", post(submit_job).get(list_jobs))
@@ -439,6 +446,18 @@ pub(crate) struct SubmitJob {
     /// `log_density_std_error` (float64) in every shard's npz. About
     /// 100 forward passes and 400 vector-Jacobian products more per sample.
     log_density: Option<bool>,
+    /// Partial diffusion (docs/density.md): start every sample from these
+    /// structures, uploaded by this tenant with `POST /v1/structures` (the
+    /// SHA-256 it answered; sample `i` from structure `i mod M`), noised by
+    /// the forward process to `from_time`, which it needs. Not with
+    /// `steering`.
+    #[schema(min_length = 64, max_length = 64, pattern = "^[0-9a-f]{64}$")]
+    from_structure: Option<String>,
+    /// With `from_structure`: the diffusion time in (0, 1] to start from
+    /// (snapped down to the schedule's grid): small times relax or repair
+    /// the input, larger ones explore around it; 1 is sampling from the prior.
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    from_time: Option<f64>,
     /// A model listed by `GET /v1/models`; the service's default when absent.
     #[schema(
         min_length = 1,
@@ -507,6 +526,12 @@ struct SamplingView {
     steering: Option<serde_json::Value>,
     /// Each returned sample's log-density is in the shards' npz.
     log_density: bool,
+    /// Partial diffusion: the uploaded structures (`sha256`, `structures`)
+    /// and the requested `from_time`; absent for sampling from the prior.
+    /// network_calls_per_sample counts the steps run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    from_structure: Option<dig_common::job::FromStructure>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -640,12 +665,18 @@ pub(crate) fn job_view(id: JobId, p: &JobProgress) -> JobView {
             solver: p.solver,
             steps: p.steps,
             network_calls_per_sample: p.steps.map(|s| {
-                p.solver.network_calls(s) * dig_common::job::steering_particles(p.steering.as_ref())
+                dig_common::job::network_calls(
+                    p.solver,
+                    s,
+                    p.steering.as_ref(),
+                    p.from_structure.as_ref(),
+                )
             }),
             filter: p.filter.map(|f| f.criteria),
             max_draw_factor: p.filter.map(|f| f.max_draw_factor),
             steering: p.steering.clone(),
             log_density: p.log_density,
+            from_structure: p.from_structure.clone(),
         },
         shards: ShardCounts {
             done: p.shards_done,
@@ -714,6 +745,17 @@ impl Lookups {
         let copy = r.as_ref().map(|l| *l).map_err(copy_err);
         self.features.insert(sha.to_string(), r);
         copy
+    }
+
+    /// What `tenant` uploaded as structures `sha` (not cached: batches
+    /// rarely share them).
+    async fn structures(
+        &mut self,
+        st: &ApiState,
+        tenant: &str,
+        sha: &str,
+    ) -> ApiResult<structures::StructureMarker> {
+        structures::owned_structures(st, tenant, sha).await
     }
 
     /// The model's `n_time_step` (from its `config.json`).
@@ -867,9 +909,50 @@ pub(crate) async fn validate(
             Some(serde_json::to_value(&spec).expect("a steering spec serializes"))
         }
     };
-    let particles = dig_common::job::steering_particles(steering.as_ref());
+    let from_structure = match (req.from_structure, req.from_time) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ApiError::invalid(
+                "from_time: needed with from_structure (a diffusion time in (0, 1])",
+            ))
+        }
+        (None, Some(_)) => return Err(ApiError::invalid(
+            "from_structure: needed with from_time (upload structures with POST /v1/structures)",
+        )),
+        (Some(sha), Some(t)) => {
+            if !(t > 0.0 && t <= 1.0) {
+                return Err(ApiError::invalid(format!(
+                    "from_time: must be in (0, 1], got {t}"
+                )));
+            }
+            if steering.is_some() {
+                return Err(ApiError::invalid(
+                    "from_structure: cannot be combined with steering (steered sampling starts \
+                     from the prior)",
+                ));
+            }
+            let marker = lookups.structures(st, tenant, &sha).await?;
+            if marker.residues != length {
+                return Err(ApiError::invalid(format!(
+                    "from_structure: the structures have {} residues, the protein (its \
+                     features) {length}",
+                    marker.residues
+                )));
+            }
+            Some(dig_common::job::FromStructure {
+                sha256: sha,
+                from_time: t,
+                structures: marker.structures,
+            })
+        }
+    };
     let steps = req.steps.unwrap_or(n_time_step);
-    let steps_for_size = req.solver.unwrap_or_default().network_calls(steps as u64) * particles;
+    let steps_for_size = dig_common::job::network_calls(
+        req.solver.unwrap_or_default(),
+        steps as u64,
+        steering.as_ref(),
+        from_structure.as_ref(),
+    );
     Ok(JobSpec {
         id: JobId::new(),
         tenant: tenant.to_string(),
@@ -890,6 +973,7 @@ pub(crate) async fn validate(
         filter,
         steering,
         log_density: req.log_density.unwrap_or(false),
+        from_structure,
     })
 }
 
@@ -1274,6 +1358,7 @@ mod tests {
             filter: None,
             steering: None,
             log_density: false,
+            from_structure: None,
         }
     }
 

@@ -115,6 +115,7 @@ fn camel_case_links(doc: &mut serde_json::Value) {
         crate::ready::readyz,
         openapi_json,
         crate::upload_features,
+        crate::structures::upload_structures,
         crate::models::list_models,
         crate::submit_job,
         crate::list_jobs,
@@ -143,6 +144,7 @@ fn camel_case_links(doc: &mut serde_json::Value) {
     tags(
         (name = "service", description = "Health, readiness and this document"),
         (name = "features", description = "Protein features"),
+        (name = "structures", description = "Structures that partial-diffusion jobs start from"),
         (name = "models", description = "Models available to jobs"),
         (name = "jobs", description = "Sampling jobs"),
         (name = "batches", description = "Many jobs submitted, followed and cancelled together"),

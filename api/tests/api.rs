@@ -630,6 +630,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/readyz", &["get"]),
     ("/openapi.json", &["get"]),
     ("/v1/features", &["post"]),
+    ("/v1/structures", &["post"]),
     ("/v1/models", &["get"]),
     ("/v1/jobs", &["get", "post"]),
     ("/v1/jobs/{id}", &["get"]),

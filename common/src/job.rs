@@ -196,12 +196,54 @@ pub struct JobSpec {
     /// --log-density`'s defaults), in every shard's npz.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub log_density: bool,
+    /// Partial diffusion: every sample starts from one of these uploaded
+    /// structures noised to `from_time` (`digctl sample --from-structure`).
+    /// Absent: sampling from the prior.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_structure: Option<FromStructure>,
+}
+
+/// Where a partial-diffusion job starts: sample `i` from structure
+/// `i mod structures` of the uploaded PDB `sha256`, noised by the forward
+/// process to `from_time` (snapped down to the schedule's grid).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FromStructure {
+    /// SHA-256 of the uploaded PDB (`POST /v1/structures`).
+    pub sha256: String,
+    /// Diffusion time in (0, 1].
+    pub from_time: f64,
+    /// Structures (models) in the file.
+    pub structures: u64,
+}
+
+impl FromStructure {
+    /// Steps of a `steps`-step schedule that a run from `from_time` takes:
+    /// those at times `1 - k/steps` at most `from_time` (the rule of the
+    /// model's `Schedule::first_step_at`).
+    pub fn steps_run(&self, steps: u64) -> u64 {
+        (0..steps)
+            .filter(|&k| 1.0 - k as f64 / steps as f64 <= self.from_time + 1e-12)
+            .count() as u64
+    }
 }
 
 /// Heun steps of a job's `log_density` (`digctl sample --flow-steps` default).
 pub const LOG_DENSITY_FLOW_STEPS: usize = 50;
 /// Hutchinson probes of a job's `log_density` (`--divergence hutchinson:4`).
 pub const LOG_DENSITY_PROBES: usize = 4;
+
+/// Network calls per sample of a job of `steps` steps (what the job view
+/// and `run.json` state): the solver's calls over the steps run, times the
+/// steering particles.
+pub fn network_calls(
+    solver: Solver,
+    steps: u64,
+    steering: Option<&serde_json::Value>,
+    from_structure: Option<&FromStructure>,
+) -> u64 {
+    let run = from_structure.map_or(steps, |f| f.steps_run(steps));
+    solver.network_calls(run) * steering_particles(steering)
+}
 
 /// Particles per returned sample of a stored steering object (1 without one).
 pub fn steering_particles(steering: Option<&serde_json::Value>) -> u64 {
@@ -251,7 +293,12 @@ impl JobSpec {
     /// the model's own number when the request has none).
     pub fn network_calls(&self) -> Option<u64> {
         self.steps.map(|s| {
-            self.solver.network_calls(s.max(0) as u64) * steering_particles(self.steering.as_ref())
+            network_calls(
+                self.solver,
+                s.max(0) as u64,
+                self.steering.as_ref(),
+                self.from_structure.as_ref(),
+            )
         })
     }
 }
@@ -309,6 +356,7 @@ mod tests {
             filter: None,
             steering: None,
             log_density: false,
+            from_structure: None,
         }
     }
 

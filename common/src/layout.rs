@@ -4,6 +4,8 @@
 //! ```text
 //! {prefix}features/{sha256}.npz          content-addressed protein features
 //! {prefix}tenants/{tenant}/features/{sha256}.json   a tenant's reference to features: {"length": L}
+//! {prefix}structures/{sha256}.pdb       content-addressed uploaded structures (partial diffusion)
+//! {prefix}tenants/{tenant}/structures/{sha256}.json a tenant's reference to them: {"residues": L, "structures": M}
 //! {prefix}models/{model}/config.json     model directories
 //! {prefix}models/{model}/model.safetensors
 //! {prefix}jobs/{job}/spec.json           immutable job spec
@@ -46,6 +48,14 @@ impl ObjectLayout {
     /// The marker saying that `tenant` uploaded features `sha256`.
     pub fn tenant_features(&self, tenant: &str, sha256: &str) -> Path {
         self.path(format!("tenants/{tenant}/features/{sha256}.json"))
+    }
+    /// An uploaded structure file (PDB), by the SHA-256 of its bytes.
+    pub fn structure(&self, sha256: &str) -> Path {
+        self.path(format!("structures/{sha256}.pdb"))
+    }
+    /// The marker saying that `tenant` uploaded structures `sha256`.
+    pub fn tenant_structures(&self, tenant: &str, sha256: &str) -> Path {
+        self.path(format!("tenants/{tenant}/structures/{sha256}.json"))
     }
     pub fn model_dir(&self, model: &str) -> Path {
         self.path(format!("models/{model}"))

@@ -234,6 +234,7 @@ mod tests {
             filter: None,
             steering: None,
             log_density: false,
+            from_structure: None,
         }
     }
 

@@ -145,6 +145,7 @@ impl Cluster {
             filter: None,
             steering: None,
             log_density: false,
+            from_structure: None,
         };
         let json = serde_json::to_vec(&spec).unwrap();
         self.store

@@ -196,6 +196,19 @@ pub enum ClientCommand {
         /// `log_density`; `log_density` in every shard's npz).
         #[arg(long)]
         log_density: bool,
+        /// Partial diffusion: upload this PDB (one structure or several
+        /// MODELs) and start every sample from it, noised to --from-time
+        /// (the job's `from_structure`; docs/density.md).
+        #[arg(
+            long,
+            value_name = "FILE.pdb",
+            requires = "from_time",
+            conflicts_with = "steer"
+        )]
+        from_structure: Option<PathBuf>,
+        /// With --from-structure: the diffusion time in (0, 1] to start from.
+        #[arg(long, value_name = "T", requires = "from_structure")]
+        from_time: Option<f64>,
         /// Model id (see `digctl models`; default: the service's).
         #[arg(long, value_name = "ID")]
         model: Option<String>,
@@ -340,6 +353,8 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
             max_draw_factor,
             steer,
             log_density,
+            from_structure,
+            from_time,
             model,
             priority,
             shard_size,
@@ -398,6 +413,31 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
                     "the sequence has {residues} residues but the features describe L = {length}"
                 );
             }
+            if let Some(t) = from_time.filter(|t| !(*t > 0.0 && *t <= 1.0)) {
+                bail!("--from-time must be in (0, 1], got {t}");
+            }
+            let from_structure = match &from_structure {
+                Some(path) => {
+                    let (up, created) = transfer::upload_structures(&api, path).await?;
+                    if up.residues != residues {
+                        bail!(
+                            "--from-structure {}: {} residues per structure, but the protein has {residues}",
+                            path.display(),
+                            up.residues
+                        );
+                    }
+                    eprintln!(
+                        "{} structures {}: sha256 {}, {} of {} residues",
+                        if created { "uploaded" } else { "already had" },
+                        path.display(),
+                        up.sha256,
+                        up.structures,
+                        up.residues
+                    );
+                    Some(up.sha256)
+                }
+                None => None,
+            };
             let request = SubmitRequest {
                 name,
                 sequence,
@@ -414,6 +454,8 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
                 max_draw_factor,
                 steering,
                 log_density,
+                from_structure,
+                from_time,
             };
             let answer = api
                 .post(&["v1", "jobs"], Some(&request), idempotency_key.as_deref())

@@ -14,8 +14,8 @@ use dig_model::backbone::read_poses;
 use dig_model::features::{check_sequence, read_fasta, Features};
 use dig_model::sampling::steering::Steering;
 use dig_model::sampling::{
-    read_initial_state, sample_ensemble, sample_ensemble_steered_until, InitialPoses, PartialNoise,
-    PartialStart, SteerSpec,
+    read_initial_state, sample_ensemble, sample_ensemble_steered_until, InitialPoses, Partial,
+    SteerSpec,
 };
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
@@ -193,32 +193,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
             }
             let (tr, rot, m) = read_poses(path, args.from_topology.as_deref(), len as usize)
                 .with_context(|| format!("--from-structure {}", path.display()))?;
-            let k0 = schedule.first_step_at(t);
-            let start_time = schedule.steps.get(k0).map_or(0.0, |p| p.t);
-            let noise = schedule.steps.get(k0).map(|p| {
-                let (omegas, cdf) = dig_model::training::Igso3::new().cdf(p.sigma_rot);
-                PartialNoise {
-                    sigma_tr: p.sigma_tr,
-                    sigma_rot: p.sigma_rot,
-                    omegas,
-                    cdf,
-                }
-            });
-            if k0 > 0 {
-                schedule = schedule.tail(k0);
-            }
-            Some((
-                std::sync::Arc::new(PartialStart {
-                    tr,
-                    rot,
-                    structures: m,
-                    len: len as usize,
-                    noise,
-                }),
-                k0,
-                start_time,
-                t,
-            ))
+            let (tail, partial) = Partial::new(&schedule, tr, rot, m, len as usize, t)?;
+            schedule = tail;
+            Some(partial)
         }
         _ => None,
     };
@@ -274,21 +251,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
         args.batch_size,
         device
     );
-    // A partial-diffusion run (k0 > 0) noises its inputs; from t = 1 it is
-    // ordinary sampling from the prior.
-    let partial_start = partial
-        .as_ref()
-        .filter(|(_, k0, _, _)| *k0 > 0)
-        .map(|(start, ..)| start.clone());
+    // A partial-diffusion run noises its inputs; from t = 1 it is ordinary
+    // sampling from the prior.
     let draw = |init: &InitialPoses| {
         let noised;
-        let init = match (&partial_start, init) {
-            (Some(start), InitialPoses::Seeded { seed, indices }) => {
-                noised = InitialPoses::Noised {
-                    seed: *seed,
-                    indices: indices.clone(),
-                    start: start.clone(),
-                };
+        let init = match (&partial, init) {
+            (Some(p), InitialPoses::Seeded { seed, indices }) => {
+                noised = p.poses(*seed, indices.clone());
                 &noised
             }
             _ => init,
@@ -383,14 +352,14 @@ pub fn run(args: SampleArgs) -> Result<()> {
         "network_calls_per_sample": calls,
         "noise": steering.as_ref().map(|s| s.noise),
         "steering": spec,
-        "from_structure": partial.as_ref().map(|(start, k0, start_time, t)| serde_json::json!({
+        "from_structure": partial.as_ref().map(|p| serde_json::json!({
             "path": args.from_structure,
-            "structures": start.structures,
-            "from_time": t,
-            "start_step": k0,
-            "start_time": start_time,
-            "sigma_tr": start.noise.as_ref().filter(|_| *k0 > 0).map(|n| n.sigma_tr),
-            "sigma_rot": start.noise.as_ref().filter(|_| *k0 > 0).map(|n| n.sigma_rot),
+            "structures": p.start.structures,
+            "from_time": p.from_time,
+            "start_step": p.start_step,
+            "start_time": p.start_time,
+            "sigma_tr": p.noise().map(|n| n.sigma_tr),
+            "sigma_rot": p.noise().map(|n| n.sigma_rot),
         })),
         "samples_valid": valid,
         "log_density": density_settings.as_ref().map(|d| serde_json::json!({

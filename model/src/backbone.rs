@@ -214,7 +214,12 @@ fn hybrid36(s: &str) -> Option<i64> {
 
 fn parse_pdb(path: &Path) -> Result<PdbModels> {
     let text = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    let text = String::from_utf8_lossy(&text);
+    parse_pdb_bytes(&text, path)
+}
+
+/// [`parse_pdb`] of bytes already read; `path` names them in errors.
+fn parse_pdb_bytes(text: &[u8], path: &Path) -> Result<PdbModels> {
+    let text = String::from_utf8_lossy(text);
     let mut models: Vec<(Vec<TopologyAtom>, Vec<[f32; 3]>)> = Vec::new();
     let mut cur: (Vec<TopologyAtom>, Vec<[f32; 3]>) = (Vec::new(), Vec::new());
     let mut in_model = false;
@@ -298,7 +303,15 @@ pub fn pdb_topology(path: &Path) -> Result<(Vec<TopologyAtom>, Vec<[f32; 3]>)> {
 
 /// Every model of a PDB file (one frame if it has no MODEL records).
 pub fn read_pdb(path: &Path) -> Result<Trajectory> {
-    let m = parse_pdb(path)?;
+    pdb_trajectory(parse_pdb(path)?, path)
+}
+
+/// [`read_pdb`] of a PDB file's bytes (an upload); `name` names it in errors.
+pub fn read_pdb_bytes(bytes: &[u8], name: &Path) -> Result<Trajectory> {
+    pdb_trajectory(parse_pdb_bytes(bytes, name)?, name)
+}
+
+fn pdb_trajectory(m: PdbModels, path: &Path) -> Result<Trajectory> {
     let sel = BackboneSelection::from_atoms(&m.atoms, path)?;
     let t = Trajectory {
         residues: sel.residues.clone(),
@@ -369,7 +382,12 @@ pub fn read_poses(
     topology: Option<&Path>,
     len: usize,
 ) -> Result<(Vec<f32>, Vec<f32>, usize)> {
-    let traj = read_trajectory(path, topology)?;
+    poses_of(&read_trajectory(path, topology)?, path, len)
+}
+
+/// The frames of `traj` as [`read_poses`] returns them, checked against
+/// `len` residues; `path` names the structures in errors.
+pub fn poses_of(traj: &Trajectory, path: &Path, len: usize) -> Result<(Vec<f32>, Vec<f32>, usize)> {
     if traj.len_residues() != len {
         return Err(ModelError::Invalid(format!(
             "{}: {} residues per structure, but the protein (its features) has {len}",

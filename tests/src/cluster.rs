@@ -505,6 +505,25 @@ impl Cluster {
         split_reply(&reply)
     }
 
+    /// A POST of raw `bytes` (`application/octet-stream`, an upload) to the
+    /// API as `key`'s tenant: status code and body.
+    pub fn api_post_bytes(&self, key: &str, path: &str, bytes: &[u8]) -> (u16, String) {
+        let addr = self.api_url.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        write!(
+            s,
+            "POST {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            bytes.len()
+        )
+        .unwrap();
+        s.write_all(bytes).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        let (status, _, body) = split_reply(&reply);
+        (status, body)
+    }
+
     /// Writes a webhook secrets file (`TENANT SECRET` lines) and points
     /// `api.webhook_secrets_file` of the services started from now on at it.
     pub fn set_webhook_secrets(&mut self, lines: &str) {

@@ -7,8 +7,8 @@
 //! document states every constraint a schema can state (patterns, lengths,
 //! enums, bounds from the deployment's limits), and the refusals it cannot
 //! state are excluded by name: `tests/schemathesis.toml` (the features
-//! upload's body is an npz) and `tests/schemathesis_hooks.py` (features
-//! never uploaded, a callback without a webhook secret, steering that
+//! upload's body is an npz, the structures upload's a PDB) and
+//! `tests/schemathesis_hooks.py` (features or structures never uploaded, a callback without a webhook secret, steering that
 //! depends on the protein...). The stateful phase follows the document's links
 //! (submit, then read, cancel, fetch) on the jobs and batches the API made. Afterwards
 //! neither the object store, nor Redis, nor the queues hold anything that
@@ -24,6 +24,14 @@ use dig_tests::repo_root;
 /// report unless every check passed.
 fn schemathesis(c: &Cluster, key: &str, seed: &str) -> (u64, u64) {
     let features = c.upload_features(key);
+    // Structures of the fixture protein, for `from_structure`.
+    let closed = std::fs::read(repo_root().join("tests/data/adk-fragment/closed.pdb")).unwrap();
+    let (status, text) = c.api_post_bytes(key, "/v1/structures", &closed);
+    assert!(status == 201 || status == 200, "{text}");
+    let structures = serde_json::from_str::<serde_json::Value>(&text).unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let config = repo_root().join("tests/schemathesis.toml");
     let out = Command::new(repo_root().join(".venv/bin/schemathesis"))
         .args([
@@ -46,6 +54,7 @@ fn schemathesis(c: &Cluster, key: &str, seed: &str) -> (u64, u64) {
         .env("SCHEMATHESIS_HOOKS", "schemathesis_hooks")
         .env("PYTHONPATH", repo_root().join("tests"))
         .env("DIG_SCHEMATHESIS_FEATURES", &features)
+        .env("DIG_SCHEMATHESIS_STRUCTURES", &structures)
         .output()
         .expect("schemathesis in .venv (requirements-dev.txt; make test installs it)");
     let report = String::from_utf8_lossy(&out.stdout).to_string();

@@ -767,6 +767,10 @@ impl Worker {
         let spec = self.spec(task.job).await?;
         let model_dir = self.local_model(&spec.model).await?;
         let features = self.local_features(&spec.features_sha256).await?;
+        let structure = match &spec.from_structure {
+            Some(f) => Some(self.local_structure(&f.sha256).await?),
+            None => None,
+        };
         if let Some(why) = stop.reason() {
             return Err(WorkerError::Stopped(why));
         }
@@ -780,9 +784,14 @@ impl Worker {
         let bytes =
             tokio::task::spawn_blocking(move || -> Result<(usize, u64, Vec<u8>), WorkerError> {
                 let mut sampler = sampler.lock().expect("sampler lock");
-                let ensemble =
-                    sampler
-                        .sample_until(&spec2, &task2, &model_dir, &features, &|| stop2.is_set())?;
+                let ensemble = sampler.sample_from(
+                    &spec2,
+                    &task2,
+                    &model_dir,
+                    &features,
+                    structure.as_deref(),
+                    &|| stop2.is_set(),
+                )?;
                 let validity = ensemble.validity();
                 let bytes = ensemble
                     .npz_bytes_with(&validity)
@@ -892,6 +901,45 @@ impl Worker {
             write_atomically(&dir.join(file), &bytes).await?;
         }
         Ok(dir)
+    }
+
+    /// A local copy of uploaded structures (a partial-diffusion job's
+    /// start), fetched once: complete or absent, as features.
+    async fn local_structure(&self, sha256: &str) -> Result<PathBuf, WorkerError> {
+        dig_common::store::check_sha256(sha256)?;
+        let path = self
+            .settings
+            .cache_dir
+            .join("structures")
+            .join(format!("{sha256}.pdb"));
+        if !path.is_file() {
+            let dir = path.parent().expect("has parent");
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(CommonError::from)?;
+            let key = self.ctx.features.layout().structure(sha256);
+            let bytes = self
+                .ctx
+                .features
+                .store()
+                .get(&key)
+                .await
+                .map_err(CommonError::from)?
+                .bytes()
+                .await
+                .map_err(CommonError::from)?;
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let part = dir.join(format!("{sha256}.pdb.part-{}-{nanos}", std::process::id()));
+            tokio::fs::write(&part, &bytes)
+                .await
+                .map_err(CommonError::from)?;
+            tokio::fs::rename(&part, &path)
+                .await
+                .map_err(CommonError::from)?;
+        }
+        Ok(path)
     }
 
     async fn local_features(&self, sha256: &str) -> Result<PathBuf, WorkerError> {

@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use dig_common::job::{JobSpec, ShardTask};
 use dig_common::metrics;
+use dig_model::backbone::read_poses;
 use dig_model::features::{check_sequence, Features};
 use dig_model::sampling::flow::{ensemble_log_density, Divergence, FlowSettings, Ode};
 use dig_model::sampling::{
-    sample_ensemble_steered_until, sample_ensemble_until, InitialPoses, SteerSpec,
+    sample_ensemble_steered_until, sample_ensemble_until, InitialPoses, Partial, SteerSpec,
 };
 use dig_model::so3::So3Tables;
 use dig_model::structure::Ensemble;
@@ -111,6 +112,21 @@ impl ShardSampler {
         features_path: &Path,
         stop: &dyn Fn() -> bool,
     ) -> Result<Ensemble, ShardError> {
+        self.sample_from(spec, task, model_dir, features_path, None, stop)
+    }
+
+    /// [`ShardSampler::sample_until`] with the local copy of the job's
+    /// uploaded structures (`structure`), which a partial-diffusion job
+    /// (`from_structure`) needs.
+    pub fn sample_from(
+        &mut self,
+        spec: &JobSpec,
+        task: &ShardTask,
+        model_dir: &Path,
+        features_path: &Path,
+        structure: Option<&Path>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Ensemble, ShardError> {
         let invalid = |message: String| ShardError::Invalid {
             job: spec.id.to_string(),
             index: task.index,
@@ -154,13 +170,35 @@ impl ShardSampler {
                 spec.shard(task.index)
             )));
         }
-        let schedule =
+        let mut schedule =
             Schedule::with_solver(&cfg, &self.so3, spec.steps, model_solver(spec.solver))?;
-        let sampler = Sampler::new(&model.net, schedule);
-        let init = InitialPoses::Seeded {
-            seed: spec.seed,
-            indices: (task.start..task.end).collect(),
+        let indices: Vec<u64> = (task.start..task.end).collect();
+        // Partial diffusion: `digctl sample --from-structure`'s rule, so a
+        // job draws what the CLI draws.
+        let init = match &spec.from_structure {
+            None => InitialPoses::Seeded {
+                seed: spec.seed,
+                indices,
+            },
+            Some(from) => {
+                if spec.steering.is_some() {
+                    return Err(invalid(
+                        "from_structure cannot be combined with steering".into(),
+                    ));
+                }
+                let path = structure.ok_or_else(|| {
+                    invalid(format!("structures {} were not fetched", from.sha256))
+                })?;
+                let (tr, rot, m) = read_poses(path, None, ctx.len() as usize)
+                    .map_err(|e| invalid(format!("from_structure: {e}")))?;
+                let (tail, partial) =
+                    Partial::new(&schedule, tr, rot, m, ctx.len() as usize, from.from_time)
+                        .map_err(|e| invalid(format!("from_structure: {e}")))?;
+                schedule = tail;
+                partial.poses(spec.seed, indices)
+            }
         };
+        let sampler = Sampler::new(&model.net, schedule);
         // Seconds per step: the time between step completions (a batch's
         // first step also carries the batch's set-up).
         let step_seconds = metrics::worker()

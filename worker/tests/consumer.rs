@@ -131,6 +131,7 @@ impl Cluster {
             filter: None,
             steering: None,
             log_density: false,
+            from_structure: None,
         };
         let json = serde_json::to_vec(&spec).unwrap();
         self.ctx

@@ -34,6 +34,7 @@ fn spec(n: u64, shard: u64) -> JobSpec {
         filter: None,
         steering: None,
         log_density: false,
+        from_structure: None,
     }
 }
 

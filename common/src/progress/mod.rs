@@ -88,6 +88,9 @@ pub struct JobProgress {
     /// The spec's `log_density`.
     #[serde(default)]
     pub log_density: bool,
+    /// The spec's partial-diffusion start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_structure: Option<crate::job::FromStructure>,
 }
 
 impl JobProgress {
@@ -111,6 +114,7 @@ impl JobProgress {
             filter: spec.filter,
             steering: spec.steering.clone(),
             log_density: spec.log_density,
+            from_structure: spec.from_structure.clone(),
         }
     }
 }
@@ -132,6 +136,12 @@ fn sampling_fields(spec: &JobSpec) -> Vec<(&'static str, String)> {
     }
     if spec.log_density {
         fields.push(("log_density", "true".to_string()));
+    }
+    if let Some(f) = &spec.from_structure {
+        fields.push((
+            "from_structure",
+            serde_json::to_string(f).expect("a start serializes"),
+        ));
     }
     fields
 }

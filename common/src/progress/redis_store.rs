@@ -435,6 +435,14 @@ fn parse_job(
             })?),
         },
         log_density: field(&map, job, "log_density")?.unwrap_or(false),
+        from_structure: match map.get("from_structure") {
+            None => None,
+            Some(f) => Some(serde_json::from_str(f).map_err(|_| {
+                CommonError::Other(format!(
+                    "job {job}: bad field from_structure in progress store"
+                ))
+            })?),
+        },
     }))
 }
 

@@ -364,6 +364,11 @@ pub struct SubmitRequest {
     /// Each returned sample's log-density (`log_density: true`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub log_density: bool,
+    /// Partial diffusion: uploaded structures' SHA-256 and the start time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_structure: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_time: Option<f64>,
 }
 
 /// `POST /v1/jobs` answer (202, or the full view on an idempotent replay).
@@ -572,6 +577,8 @@ mod tests {
             max_draw_factor: None,
             steering: None,
             log_density: false,
+            from_structure: None,
+            from_time: None,
         };
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(

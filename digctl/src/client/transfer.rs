@@ -104,6 +104,62 @@ pub async fn upload_features(api: &Api, path: &Path) -> Result<Uploaded> {
     })
 }
 
+/// Uploaded structures (`POST /v1/structures`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct StructureRef {
+    pub sha256: String,
+    pub residues: u64,
+    pub structures: u64,
+    pub bytes: u64,
+}
+
+/// Uploads a PDB file of structures for a partial-diffusion job; the
+/// answer and whether it was new. The server's digest is checked against
+/// the file's.
+pub async fn upload_structures(api: &Api, path: &Path) -> Result<(StructureRef, bool)> {
+    let is_pdb = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("pdb") || e.eq_ignore_ascii_case("ent"));
+    if !is_pdb {
+        bail!(
+            "--from-structure {}: jobs take a PDB file (one structure or several MODEL \
+             records); `digctl sample --from-structure` also reads DCD and XTC",
+            path.display()
+        );
+    }
+    let data = tokio::fs::read(path)
+        .await
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let local = hex::encode(Sha256::digest(&data));
+    let size = data.len() as u64;
+    let url = api.url(&["v1", "structures"]);
+    let request = api
+        .request(Method::POST, url.clone())
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .body(data);
+    let response = api.send(request).await?;
+    let status = response.status();
+    let body = response.bytes().await.map_err(|e| api.transport(&url, e))?;
+    let answer = Answer {
+        status,
+        json: serde_json::from_slice(&body)
+            .with_context(|| format!("the answer of {url} is not JSON"))?,
+    };
+    let stored: StructureRef = answer
+        .parse("the structure upload")
+        .with_context(|| format!("--from-structure {}", path.display()))?;
+    if stored.bytes != size || stored.sha256 != local {
+        bail!(
+            "the server stored {} bytes with SHA-256 {}, but {} has {size} bytes with SHA-256 {local}",
+            stored.bytes,
+            stored.sha256,
+            path.display()
+        );
+    }
+    Ok((stored, status == StatusCode::CREATED))
+}
+
 /// Checks a received file against what was expected of it.
 pub fn check_digest(
     what: &str,

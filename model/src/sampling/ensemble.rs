@@ -5,6 +5,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::schedule::Schedule;
 use super::solvers::Sampler;
 use crate::network::ProteinContext;
 use crate::rng::initial_state;
@@ -97,6 +98,93 @@ impl PartialStart {
             tr,
             Vec::<f32>::try_from(rot.flatten(0, -1)).expect("float32 rotations"),
         )
+    }
+}
+
+/// A partial-diffusion run: its start ([`PartialStart`]) and where in the
+/// schedule it begins.
+pub struct Partial {
+    pub start: std::sync::Arc<PartialStart>,
+    /// The requested diffusion time, in (0, 1].
+    pub from_time: f64,
+    /// The first step run (0: the whole schedule, from the prior; the
+    /// schedule's length: none, the input returned as it is).
+    pub start_step: usize,
+    /// The time of that step (0 when no step is run).
+    pub start_time: f64,
+}
+
+impl Partial {
+    /// Partial diffusion of the structures `(tr, rot)` (`structures` of
+    /// `len` residues, as [`crate::backbone::read_poses`] returns them) from
+    /// diffusion time `from_time` in (0, 1]: the tail of `schedule` that
+    /// runs and the start. One rule for `digctl sample --from-structure`
+    /// and jobs with `from_structure`, so both draw the same samples.
+    pub fn new(
+        schedule: &Schedule,
+        tr: Vec<f32>,
+        rot: Vec<f32>,
+        structures: usize,
+        len: usize,
+        from_time: f64,
+    ) -> Result<(Schedule, Partial)> {
+        if !(from_time > 0.0 && from_time <= 1.0) {
+            return Err(ModelError::Invalid(format!(
+                "from_time must be in (0, 1], got {from_time}"
+            )));
+        }
+        let k0 = schedule.first_step_at(from_time);
+        let start_time = schedule.steps.get(k0).map_or(0.0, |p| p.t);
+        let noise = schedule.steps.get(k0).map(|p| {
+            let (omegas, cdf) = crate::training::Igso3::new().cdf(p.sigma_rot);
+            PartialNoise {
+                sigma_tr: p.sigma_tr,
+                sigma_rot: p.sigma_rot,
+                omegas,
+                cdf,
+            }
+        });
+        let tail = if k0 > 0 {
+            schedule.tail(k0)
+        } else {
+            schedule.clone()
+        };
+        Ok((
+            tail,
+            Partial {
+                start: std::sync::Arc::new(PartialStart {
+                    tr,
+                    rot,
+                    structures,
+                    len,
+                    noise,
+                }),
+                from_time,
+                start_step: k0,
+                start_time,
+            },
+        ))
+    }
+
+    /// The initial poses of sample `indices` under `seed`: the inputs noised
+    /// to the start; from t = 1 (no step skipped), ordinary sampling from
+    /// the prior, bit for bit.
+    pub fn poses(&self, seed: u64, indices: Vec<u64>) -> InitialPoses {
+        if self.start_step == 0 {
+            InitialPoses::Seeded { seed, indices }
+        } else {
+            InitialPoses::Noised {
+                seed,
+                indices,
+                start: self.start.clone(),
+            }
+        }
+    }
+
+    /// The noise level of the start (`None` when the run starts from the
+    /// prior or runs no step).
+    pub fn noise(&self) -> Option<&PartialNoise> {
+        self.start.noise.as_ref().filter(|_| self.start_step > 0)
     }
 }
 

@@ -24,7 +24,7 @@ pub mod steering;
 
 pub use ensemble::{
     read_initial_state, sample_ensemble, sample_ensemble_steered_until, sample_ensemble_until,
-    InitialPoses, PartialNoise, PartialStart,
+    InitialPoses, Partial, PartialNoise, PartialStart,
 };
 pub use schedule::{Schedule, Solver, StepPlan};
 pub use solvers::{expmap, integrate, NetworkField, Sampler, ScoreField};
