@@ -18,13 +18,14 @@ def results(name):
     return None if d is None else d["results"]
 
 
-r = results("roundtrip.json")
-if r:
-    rt = np.array([x["round_trip_ca_rmsd"] for x in r])
-    d = load("roundtrip.json")
-    print(f"round trip ({d['ode']} ODE, {d['flow_steps']} Heun steps each way), {len(rt)} training frames: "
-          f"CA-RMSD median {np.median(rt):.3f} Å, max {rt.max():.3f} Å, "
-          f"{(rt < 0.1).mean() * 100:.0f} % within 0.1 Å")
+for name in ("roundtrip.json", "roundtrip-flow.json"):
+    r = results(name)
+    if r:
+        rt = np.array([x["round_trip_ca_rmsd"] for x in r])
+        d = load(name)
+        print(f"round trip ({d['ode']} ODE, {d['flow_steps']} Heun steps each way), {len(rt)} training frames: "
+              f"CA-RMSD median {np.median(rt):.4f} Å, max {rt.max():.4f} Å, "
+              f"{(rt < 0.1).sum()} of {len(rt)} within 0.1 Å")
 
 f, p1, p2 = (results(f"rank-{n}.json") for n in ("frames20", "perturbed1", "perturbed2"))
 if f and p1 and p2:
