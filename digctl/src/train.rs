@@ -127,6 +127,20 @@ pub struct TrainArgs {
     /// too), and `training.json` says which is which.
     #[arg(long, value_enum, default_value = "raw")]
     model_weights: Weights,
+    /// Draw training time steps with t >= --high-t-from this many times as
+    /// often as the others (each step independently, not in the published
+    /// mirrored pairs); validation keeps the published draw. Not published:
+    /// examples/adk/README.md says what it was measured for.
+    #[arg(long, value_name = "W")]
+    high_t_weight: Option<f64>,
+    /// With --high-t-weight: where high noise starts (a diffusion time).
+    #[arg(
+        long,
+        value_name = "T",
+        default_value_t = 0.7,
+        requires = "high_t_weight"
+    )]
+    high_t_from: f64,
 }
 
 /// `small`, `published` or `d_model,d_pair,n_layer,n_heads[,dim_feedforward]`.
@@ -204,6 +218,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         val_fraction: args.val_fraction,
         dropout: args.dropout,
         ema: args.ema,
+        time_weighting: args
+            .high_t_weight
+            .map(|weight| dig_model::training::TimeWeighting {
+                weight,
+                from: args.high_t_from,
+            }),
     };
     opts.validate()?;
     if args.model_weights == Weights::Ema && args.ema.is_none() {

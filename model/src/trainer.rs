@@ -50,6 +50,11 @@ pub struct TrainOptions {
     /// them (`None`: no average).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<f64>,
+    /// Training time steps weighted towards high noise (`--high-t-weight`);
+    /// `None`: the published mirrored uniform draw. Validation always uses
+    /// the published draw, so its losses compare across runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_weighting: Option<crate::training::TimeWeighting>,
 }
 
 impl TrainOptions {
@@ -93,6 +98,17 @@ impl TrainOptions {
         if let Some(d) = self.ema {
             if !(d > 0.0 && d < 1.0) {
                 return bad(format!("--ema must be in (0, 1), got {d}"));
+            }
+        }
+        if let Some(w) = self.time_weighting {
+            if !(w.weight.is_finite() && w.weight > 0.0) {
+                return bad(format!(
+                    "--high-t-weight must be positive, got {}",
+                    w.weight
+                ));
+            }
+            if !(w.from > 0.0 && w.from < 1.0) {
+                return bad(format!("--high-t-from must be in (0, 1), got {}", w.from));
             }
         }
         if !(0.0..=1.0).contains(&self.min_lr_fraction) {
@@ -280,15 +296,14 @@ impl Trainer {
         frames: &[usize],
         (start, len): (usize, usize),
         dropout: Option<f64>,
+        weighting: Option<crate::training::TimeWeighting>,
     ) -> Result<crate::training::LossParts> {
         let batch = self.batch(p, frames, start, len);
-        let noise = Noise::draw(
-            rng,
-            frames.len(),
-            len,
-            self.model.net.config(),
-            &mut self.igso,
-        )?;
+        let cfg = self.model.net.config();
+        let noise = match weighting {
+            None => Noise::draw(rng, frames.len(), len, cfg, &mut self.igso)?,
+            Some(w) => Noise::draw_weighted(rng, frames.len(), len, cfg, &mut self.igso, &w)?,
+        };
         let (single, pair) = self.features(p, start, len);
         Ok(diffusion_loss(
             &self.model.net,
@@ -324,7 +339,8 @@ impl Trainer {
         // everything else from the ChaCha stream.
         tch::manual_seed((self.opts.seed.wrapping_mul(1_000_003) ^ s) as i64 & i64::MAX);
         let dropout = (self.opts.dropout > 0.0).then_some(self.opts.dropout);
-        let parts = self.batch_loss(&mut rng, p, &frames, (start, len), dropout)?;
+        let weighting = self.opts.time_weighting;
+        let parts = self.batch_loss(&mut rng, p, &frames, (start, len), dropout, weighting)?;
         self.adam.zero_grad();
         parts.loss.backward();
         let grad_norm = self.adam.clip_grad_norm(self.opts.clip);
@@ -438,7 +454,7 @@ impl Trainer {
             for &f in &val {
                 for _ in 0..repeats {
                     let crop = self.crop(&mut rng, l);
-                    let parts = self.batch_loss(&mut rng, p, &[f, f], crop, None)?;
+                    let parts = self.batch_loss(&mut rng, p, &[f, f], crop, None, None)?;
                     sum.0 += parts.loss.double_value(&[]);
                     sum.1 += parts.tr_loss.double_value(&[]);
                     sum.2 += parts.rot_loss.double_value(&[]);

@@ -217,6 +217,33 @@ impl Noise {
             .copied()
             .chain(half.iter().map(|k| n - 1 - k))
             .collect();
+        Self::at_steps(rng, steps, l, cfg, igso)
+    }
+
+    /// [`Noise::draw`] with the time steps drawn by `weighting` instead of
+    /// in mirrored pairs (each of the `b` independently; any `b >= 1`).
+    pub fn draw_weighted(
+        rng: &mut ChaCha20Rng,
+        b: usize,
+        l: usize,
+        cfg: &ModelConfig,
+        igso: &mut Igso3,
+        weighting: &TimeWeighting,
+    ) -> Result<Noise> {
+        let n = cfg.n_time_step;
+        let steps = (0..b).map(|_| weighting.draw(rng, n)).collect();
+        Self::at_steps(rng, steps, l, cfg, igso)
+    }
+
+    /// The noise of structures at the given time `steps`.
+    fn at_steps(
+        rng: &mut ChaCha20Rng,
+        steps: Vec<i64>,
+        l: usize,
+        cfg: &ModelConfig,
+        igso: &mut Igso3,
+    ) -> Result<Noise> {
+        let b = steps.len();
         let mut tr = Vec::with_capacity(b * l * 3);
         let mut rot = Vec::with_capacity(b * l * 3);
         for &k in &steps {
@@ -235,6 +262,45 @@ impl Noise {
             }
         }
         Ok(Noise { steps, tr, rot })
+    }
+}
+
+/// Training time steps weighted towards high noise (not published: the
+/// published loader draws `t` uniformly): steps whose time `t = 1 - k/n` is
+/// at least `from` are drawn `weight` times as often per step as the others.
+/// Every step keeps a positive probability, so the loss still has the score
+/// as its minimiser at every `t`; only the model's effort moves.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TimeWeighting {
+    pub from: f64,
+    pub weight: f64,
+}
+
+impl TimeWeighting {
+    /// Steps `0..high` have `t >= from` (of `n`).
+    pub fn high_steps(&self, n: i64) -> i64 {
+        (0..n)
+            .filter(|&k| 1.0 - k as f64 / n as f64 >= self.from - 1e-12)
+            .count() as i64
+    }
+
+    /// The probability that a drawn step has `t >= from`.
+    pub fn high_probability(&self, n: i64) -> f64 {
+        let h = self.high_steps(n) as f64;
+        let rest = n as f64 - h;
+        self.weight * h / (self.weight * h + rest)
+    }
+
+    /// One step in `0..n`.
+    pub fn draw(&self, rng: &mut ChaCha20Rng, n: i64) -> i64 {
+        let h = self.high_steps(n);
+        let pick = |u: f64, lo: i64, hi: i64| (lo + (u * (hi - lo) as f64) as i64).min(hi - 1);
+        let (region, u) = (uniform(rng), uniform(rng));
+        if h == n || (h > 0 && region < self.high_probability(n)) {
+            pick(u, 0, h)
+        } else {
+            pick(u, h, n)
+        }
     }
 }
 

@@ -66,6 +66,7 @@ fn a_resumed_run_keeps_its_moving_average_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let opts = dig_model::trainer::TrainOptions {
         ema: Some(0.9),
+        time_weighting: None,
         ..options(10)
     };
     let run = |steps: u64, resume: bool| {

@@ -79,6 +79,7 @@ pub fn options(steps: u64) -> TrainOptions {
         val_fraction: 0.0,
         dropout: 0.1, // dropout's generator is part of what must resume exactly
         ema: None,
+        time_weighting: None,
     }
 }
 
