@@ -348,7 +348,7 @@ pub(crate) fn steering_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schem
         "description": "The potential terms, summed",
         "items": {"oneOf": [
             term("chain_break", json!({}), &[]),
-            term("clash", json!({"min_separation": {"type": "integer", "minimum": 0}}), &[]),
+            term("clash", json!({"min_separation": {"type": "integer", "minimum": 0, "maximum": u32::MAX}}), &[]),
             term("rg", json!({}), &["target"]),
             term("distance", json!({"residues": {
                 "type": "array", "description": "The two residues, 1-based, different",

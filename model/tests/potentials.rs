@@ -126,6 +126,12 @@ fn clash_counts_close_pairs_more_than_two_apart() {
         p.energy(&x)
     );
     check_gradient(&p, &x);
+    // A separation past the chain (any usize the API reads): no
+    // pair, no energy, no overflow.
+    let mut far = spec(PotentialKind::Clash);
+    far.min_separation = Some(usize::MAX);
+    let p = far.compile(6).unwrap();
+    assert_eq!(p.energy(&x), 0.0);
 }
 
 #[test]

@@ -283,8 +283,10 @@ impl PotentialSpec {
         )?;
         let measure = match kind {
             ChainBreak => Measure::ChainBreak,
+            // A separation past the chain leaves no pair (and cannot
+            // overflow the loop's bounds).
             Clash => Measure::Clash {
-                min_separation: self.min_separation.unwrap_or(2),
+                min_separation: self.min_separation.unwrap_or(2).min(len),
             },
             Rg => Measure::Rg,
             Distance => {
