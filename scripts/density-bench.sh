@@ -3,7 +3,8 @@
 # measurements on the shipped AdK model. OUT (default density-runs/) holds
 # every input and output; PARTS picks what runs (default: all):
 #   roundtrip  encode then decode of every RT_EVERY-th training frame (1: all
-#              100) at RT_STEPS (200) Heun steps each way (CA-RMSD)
+#              100) along RT_ODE (flow) at RT_STEPS (100) Heun steps each way
+#              (CA-RMSD)
 #   rank       every RANK_EVERY-th (5: 20) training frame against itself
 #              perturbed by 1 and 2 Å
 #   states     closed.pdb, open.pdb and the demo ensemble's samples near each
@@ -37,7 +38,8 @@ for part in $PARTS; do
         $PY scripts/density_inputs.py every "$OUT/frames.pdb" "$OUT/roundtrip.pdb" "${RT_EVERY:-1}"
         echo "round trip: $OUT/roundtrip.pdb"
         /usr/bin/time -f "  %e s" "$DIGCTL" density --model $M/model --features $M/features.npz \
-            --flow-steps "${RT_STEPS:-200}" --threads "$THREADS" --structures "$OUT/roundtrip.pdb" \
+            --ode "${RT_ODE:-flow}" --flow-steps "${RT_STEPS:-100}" --threads "$THREADS" \
+            --structures "$OUT/roundtrip.pdb" \
             --round-trip --no-density --batch-size 4 --out "$OUT/roundtrip.json"
         ;;
     rank)
