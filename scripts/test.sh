@@ -7,8 +7,10 @@
 #   tests          every test, in two lanes at first (below)
 #
 # The lanes. `cargo test` runs the test binaries one after another, and a few
-# long ones leave a core idle: the Schemathesis run waits on HTTP and a
-# Python client, the trainer and flow tests use one thread and no services.
+# long ones leave a core idle: the Schemathesis run uses about 1.25 cores
+# (126 s alone, 124 % CPU), the trainer test one thread (168 s alone), both
+# measured on the same slow afternoon (2026-12-04), when side by side, with
+# the flow tests after the trainer's, they took 269 s.
 # So the tests stage starts with those two groups side by side, then runs
 # every other target (the list comes from cargo metadata, so a new test
 # file is never left out). Every test still runs exactly once.
@@ -28,6 +30,16 @@ command -v clippy-driver >/dev/null || { echo "error: clippy-driver not found; r
 # --workspace, or features would resolve differently and rebuild crates.
 export RUSTC_WORKSPACE_WRAPPER="$(command -v clippy-driver)"
 export CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
+
+# This machine's speed at the time, for comparing the stage times of runs on
+# shared hosts (2026-12-04 here: 4.1-4.9 s while the trainer test, 97 s on a
+# quiet afternoon, took 168 s): one core, a fixed Python loop.
+python3 - <<'PROBE' >&2
+import time
+t = time.perf_counter()
+sum(i * i for i in range(30_000_000))
+print(f"[make test] speed probe: {time.perf_counter() - t:.2f} s (one core, fixed Python loop; lower is faster)")
+PROBE
 
 scripts/stage.sh fmt cargo fmt --all -- --check
 
