@@ -108,6 +108,9 @@ fn point_distance_row(qi: &[f32], keys: &[f32], acc: &mut [f32]) {
 /// `cdist` in its exact (difference-based) mode: the matmul expansion
 /// `|q|^2 + |k|^2 - 2 q.k` loses too much in float32 for points tens of Å out.
 pub fn point_distance_sum(q: &Tensor, k: &Tensor) -> Tensor {
+    if q.device() != Device::Cpu {
+        return point_distance_sum_broadcast(q, k);
+    }
     let (b, l, h, p, _) = q.size5().expect("points (B,L,H,P,3)");
     let q = q
         .permute([0, 2, 3, 1, 4])
@@ -122,9 +125,36 @@ pub fn point_distance_sum(q: &Tensor, k: &Tensor) -> Tensor {
         .sum_dim_intlist(2, false, Kind::Float)
 }
 
+/// [`point_distance_sum`] as the published code computes it: the
+/// differences broadcast to `(B, L, L, H, P, 3)` and their norms summed.
+/// Used on GPUs: libtorch's CUDA `cdist` (exact mode) gives each distance
+/// its own thread block, which for 3-vectors leaves almost every thread idle
+/// (the native step ran 6-8x slower than the published one on an H200,
+/// docs/gpu.md); the broadcast is a few elementwise kernels.
+pub fn point_distance_sum_broadcast(q: &Tensor, k: &Tensor) -> Tensor {
+    let d = (q.unsqueeze(2) - k.unsqueeze(1)).norm_scalaropt_dim(2.0, [-1i64], false); // (B, L, L, H, P)
+    d.sum_dim_intlist(-1, false, Kind::Float)
+        .permute([0, 3, 1, 2]) // (B, H, L, L)
+        .contiguous()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broadcast_point_distances_equal_cdist() {
+        tch::manual_seed(5);
+        let (b, l, h, p) = (2, 19, 3, 4);
+        let o = (Kind::Float, Device::Cpu);
+        let q = Tensor::randn([b, l, h, p, 3], o) * 20.0;
+        let k = Tensor::randn([b, l, h, p, 3], o) * 20.0;
+        let a = point_distance_sum(&q, &k);
+        let c = point_distance_sum_broadcast(&q, &k);
+        assert_eq!(a.size(), c.size());
+        let diff = (a - c).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "max |diff| {diff}");
+    }
 
     #[test]
     fn fused_cpu_kernel_equals_tensor_ops() {
