@@ -142,13 +142,18 @@ pub fn point_distance_sum_broadcast(q: &Tensor, k: &Tensor) -> Tensor {
 mod tests {
     use super::*;
 
-    #[test]
-    fn broadcast_point_distances_equal_cdist() {
-        tch::manual_seed(5);
-        let (b, l, h, p) = (2, 19, 3, 4);
+    /// Query and key points `(B, L, H, P, 3)`, tens of Å apart, from `seed`.
+    fn points(seed: i64, b: i64, l: i64, h: i64, p: i64) -> (Tensor, Tensor) {
+        tch::manual_seed(seed);
         let o = (Kind::Float, Device::Cpu);
         let q = Tensor::randn([b, l, h, p, 3], o) * 20.0;
         let k = Tensor::randn([b, l, h, p, 3], o) * 20.0;
+        (q, k)
+    }
+
+    #[test]
+    fn broadcast_point_distances_equal_cdist() {
+        let (q, k) = points(5, 2, 19, 3, 4);
         let a = point_distance_sum(&q, &k);
         let c = point_distance_sum_broadcast(&q, &k);
         assert_eq!(a.size(), c.size());
@@ -158,11 +163,9 @@ mod tests {
 
     #[test]
     fn fused_cpu_kernel_equals_tensor_ops() {
-        tch::manual_seed(3);
         let (b, l, h, p) = (2, 37, 3, 4);
+        let (q, k) = points(3, b, l, h, p);
         let o = (Kind::Float, Device::Cpu);
-        let q = Tensor::randn([b, l, h, p, 3], o) * 20.0;
-        let k = Tensor::randn([b, l, h, p, 3], o) * 20.0;
         let a_s = Tensor::randn([b, h, l, l], o);
         let bias = Tensor::randn([h, l, l], o);
         let coef = [-0.1f32, -0.02, -0.3];
