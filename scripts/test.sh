@@ -4,16 +4,25 @@
 #   fmt            cargo fmt --check
 #   build+clippy   one build of every test target, linted as it compiles;
 #                  meanwhile the services start (stages services, deploy-tools)
-#   tests          every test, in two lanes at first (below)
+#   tests          every test, in two phases of two lanes each (below)
 #
-# The lanes. `cargo test` runs the test binaries one after another, and a few
-# long ones leave a core idle: the Schemathesis run uses about 1.25 cores
-# (126 s alone, 124 % CPU), the trainer test one thread (168 s alone), both
-# measured on the same slow afternoon (2026-12-04), when side by side, with
-# the flow tests after the trainer's, they took 269 s.
-# So the tests stage starts with those two groups side by side, then runs
-# every other target (the list comes from cargo metadata, so a new test
-# file is never left out). Every test still runs exactly once.
+# The lanes. `cargo test` runs the test binaries one after another, and most
+# leave a core idle: measured one by one on a quiet machine (2026-12-04, the
+# speed probe at about 2.9 s), the tests took 1060 s of wall time for 1348 s
+# of CPU time on two cores (chaos 255 s at 1.5 cores, the trainer 125 s at
+# one, the Schemathesis run 101 s at 1.4, most cluster tests 0.8-1.4).
+# The cluster tests keep to their own namespaces on the shared servers
+# (dig_tests::Cluster), so test binaries can run side by side, except the
+# three that stop or restart RabbitMQ or Redis (OUTAGE): nothing else may use
+# the servers while they run. So:
+#   phase 1  the OUTAGE tests, one after another, beside the tests that use no
+#            server (NO_SERVERS: the model's tests, the trainer, the CLI, the
+#            standalone-only tests)
+#   phase 2  every other test target (cargo metadata lists them, so a new test
+#            file is never left out; it lands here) in two lanes: LANE_B and
+#            the rest, with the unit and doc tests
+# Every test runs exactly once. A new test that stops a server belongs in
+# OUTAGE; one that needs none may go in NO_SERVERS.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -62,41 +71,67 @@ set -a
 . .services/env
 set +a
 
-# Lane A: no services, one thread each. Lane B: the Schemathesis run.
-LANE_A=(trainer flow)
-LANE_B=(schemathesis)
+# Phase 1: the tests that stop servers, beside the tests that need none.
+OUTAGE=(chaos lifecycle_recovery queue)
+NO_SERVERS=(trainer flow backbone cli gpu_check bad_input deploy evaluate train
+    checkpoint network potentials resume sampler so3 solvers structure training
+    xtc hostile shard)
+# Phase 2: LANE_B beside every other target (mostly waiting on the servers
+# and the HTTP clients, these four: 1.2 cores together).
+LANE_B=(schemathesis lifecycle_api observability api)
 
-# Every other test target of the workspace (cargo metadata; a name that two
-# packages share selects both, in the lanes as in the rest).
-rest_targets() {
+# Every test target of the workspace not named in the arguments (cargo
+# metadata; a name that two packages share selects both).
+other_targets() {
     cargo metadata --no-deps --format-version 1 | python3 -c '
 import json, sys
-early = set(sys.argv[1:])
+named = set(sys.argv[1:])
 names = {t["name"] for p in json.load(sys.stdin)["packages"] for t in p["targets"] if t["kind"] == ["test"]}
-missing = early - names
+missing = named - names
 if missing:
     sys.exit(f"error: scripts/test.sh names test targets that do not exist: {sorted(missing)}")
-print("\n".join(sorted(names - early)))
-' "${LANE_A[@]}" "${LANE_B[@]}"
+print("\n".join(sorted(names - named)))
+' "$@"
+}
+
+# `--test A --test B ...`
+tests_args() { printf -- '--test %s ' "$@"; }
+
+# side_by_side PHASE NAME1 FUNCTION1 NAME2 FUNCTION2: both at once; the first
+# prints as it goes, the second into target/make-test-PHASE-NAME2.log, shown
+# when both have ended. Prints each lane's time; fails if either failed.
+side_by_side() {
+    local phase=$1 n1=$2 f1=$3 n2=$4 f2=$5 log start a=0 b=0 pid t1 t2
+    log=target/make-test-$phase-$n2.log
+    start=$(date +%s)
+    ( "$f2"; s=$?; echo "[make test] lane $phase/$n2: $(($(date +%s) - start)) s (exit $s)" >&2; exit $s ) >"$log" 2>&1 &
+    pid=$!
+    "$f1" || a=$?
+    t1=$(($(date +%s) - start))
+    wait "$pid" || b=$?
+    t2=$(($(date +%s) - start))
+    cat "$log"
+    echo "[make test] lane $phase/$n1: $t1 s (exit $a); phase $phase: $t2 s" >&2
+    ((a == 0)) || { echo "error: the tests of lane $phase/$n1 failed" >&2; return "$a"; }
+    ((b == 0)) || { echo "error: the tests of lane $phase/$n2 failed (above, and $log)" >&2; return "$b"; }
+}
+
+outage() { cargo test --workspace $(tests_args "${OUTAGE[@]}"); }
+no_servers() { cargo test --workspace $(tests_args "${NO_SERVERS[@]}"); }
+lane_b() { cargo test --workspace $(tests_args "${LANE_B[@]}"); }
+# The rest, as a plain `cargo test --workspace` would run them: libraries'
+# and binaries' unit tests, the other test targets, then doc tests.
+lane_c() {
+    local rest
+    rest=$(other_targets "${OUTAGE[@]}" "${NO_SERVERS[@]}" "${LANE_B[@]}") || return 1
+    # shellcheck disable=SC2086
+    cargo test --workspace --lib --bins $(tests_args $rest) && cargo test --workspace --doc
 }
 
 tests() {
-    local rest args=() lane_a=target/make-test-lane-a.log a=0 b=0 pid t
-    rest=$(rest_targets) || return 1
-    for t in $rest; do args+=(--test "$t"); done
-
-    cargo test --workspace $(printf -- '--test %s ' "${LANE_A[@]}") >"$lane_a" 2>&1 &
-    pid=$!
-    cargo test --workspace $(printf -- '--test %s ' "${LANE_B[@]}") || b=$?
-    wait "$pid" || a=$?
-    cat "$lane_a"
-    ((a == 0)) || { echo "error: the tests of lane A (${LANE_A[*]}) failed" >&2; return "$a"; }
-    ((b == 0)) || return "$b"
-    # The rest, as a plain `cargo test --workspace` would run them: libraries'
-    # and binaries' unit tests, the other test targets, then doc tests.
-    cargo test --workspace --lib --bins "${args[@]}" && cargo test --workspace --doc
+    side_by_side 1 outage outage no-servers no_servers &&
+        side_by_side 2 rest lane_c b lane_b
 }
-
 start=$(date +%s)
 status=0
 tests || status=$?
