@@ -77,8 +77,8 @@ NO_SERVERS=(trainer flow backbone cli gpu_check bad_input deploy evaluate train
     checkpoint network potentials resume sampler so3 solvers structure training
     xtc hostile shard)
 # Phase 2: LANE_B beside every other target (mostly waiting on the servers
-# and the HTTP clients, these four: 1.2 cores together).
-LANE_B=(schemathesis lifecycle_api observability api)
+# and the HTTP clients, the first four: 1.2 cores together).
+LANE_B=(schemathesis lifecycle_api observability api batches)
 
 # Every test target of the workspace not named in the arguments (cargo
 # metadata; a name that two packages share selects both).

@@ -1,5 +1,5 @@
 //! The short chaos run of `make test` (see `dig_tests::chaos`): a batch of
-//! 12 jobs (2400 samples of 100 steps) on two API replicas, a coordinator and two
+//! 6 jobs (1200 samples of 100 steps) on two API replicas, a coordinator and two
 //! workers while, for 90 s, workers, the coordinator and an API replica are killed with
 //! SIGKILL and RabbitMQ and Redis restarted, each fault at a random moment
 //! (every kind at least once). Every job must succeed with each sample
