@@ -446,6 +446,10 @@ fn time_length(
     let ctx = model.net.prepare(&single, &pair, u64::MAX);
     let mut out = Vec::new();
     let mut b = 1;
+    // libtorch's errors arrive as panics of tch's calls, with libtorch's
+    // whole C++ backtrace in the message: the batch that does not fit prints
+    // its first line only.
+    let _quiet = QuietPanics::install();
     while b <= args.max_batch {
         let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let (tr, rot) = poses(b, l, device);
@@ -478,6 +482,50 @@ fn time_length(
         b *= 2;
     }
     Ok(out)
+}
+
+/// While alive, a panic prints `  error: ` and the first line of its
+/// message (see [`first_line`]) instead of the message and a backtrace; the
+/// previous hook comes back on drop.
+struct QuietPanics(Option<PanicHook>);
+
+type PanicHook = Box<dyn Fn(&std::panic::PanicHookInfo<'_>) + Sync + Send + 'static>;
+
+impl QuietPanics {
+    fn install() -> QuietPanics {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|info| {
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("(a panic without a message)");
+            eprintln!("  error: {}", first_line(message));
+        }));
+        QuietPanics(Some(previous))
+    }
+}
+
+impl Drop for QuietPanics {
+    fn drop(&mut self) {
+        if let Some(previous) = self.0.take() {
+            std::panic::set_hook(previous);
+        }
+    }
+}
+
+/// The message up to its first line break, escaped (`\n` in a `Debug`
+/// string, as in tch's `Torch("...")`) or not, e.g. libtorch's
+/// `CUDA out of memory. Tried to allocate 32.00 GiB. ...` without the
+/// `Exception raised from ...` frames after it.
+fn first_line(message: &str) -> &str {
+    let end = [message.find('\n'), message.find("\\n")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(message.len());
+    &message[..end]
 }
 
 struct JobResult {
@@ -698,4 +746,20 @@ fn end_to_end(args: &GpuCheckArgs) -> Result<JobResult> {
         max_rot_diff,
         identical,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_line;
+
+    #[test]
+    fn first_line_stops_at_an_escaped_or_a_real_line_break() {
+        let oom = r#"called `Result::unwrap()` on an `Err` value: Torch("CUDA out of memory. Tried to allocate 32.00 GiB.\nException raised from malloc at /pytorch/c10/cuda/CUDACachingAllocator.cpp:1574 (most recent call first):\nframe #0: c10::Error::Error")"#;
+        assert_eq!(
+            first_line(oom),
+            r#"called `Result::unwrap()` on an `Err` value: Torch("CUDA out of memory. Tried to allocate 32.00 GiB."#
+        );
+        assert_eq!(first_line("one\ntwo"), "one");
+        assert_eq!(first_line("no break"), "no break");
+    }
 }
