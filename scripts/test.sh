@@ -40,6 +40,15 @@ command -v clippy-driver >/dev/null || { echo "error: clippy-driver not found; r
 export RUSTC_WORKSPACE_WRAPPER="$(command -v clippy-driver)"
 export CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
 
+# libtorch's OpenMP threads sleep when they wait instead of spinning. The
+# tests run libtorch in several threads and processes at once (cargo's two
+# test threads, the lanes, the cluster's workers), and spinning threads
+# burned the cores the others needed: model/tests/flow.rs alone took 21.6 s
+# (42.6 s of CPU) spinning and 13.6 s (22.7 s) passive; two copies side by
+# side 68.7 s spinning and 23.1 s passive (2026-12-04). Results do not
+# change: only how idle threads wait.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+
 # This machine's speed at the time, for comparing the stage times of runs on
 # shared hosts (2026-12-04 here: 4.1-4.9 s while the trainer test, 97 s on a
 # quiet afternoon, took 168 s): one core, a fixed Python loop.
