@@ -8,7 +8,7 @@
 #
 # The lanes. `cargo test` runs the test binaries one after another, and most
 # leave a core idle: measured one by one on a quiet machine (2026-12-04, the
-# speed probe at about 2.9 s), the tests took 1060 s of wall time for 1348 s
+# speed probe at 3.1-3.3 s), the tests took 1060 s of wall time for 1348 s
 # of CPU time on two cores (chaos 255 s at 1.5 cores, the trainer 125 s at
 # one, the Schemathesis run 101 s at 1.4, most cluster tests 0.8-1.4).
 # The cluster tests keep to their own namespaces on the shared servers
