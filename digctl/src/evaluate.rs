@@ -32,6 +32,10 @@ const WITHIN_KEY: &str = "fraction_within_3A";
 /// as misfolded: `fraction_farther_than_6A` of the nearest-frame summary.
 const FAR: f64 = 6.0;
 const FAR_KEY: &str = "fraction_farther_than_6A";
+/// Of all samples, those farther than [`FAR`] from every training frame
+/// whose mirror image lies within [`FAR`] of one: the wrong handedness of a
+/// learnt fold, not a new fold.
+const MIRROR_KEY: &str = "fraction_mirror_images";
 
 /// Which ensemble `--reweight` estimates from steered samples.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -445,6 +449,8 @@ struct Record {
     rmsd: Vec<f64>,
     /// CA-RMSD to the nearest training frame (Å), with --frames.
     nearest: Option<f64>,
+    /// The same for the sample's mirror image (Å), with --frames.
+    nearest_mirror: Option<f64>,
     /// Weight in every fraction (1/N, or the importance weight with --reweight).
     weight: f64,
 }
@@ -454,24 +460,29 @@ fn score(e: &Ensemble, refs: &[Reference], frames: Option<&TrainingFrames>) -> V
     let one = |i: usize| {
         let bb = e.backbone(i);
         let ca = Centered::ca(&bb);
-        let nearest = frames.map(|t| {
-            let best = t
-                .frames
-                .iter()
-                .map(|f| ca.rmsd(f))
-                .fold(f64::INFINITY, f64::min);
-            // Only NaN distances (non-finite coordinates) leave it infinite.
-            if best.is_finite() {
-                best
-            } else {
-                f64::NAN
-            }
-        });
+        let nearest_of = |ca: &Centered| {
+            frames.map(|t| {
+                let best = t
+                    .frames
+                    .iter()
+                    .map(|f| ca.rmsd(f))
+                    .fold(f64::INFINITY, f64::min);
+                // Only NaN distances (non-finite coordinates) leave it infinite.
+                if best.is_finite() {
+                    best
+                } else {
+                    f64::NAN
+                }
+            })
+        };
+        let nearest = nearest_of(&ca);
+        let nearest_mirror = nearest_of(&ca.mirrored());
         Record {
             index: e.sample_index[i],
             validity: validity(&bb),
             rmsd: refs.iter().map(|r| ca.rmsd(&r.ca)).collect(),
             nearest,
+            nearest_mirror,
             weight: 1.0 / e.num_samples() as f64,
         }
     };
@@ -555,6 +566,11 @@ fn misfolded(r: &Record) -> bool {
     r.nearest.is_none_or(|d| d.is_nan() || d > FAR)
 }
 
+/// Misfolded, but within [`FAR`] of a training frame once reflected.
+fn mirror_image(r: &Record) -> bool {
+    misfolded(r) && r.nearest_mirror.is_some_and(|d| d <= FAR)
+}
+
 /// Kish's effective sample size of the records' weights (N when uniform).
 fn ess(records: &[Record]) -> f64 {
     let total: f64 = records.iter().map(|r| r.weight).sum();
@@ -632,6 +648,7 @@ fn summary_json(
             "max": s.max,
             WITHIN_KEY: fraction_within(records, |r| r.nearest.unwrap_or(f64::NAN)),
             FAR_KEY: fraction(records, misfolded),
+            MIRROR_KEY: fraction(records, mirror_image),
         })
     });
     // The valid samples alone: does what is valid keep the ensemble's shape?
@@ -677,6 +694,9 @@ fn summary_json(
             });
             if let Some(x) = r.nearest {
                 v["nearest_frame_rmsd"] = json!(x);
+            }
+            if let Some(x) = r.nearest_mirror {
+                v["mirror_nearest_frame_rmsd"] = json!(x);
             }
             v
         })
@@ -742,11 +762,13 @@ fn human_summary(
     if let Some(t) = frames {
         let st = Stats::of(records.iter().filter_map(|r| r.nearest));
         s.push_str(&format!(
-            "  nearest of {} training frames: median CA-RMSD {:.2} Å, mean {:.2} Å, {:.1}% farther than {FAR} Å\n",
+            "  nearest of {} training frames: median CA-RMSD {:.2} Å, mean {:.2} Å, {:.1}% farther than {FAR} Å \
+             ({:.1}% mirror images: within {FAR} Å of a frame once reflected)\n",
             t.frames.len(),
             st.median,
             st.mean,
-            100.0 * fraction(records, misfolded)
+            100.0 * fraction(records, misfolded),
+            100.0 * fraction(records, mirror_image)
         ));
     }
     s

@@ -168,6 +168,16 @@ impl Centered {
         &self.points
     }
 
+    /// The mirror image (z negated): the same distances, the opposite
+    /// handedness. A structure and its mirror image are never superposed by
+    /// a proper rotation, so `a.mirrored().rmsd(b)` is near 0 only where `a`
+    /// is `b`'s mirror image.
+    pub fn mirrored(&self) -> Centered {
+        Centered {
+            points: self.points.iter().map(|&[x, y, z]| [x, y, -z]).collect(),
+        }
+    }
+
     /// The proper rotation `R` (row-major) that minimises
     /// `sum_i |R self_i - target_i|^2`.
     ///
@@ -413,6 +423,25 @@ mod tests {
         let b = rigid_motion(&mirrored, [0.2, 0.7, -0.1], 1.0, [3.0, 0.0, -1.0]);
         let r = rmsd(&a, &b);
         assert!(r > 1.0, "a mirror image must not superpose: rmsd {r}");
+    }
+
+    #[test]
+    fn the_mirror_image_superposes_on_a_mirrored_copy_only() {
+        let a = helix(50);
+        let reflected: Vec<[f64; 3]> = a.iter().map(|p| [-p[0], p[1], p[2]]).collect();
+        let b = Centered::new(rigid_motion(
+            &reflected,
+            [0.2, 0.7, -0.1],
+            1.0,
+            [3.0, 0.0, -1.0],
+        ));
+        let a = Centered::new(a);
+        // Reflected through another plane, then moved: a.mirrored() is b.
+        assert!(a.mirrored().rmsd(&b) < 1e-6, "{}", a.mirrored().rmsd(&b));
+        assert!(a.rmsd(&b) > 1.0);
+        // The mirror image of the mirror image is the original.
+        assert_eq!(a.mirrored().mirrored().points(), a.points());
+        assert!(a.mirrored().rmsd(&a) > 1.0);
     }
 
     #[test]

@@ -275,6 +275,55 @@ fn a_reference_of_another_length_is_an_error_naming_it() {
     assert!(err.contains("200 residues") && err.contains("214"), "{err}");
 }
 
+/// The misfolded samples of the AdK models are mostly mirror images of the
+/// training frames; evaluate counts them apart from other misfolds.
+#[test]
+fn mirror_images_of_training_frames_are_counted_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let npz = dir.path().join("samples.npz");
+    let closed = atoms(&adk("closed.pdb"));
+    // Every atom reflected through the x = 0 plane: the frames rebuilt from
+    // it are proper rotations, the CA trace is the mirror image.
+    let mirrored: Atoms = closed
+        .iter()
+        .map(|r| r.map(|[x, y, z]| [-x, y, z]))
+        .collect();
+    // Stretched 1.5x: far from every frame, and so is its mirror image.
+    let stretched: Atoms = closed
+        .iter()
+        .map(|r| r.map(|a| a.map(|x| 1.5 * x)))
+        .collect();
+    write_samples(&npz, &[closed, mirrored, stretched], &[0, 1, 2]);
+    let (v, stderr) = evaluate(&[
+        "--samples",
+        s(&npz),
+        "--reference",
+        s(&adk("closed.pdb")),
+        "--frames",
+        s(&adk("manifest.jsonl")),
+    ]);
+    let per = v["per_sample"].as_array().unwrap();
+    assert!(f(&per[0]["nearest_frame_rmsd"]) < 1e-3, "{}", per[0]);
+    assert!(f(&per[0]["mirror_nearest_frame_rmsd"]) > 6.0, "{}", per[0]);
+    assert!(f(&per[1]["nearest_frame_rmsd"]) > 6.0, "{}", per[1]);
+    assert!(f(&per[1]["mirror_nearest_frame_rmsd"]) < 1e-3, "{}", per[1]);
+    assert!(f(&per[2]["nearest_frame_rmsd"]) > 6.0, "{}", per[2]);
+    assert!(f(&per[2]["mirror_nearest_frame_rmsd"]) > 6.0, "{}", per[2]);
+    let nf = &v["nearest_frame"];
+    assert!(
+        (f(&nf["fraction_farther_than_6A"]) - 2.0 / 3.0).abs() < 1e-12,
+        "{nf}"
+    );
+    assert!(
+        (f(&nf["fraction_mirror_images"]) - 1.0 / 3.0).abs() < 1e-12,
+        "{nf}"
+    );
+    assert!(
+        stderr.contains("66.7% farther than 6 Å (33.3% mirror images"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn plot_is_a_png_with_training_frames_from_the_manifest() {
     let dir = tempfile::tempdir().unwrap();
