@@ -141,6 +141,13 @@ pub struct TrainArgs {
         requires = "high_t_weight"
     )]
     high_t_from: f64,
+    /// Give each layer's point attention the handedness of what its heads
+    /// attend to (`chiral_features` of config.rs; not published). With
+    /// --init of a model without them they are added at zero, so training
+    /// starts from that model's function. examples/adk/README.md, "Mirror
+    /// images", says why.
+    #[arg(long)]
+    chiral_features: bool,
 }
 
 /// `small`, `published` or `d_model,d_pair,n_layer,n_heads[,dim_feedforward]`.
@@ -242,12 +249,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     // The architecture: from --init, or fresh from --size and --seed.
     let (model, init_desc) = match &args.init {
-        Some(dir) => (
-            DigModel::load_dir(dir, device).with_context(|| format!("--init {}", dir.display()))?,
-            json!({"from": dir.display().to_string()}),
-        ),
+        Some(dir) => {
+            let model = DigModel::load_dir(dir, device)
+                .with_context(|| format!("--init {}", dir.display()))?;
+            if args.chiral_features && !model.net.config().chiral_features {
+                (
+                    model.with_chiral_features()?,
+                    json!({"from": dir.display().to_string(), "added": "chiral_features"}),
+                )
+            } else {
+                (model, json!({"from": dir.display().to_string()}))
+            }
+        }
         None => {
-            let cfg = parse_size(&args.size)?;
+            let mut cfg = parse_size(&args.size)?;
+            cfg.chiral_features = args.chiral_features;
+            cfg.validate()
+                .map_err(|e| anyhow::anyhow!("--chiral-features: {e}"))?;
             (
                 DigModel::random(&cfg, args.seed as i64, device),
                 json!({"random": {"size": args.size, "seed": args.seed}}),
@@ -292,11 +310,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "model: d_model {}, d_pair {}, {} layers, {} heads, {} parameters; {} steps of batch {} on {:?}, {} threads",
+        "model: d_model {}, d_pair {}, {} layers, {} heads{}, {} parameters; {} steps of batch {} on {:?}, {} threads",
         cfg.d_model,
         cfg.d_pair,
         cfg.n_layer,
         cfg.n_heads,
+        if cfg.chiral_features { ", chiral features" } else { "" },
         trainer.model.num_parameters(),
         opts.steps,
         opts.batch_size,

@@ -27,6 +27,14 @@ pub struct ModelConfig {
     pub rot_sigma_max: f64,
     pub rp_num_buckets: i64,
     pub rp_max_distance: i64,
+    /// Not published (examples/adk/README.md, "Mirror images"): each
+    /// layer's point attention also feeds the handedness of what every head
+    /// attends to, the triple products of the heads' mean value points in
+    /// the residue's frame, through `attn.chiral_out` (zero-initialised, so
+    /// adding it to a trained model leaves its function unchanged). Off in
+    /// the published architecture and absent from its config files.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub chiral_features: bool,
 }
 
 impl Default for ModelConfig {
@@ -46,6 +54,7 @@ impl Default for ModelConfig {
             rot_sigma_max: 1.65,
             rp_num_buckets: 64,
             rp_max_distance: 128,
+            chiral_features: false,
         }
     }
 }
@@ -67,6 +76,13 @@ impl ModelConfig {
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("config serializes");
         std::fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))
+    }
+
+    /// Number of handedness features per residue and layer with
+    /// `chiral_features`: one per unordered triple of heads.
+    pub fn chiral_triples(&self) -> i64 {
+        let h = self.n_heads;
+        h * (h - 1) * (h - 2) / 6
     }
 
     /// Per-head width of the scalar attention.
@@ -105,6 +121,12 @@ impl ModelConfig {
         }
         if !(self.rot_sigma_min > 0.0 && self.rot_sigma_max > self.rot_sigma_min) {
             return Err("need 0 < rot_sigma_min < rot_sigma_max".into());
+        }
+        if self.chiral_features && self.n_heads < 3 {
+            return Err(format!(
+                "chiral_features needs at least 3 heads (a triple product), got n_heads {}",
+                self.n_heads
+            ));
         }
         Ok(())
     }

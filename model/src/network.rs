@@ -136,6 +136,37 @@ struct PointAttention {
     pair_value: nn::Linear,
     trained_point_weight: Tensor,
     fc_out: nn::Linear,
+    /// With `chiral_features`: the heads' handedness features into the
+    /// output (`attn.chiral_out`, no bias, zero-initialised).
+    chiral_out: Option<nn::Linear>,
+}
+
+/// The handedness of what the heads attend to: for each unordered triple of
+/// heads `(a, b, c)`, the triple product `u_a . (u_b x u_c)` of their mean
+/// value points in the residue's frame, each squashed to `u / sqrt(1 + |u|^2)`
+/// (Å; length below 1). `o_l (B, L, H*8, 3)` -> `(B, L, H(H-1)(H-2)/6)`.
+/// A distance cannot tell a fold from its mirror image; these change sign
+/// with it, and do not change under a rotation of the whole pose (the local
+/// frame turns with it).
+pub(crate) fn chiral_triples(o_l: &Tensor, heads: i64) -> Tensor {
+    let (b, l) = (o_l.size()[0], o_l.size()[1]);
+    let u = o_l
+        .view([b, l, heads, VALUE_POINTS, 3])
+        .mean_dim(3, false, Kind::Float); // (B, L, H, 3)
+    let u = &u / (u.square().sum_dim_intlist(-1, true, Kind::Float) + 1.0).sqrt();
+    let (mut ia, mut ib, mut ic) = (Vec::new(), Vec::new(), Vec::new());
+    for a in 0..heads {
+        for bb in a + 1..heads {
+            for c in bb + 1..heads {
+                ia.push(a);
+                ib.push(bb);
+                ic.push(c);
+            }
+        }
+    }
+    let pick = |idx: &[i64]| u.index_select(2, &Tensor::from_slice(idx).to_device(u.device()));
+    let (ua, ub, uc) = (pick(&ia), pick(&ib), pick(&ic)); // (B, L, T, 3)
+    (ua * ub.linalg_cross(&uc, -1)).sum_dim_intlist(-1, false, Kind::Float)
 }
 
 /// Frames of a batch of poses: `R (B,L,3,3)`, `T (B,L,3)`.
@@ -175,6 +206,18 @@ impl PointAttention {
             pair_bias: linear_nobias(&vs / "pair_bias", cfg.d_pair, h),
             pair_value: linear_nobias(&vs / "pair_value", cfg.d_pair, d),
             fc_out: linear(&vs / "fc_out", 2 * d + 32 * h, d),
+            chiral_out: cfg.chiral_features.then(|| {
+                nn::linear(
+                    &vs / "chiral_out",
+                    cfg.chiral_triples(),
+                    d,
+                    nn::LinearConfig {
+                        bias: false,
+                        ws_init: nn::Init::Const(0.0),
+                        ..Default::default()
+                    },
+                )
+            }),
         }
     }
 
@@ -265,8 +308,16 @@ impl PointAttention {
                 Tensor::einsum("ibhk,hck->bihc", &[ax, w], None::<i64>).reshape([b, l, d])
             }
         };
+        let chiral = self
+            .chiral_out
+            .as_ref()
+            .map(|lin| lin.forward(&chiral_triples(&o_l, h)));
         let o_l = o_l.reshape([b, l, h * VALUE_POINTS * 3]);
-        self.fc_out.forward(&Tensor::cat(&[o_s, o_l, o_z, o_n], -1))
+        let out = self.fc_out.forward(&Tensor::cat(&[o_s, o_l, o_z, o_n], -1));
+        match chiral {
+            Some(c) => out + c,
+            None => out,
+        }
     }
 }
 
@@ -491,5 +542,49 @@ impl ScoreNetwork {
         // R^T t per residue: t_k = sum_j R[j][k] t_j.
         let t_eps = t_eps.unsqueeze(-2).matmul(rot).squeeze_dim(-2);
         (t_eps, r_eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chiral_triples_are_triple_products_that_change_sign_in_a_mirror() {
+        // Three heads of 8 value points each; head k's points
+        // average to e_k scaled, so the one triple is det(u0, u1, u2).
+        let mut v = vec![0f32; 3 * 8 * 3];
+        let means = [[3.0f32, 0.0, 0.0], [0.0, 2.0, 0.0], [0.5, 0.0, 1.0]];
+        for (h, m) in means.iter().enumerate() {
+            for p in 0..8 {
+                // Offsets that cancel over the 8 points.
+                let off = if p % 2 == 0 { 0.25 } else { -0.25 };
+                for k in 0..3 {
+                    v[(h * 8 + p) * 3 + k] = m[k] + off;
+                }
+            }
+        }
+        let o_l = Tensor::from_slice(&v).view([1, 1, 24, 3]);
+        let t = chiral_triples(&o_l, 3);
+        assert_eq!(t.size(), vec![1, 1, 1]);
+        let squash = |m: [f32; 3]| {
+            let n = (1.0 + m.iter().map(|x| x * x).sum::<f32>()).sqrt();
+            m.map(|x| x / n)
+        };
+        let [a, b, c] = means.map(squash);
+        let det = a[0] * (b[1] * c[2] - b[2] * c[1]) - a[1] * (b[0] * c[2] - b[2] * c[0])
+            + a[2] * (b[0] * c[1] - b[1] * c[0]);
+        let got = t.double_value(&[0, 0, 0]) as f32;
+        assert!(
+            (got - det).abs() < 1e-6 && det.abs() > 0.1,
+            "{got} vs {det}"
+        );
+        // Mirrored (z negated): the sign flips.
+        let mirror = Tensor::from_slice(&[1f32, 1.0, -1.0]);
+        let m = chiral_triples(&(&o_l * &mirror), 3).double_value(&[0, 0, 0]) as f32;
+        assert!((m + det).abs() < 1e-6, "{m} vs {}", -det);
+        // 8 heads: 56 triples.
+        let o_l = Tensor::randn([2, 5, 64, 3], (Kind::Float, Device::Cpu));
+        assert_eq!(chiral_triples(&o_l, 8).size(), vec![2, 5, 56]);
     }
 }

@@ -83,6 +83,28 @@ impl DigModel {
         Ok(model)
     }
 
+    /// The same network with `chiral_features` added (config.rs): every
+    /// weight copied, the new `attn.chiral_out` zero, so the function is
+    /// unchanged until training moves them. An error if it has them already.
+    pub fn with_chiral_features(&self) -> Result<Self> {
+        let mut cfg = self.net.config().clone();
+        if cfg.chiral_features {
+            return Err(ModelError::Checkpoint(
+                "the model has chiral features already".into(),
+            ));
+        }
+        cfg.chiral_features = true;
+        cfg.validate().map_err(ModelError::Checkpoint)?;
+        let model = Self::build(&cfg, self.device());
+        let old: BTreeMap<String, Tensor> = self.vs.variables().into_iter().collect();
+        for (name, mut var) in model.vs.variables() {
+            if let Some(src) = old.get(&name) {
+                tch::no_grad(|| var.copy_(src));
+            }
+        }
+        Ok(model)
+    }
+
     /// Loads a model directory.
     pub fn load_dir(dir: &Path, device: Device) -> Result<Self> {
         if !dir.is_dir() {
@@ -215,6 +237,9 @@ pub fn infer_config(named: &[(String, Tensor)]) -> Result<ModelConfig> {
         n_heads: heads[0],
         dim_feedforward: ff[0],
         n_layer,
+        chiral_features: named
+            .iter()
+            .any(|(k, _)| k.ends_with(".attn.chiral_out.weight")),
         ..ModelConfig::default()
     })
 }

@@ -150,3 +150,130 @@ fn missing_and_extra_keys_are_errors_naming_the_key() {
         "{err}"
     );
 }
+
+/// Rotation by `angle` about the unit axis `u`, row-major, as a tensor.
+fn rotation(u: [f64; 3], angle: f64) -> Tensor {
+    let n = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let u = u.map(|x| x / n);
+    let (s, c) = angle.sin_cos();
+    let r = [
+        c + u[0] * u[0] * (1.0 - c),
+        u[0] * u[1] * (1.0 - c) - u[2] * s,
+        u[0] * u[2] * (1.0 - c) + u[1] * s,
+        u[1] * u[0] * (1.0 - c) + u[2] * s,
+        c + u[1] * u[1] * (1.0 - c),
+        u[1] * u[2] * (1.0 - c) - u[0] * s,
+        u[2] * u[0] * (1.0 - c) - u[1] * s,
+        u[2] * u[1] * (1.0 - c) + u[0] * s,
+        c + u[2] * u[2] * (1.0 - c),
+    ];
+    Tensor::from_slice(&r.map(|x| x as f32)).view([3, 3])
+}
+
+#[test]
+fn chiral_features_added_at_zero_leave_the_function_unchanged() {
+    let model = DigModel::load_dir(&data(""), Device::Cpu).unwrap();
+    let chiral = model.with_chiral_features().unwrap();
+    let cfg = chiral.net.config();
+    assert!(cfg.chiral_features);
+    // 4 heads: 4 triples. The old keys, and one new matrix per layer.
+    let old: BTreeMap<String, Vec<i64>> = model.state_dict_shapes().into_iter().collect();
+    let new: BTreeMap<String, Vec<i64>> = chiral.state_dict_shapes().into_iter().collect();
+    let added: Vec<_> = new.iter().filter(|(k, _)| !old.contains_key(*k)).collect();
+    let expected: Vec<(String, Vec<i64>)> = (0..cfg.n_layer)
+        .map(|i| {
+            let h = cfg.n_heads;
+            (
+                format!("st_module.encoder.layers.{i}.attn.chiral_out.weight"),
+                vec![cfg.d_model, h * (h - 1) * (h - 2) / 6],
+            )
+        })
+        .collect();
+    assert_eq!(
+        added
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>(),
+        expected
+    );
+    assert!(old.iter().all(|(k, v)| new.get(k) == Some(v)));
+
+    let f = npz("features.npz");
+    let fw = npz("forward.npz");
+    let run = |m: &DigModel| {
+        let ctx = m.net.prepare(&f["single"], &f["pair"], u64::MAX);
+        m.net.forward_step(
+            &ctx,
+            &fw["tr"],
+            &fw["rot_mat"],
+            Some(&fw["mask"]),
+            &fw["step"],
+        )
+    };
+    let ((t0, r0), (t1, r1)) = (run(&model), run(&chiral));
+    assert!(
+        t0.equal(&t1) && r0.equal(&r1),
+        "zero chiral_out must add exactly 0"
+    );
+    assert!(
+        chiral.with_chiral_features().is_err(),
+        "adding them twice is an error"
+    );
+}
+
+#[test]
+fn chiral_features_keep_the_network_equivariant_under_rotations() {
+    let model = DigModel::load_dir(&data(""), Device::Cpu)
+        .unwrap()
+        .with_chiral_features()
+        .unwrap();
+    // Non-zero chiral weights, so that the new path carries signal.
+    tch::manual_seed(3);
+    let named: Vec<(String, Tensor)> = model
+        .state_dict()
+        .into_iter()
+        .map(|(k, t)| {
+            if k.ends_with("chiral_out.weight") {
+                let r = Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.5;
+                (k, r)
+            } else {
+                (k, t)
+            }
+        })
+        .collect();
+    let cfg = model.net.config().clone();
+    let model = DigModel::from_tensors(&cfg, named, Device::Cpu).unwrap();
+    let f = npz("features.npz");
+    let fw = npz("forward.npz");
+    let ctx = model.net.prepare(&f["single"], &f["pair"], u64::MAX);
+    let (tr, rot) = (fw["tr"].shallow_clone(), fw["rot_mat"].shallow_clone());
+    let (t0, r0) = model
+        .net
+        .forward_step(&ctx, &tr, &rot, Some(&fw["mask"]), &fw["step"]);
+
+    // The whole pose turned by Q: global points Q (R^T p + T), so T -> Q T, R -> R Q^T.
+    let q = rotation([0.3, -0.5, 0.8], 2.1);
+    let (t1, r1) = model.net.forward_step(
+        &ctx,
+        &tr.matmul(&q.tr()),
+        &rot.matmul(&q.tr()),
+        Some(&fw["mask"]),
+        &fw["step"],
+    );
+    let (dt, dr) = (
+        max_abs_diff(&t1, &t0.matmul(&q.tr())),
+        max_abs_diff(&r1, &r0),
+    );
+    assert!(
+        dt < 1e-4 && dr < 1e-4,
+        "translation score {dt}, rotation score {dr}"
+    );
+
+    // The new path matters: the same pose without it scores differently.
+    let plain = DigModel::load_dir(&data(""), Device::Cpu).unwrap();
+    let ctx = plain.net.prepare(&f["single"], &f["pair"], u64::MAX);
+    let (tp, _) = plain
+        .net
+        .forward_step(&ctx, &tr, &rot, Some(&fw["mask"]), &fw["step"]);
+    assert!(max_abs_diff(&tp, &t0) > 1e-3);
+}
