@@ -146,6 +146,90 @@ fn a_short_run_gives_a_model_that_sample_loads_and_resume_extends_it() {
 }
 
 #[test]
+fn chiral_features_are_added_to_a_trained_model_and_sample_loads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pdb, feats) = fragment(dir.path(), 20);
+    let data = manifest(
+        dir.path(),
+        &[format!(
+            r#"{{"trajectory": "{}", "features": "{}"}}"#,
+            pdb.file_name().unwrap().to_str().unwrap(),
+            feats.file_name().unwrap().to_str().unwrap()
+        )],
+    );
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let base = dir.path().join("base");
+    digctl_ok(&tiny_train(s(&data), s(&base), &["--steps", "2"]));
+    assert!(read(&base.join("config.json"))
+        .get("chiral_features")
+        .is_none());
+
+    // Fine-tuning with --chiral-features adds them (zero) and trains them.
+    let tuned = dir.path().join("tuned");
+    let mut args = tiny_train(s(&data), s(&tuned), &["--steps", "3", "--chiral-features"]);
+    let size = args.iter().position(|a| *a == "--size").unwrap();
+    args.drain(size..size + 2);
+    args.extend_from_slice(&["--init", s(&base)]);
+    digctl_ok(&args);
+    assert_eq!(read(&tuned.join("config.json"))["chiral_features"], true);
+    let summary = read(&tuned.join("training.json"));
+    assert_eq!(
+        summary["init"]["added"], "chiral_features",
+        "{}",
+        summary["init"]
+    );
+    assert_eq!(summary["model"]["chiral_features"], true);
+    // Two layers, 4 heads: 4 triples into d_model 32; moved off zero by training.
+    let weights = tch::Tensor::read_safetensors(tuned.join("model.safetensors")).unwrap();
+    let chiral: Vec<_> = weights
+        .iter()
+        .filter(|(k, _)| k.ends_with("attn.chiral_out.weight"))
+        .collect();
+    assert_eq!(chiral.len(), 2);
+    for (k, t) in chiral {
+        assert_eq!(t.size(), vec![32, 4], "{k}");
+        assert!(t.abs().max().double_value(&[]) > 0.0, "{k} is still zero");
+    }
+
+    // The sampler loads it unchanged.
+    let run = dir.path().join("samples");
+    digctl_ok(&[
+        "sample",
+        "--model",
+        s(&tuned),
+        "--features",
+        s(&feats),
+        "--num-samples",
+        "2",
+        "--steps",
+        "5",
+        "--out",
+        s(&run),
+    ]);
+    assert!(run.join("samples.npz").is_file());
+
+    // From scratch it needs three heads for a triple product.
+    let err = digctl_err(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&dir.path().join("two-heads")),
+        "--size",
+        "32,16,2,2,64",
+        "--chiral-features",
+        "--steps",
+        "1",
+    ]);
+    assert!(
+        err.contains("chiral_features needs at least 3 heads") && err.contains("n_heads 2"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_training_input_is_refused_with_a_message_naming_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
