@@ -148,6 +148,13 @@ pub struct TrainArgs {
     /// images", says why.
     #[arg(long)]
     chiral_features: bool,
+    /// The largest translation noise (Å; published 35): the model's
+    /// `tr_sigma_max`, for a fresh model or in place of --init's. At the
+    /// published 35 Å a protein of a few hundred residues keeps so much of
+    /// its structure at t = 1 that the model never learns to fold pure
+    /// noise (examples/adk/README.md, "Mirror images").
+    #[arg(long)]
+    tr_sigma_max: Option<f64>,
 }
 
 /// `small`, `published` or `d_model,d_pair,n_layer,n_heads[,dim_feedforward]`.
@@ -252,20 +259,35 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(dir) => {
             let model = DigModel::load_dir(dir, device)
                 .with_context(|| format!("--init {}", dir.display()))?;
-            if args.chiral_features && !model.net.config().chiral_features {
-                (
-                    model.with_chiral_features()?,
-                    json!({"from": dir.display().to_string(), "added": "chiral_features"}),
-                )
+            let mut desc = json!({"from": dir.display().to_string()});
+            let mut cfg = model.net.config().clone();
+            if args.chiral_features && !cfg.chiral_features {
+                cfg.chiral_features = true;
+                desc["added"] = json!("chiral_features");
+            }
+            if let Some(s) = args.tr_sigma_max {
+                if s != cfg.tr_sigma_max {
+                    desc["changed"] = json!({"tr_sigma_max": {"from": cfg.tr_sigma_max, "to": s}});
+                    cfg.tr_sigma_max = s;
+                }
+            }
+            if &cfg == model.net.config() {
+                (model, desc)
             } else {
-                (model, json!({"from": dir.display().to_string()}))
+                let changed = model
+                    .with_config(&cfg)
+                    .map_err(|e| anyhow::anyhow!("--init {}: {e}", dir.display()))?;
+                (changed, desc)
             }
         }
         None => {
             let mut cfg = parse_size(&args.size)?;
             cfg.chiral_features = args.chiral_features;
+            if let Some(s) = args.tr_sigma_max {
+                cfg.tr_sigma_max = s;
+            }
             cfg.validate()
-                .map_err(|e| anyhow::anyhow!("--chiral-features: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("--chiral-features/--tr-sigma-max: {e}"))?;
             (
                 DigModel::random(&cfg, args.seed as i64, device),
                 json!({"random": {"size": args.size, "seed": args.seed}}),

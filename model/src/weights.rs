@@ -94,11 +94,28 @@ impl DigModel {
             ));
         }
         cfg.chiral_features = true;
+        self.with_config(&cfg)
+    }
+
+    /// This network's weights under another config: every parameter both
+    /// have is copied (it must have the same shape); a parameter only `cfg`
+    /// has keeps its initialiser (`chiral_out`: zero). For a changed noise
+    /// schedule (the sigmas) or added chiral features.
+    pub fn with_config(&self, cfg: &ModelConfig) -> Result<Self> {
         cfg.validate().map_err(ModelError::Checkpoint)?;
-        let model = Self::build(&cfg, self.device());
+        let model = Self::build(cfg, self.device());
         let old: BTreeMap<String, Tensor> = self.vs.variables().into_iter().collect();
-        for (name, mut var) in model.vs.variables() {
+        // In name order, so that an error names the same key every time.
+        let new: BTreeMap<String, Tensor> = model.vs.variables().into_iter().collect();
+        for (name, mut var) in new {
             if let Some(src) = old.get(&name) {
+                if src.size() != var.size() {
+                    return Err(ModelError::Checkpoint(format!(
+                        "key {name} has shape {:?}, but the new config needs {:?}",
+                        src.size(),
+                        var.size()
+                    )));
+                }
                 tch::no_grad(|| var.copy_(src));
             }
         }

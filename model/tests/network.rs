@@ -277,3 +277,26 @@ fn chiral_features_keep_the_network_equivariant_under_rotations() {
         .forward_step(&ctx, &tr, &rot, Some(&fw["mask"]), &fw["step"]);
     assert!(max_abs_diff(&tp, &t0) > 1e-3);
 }
+
+#[test]
+fn with_config_copies_weights_and_refuses_another_shape() {
+    let model = DigModel::load_dir(&data(""), Device::Cpu).unwrap();
+    let mut cfg = model.net.config().clone();
+    cfg.tr_sigma_max = 200.0;
+    let wide = model.with_config(&cfg).unwrap();
+    assert_eq!(wide.net.config().tr_sigma_max, 200.0);
+    let (a, b) = (model.state_dict(), wide.state_dict());
+    assert_eq!(a.len(), b.len());
+    for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
+        assert_eq!(ka, kb);
+        assert!(ta.equal(tb), "{ka} differs");
+    }
+    cfg.d_pair = 16;
+    let err = model.with_config(&cfg).err().unwrap().to_string();
+    assert!(
+        err.contains("rp_proj.relative_attention_bias.weight")
+            && err.contains("[64, 32]")
+            && err.contains("[64, 16]"),
+        "{err}"
+    );
+}

@@ -210,6 +210,34 @@ fn chiral_features_are_added_to_a_trained_model_and_sample_loads_it() {
     ]);
     assert!(run.join("samples.npz").is_file());
 
+    // --tr-sigma-max replaces the schedule's largest translation noise.
+    let wide = dir.path().join("wide");
+    let mut args = tiny_train(
+        s(&data),
+        s(&wide),
+        &["--steps", "1", "--tr-sigma-max", "100"],
+    );
+    let size = args.iter().position(|a| *a == "--size").unwrap();
+    args.drain(size..size + 2);
+    args.extend_from_slice(&["--init", s(&base)]);
+    digctl_ok(&args);
+    let cfg = read(&wide.join("config.json"));
+    assert_eq!(cfg["tr_sigma_max"], 100.0);
+    assert!(cfg.get("chiral_features").is_none());
+    let summary = read(&wide.join("training.json"));
+    assert_eq!(
+        summary["init"]["changed"]["tr_sigma_max"],
+        serde_json::json!({"from": 35.0, "to": 100.0}),
+        "{}",
+        summary["init"]
+    );
+    let err = digctl_err(&tiny_train(
+        s(&data),
+        s(&dir.path().join("bad-sigma")),
+        &["--steps", "1", "--tr-sigma-max", "0.05"],
+    ));
+    assert!(err.contains("tr_sigma_min < tr_sigma_max"), "{err}");
+
     // From scratch it needs three heads for a triple product.
     let err = digctl_err(&[
         "train",
