@@ -10,7 +10,7 @@ DIGCTL := target/release/digctl
 # an unchanged set-up costs nothing.
 STAMP  := $(VENV)/.dig-setup-$(shell sha256sum requirements-dev.txt | cut -c1-12)
 
-.PHONY: help setup build run run-hp35 test lint bench bench-train bench-pipeline bench-load services train-adk evaluate-adk chaos bench-scale bench-steering gpu-bundle density-bench
+.PHONY: help setup build run run-hp35 test lint bench bench-train bench-pipeline bench-load services train-adk evaluate-adk chirality-adk chaos bench-scale bench-steering gpu-bundle density-bench
 
 help:
 	@echo "make run    sample adenylate kinase from the trained model through digctl standalone, fetch and score it"
@@ -18,6 +18,7 @@ help:
 	@echo "make run-hp35  the same flow for HP35 with an UNTRAINED random model (pipeline only)"
 	@echo "make train-adk  retrain examples/adk/model (about 90 min on 2 cores; examples/adk/README.md)"
 	@echo "make evaluate-adk  256 samples x 500 steps of the AdK model, scored (examples/adk/README.md)"
+	@echo "make chirality-adk  where and why the AdK model folds mirror images (examples/adk/README.md, about 10 min on one core)"
 	@echo "make bench  sampler benchmark (naive vs optimized, published architecture)"
 	@echo "make bench-train  training update: native trainer vs the published PyTorch step"
 	@echo "make bench-pipeline  a 1000-sample job through API, RabbitMQ, worker, S3 vs digctl sample"
@@ -75,6 +76,11 @@ gpu-bundle: setup
 # The targets' measurement: 256 samples at the full 500 steps, scored.
 evaluate-adk: build
 	scripts/evaluate-adk.sh
+
+# Where and why the AdK model folds mirror images: partial diffusion, and
+# pure noise against noise plus the structure at t = 1, scored.
+chirality-adk: build
+	scripts/chirality-adk.sh
 
 lint: setup
 	scripts/stage.sh fmt cargo fmt --all -- --check
