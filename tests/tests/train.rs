@@ -50,6 +50,29 @@ fn manifest(dir: &Path, lines: &[String]) -> PathBuf {
     p
 }
 
+/// A manifest of one trajectory: the 20-residue fragment and its features.
+fn fragment_manifest(dir: &Path) -> (PathBuf, PathBuf) {
+    let (pdb, feats) = fragment(dir, 20);
+    let data = manifest(
+        dir,
+        &[format!(
+            r#"{{"trajectory": "{}", "features": "{}"}}"#,
+            pdb.file_name().unwrap().to_str().unwrap(),
+            feats.file_name().unwrap().to_str().unwrap()
+        )],
+    );
+    (data, feats)
+}
+
+/// [`tiny_train`]'s arguments, fine-tuning `init` instead of a fresh `--size`.
+fn tiny_tune<'a>(data: &'a str, out: &'a str, init: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = tiny_train(data, out, extra);
+    let size = args.iter().position(|a| *a == "--size").unwrap();
+    args.drain(size..size + 2);
+    args.extend_from_slice(&["--init", init]);
+    args
+}
+
 fn tiny_train<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
         "train",
@@ -76,15 +99,7 @@ fn tiny_train<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str
 #[test]
 fn a_short_run_gives_a_model_that_sample_loads_and_resume_extends_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (pdb, feats) = fragment(dir.path(), 20);
-    let data = manifest(
-        dir.path(),
-        &[format!(
-            r#"{{"trajectory": "{}", "features": "{}"}}"#,
-            pdb.file_name().unwrap().to_str().unwrap(),
-            feats.file_name().unwrap().to_str().unwrap()
-        )],
-    );
+    let (data, feats) = fragment_manifest(dir.path());
     let out = dir.path().join("model");
     digctl_ok(&tiny_train(s(&data), s(&out), &["--steps", "4"]));
     let summary: serde_json::Value =
@@ -148,15 +163,7 @@ fn a_short_run_gives_a_model_that_sample_loads_and_resume_extends_it() {
 #[test]
 fn chiral_features_are_added_to_a_trained_model_and_sample_loads_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (pdb, feats) = fragment(dir.path(), 20);
-    let data = manifest(
-        dir.path(),
-        &[format!(
-            r#"{{"trajectory": "{}", "features": "{}"}}"#,
-            pdb.file_name().unwrap().to_str().unwrap(),
-            feats.file_name().unwrap().to_str().unwrap()
-        )],
-    );
+    let (data, feats) = fragment_manifest(dir.path());
     let read = |p: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     };
@@ -168,11 +175,12 @@ fn chiral_features_are_added_to_a_trained_model_and_sample_loads_it() {
 
     // Fine-tuning with --chiral-features adds them (zero) and trains them.
     let tuned = dir.path().join("tuned");
-    let mut args = tiny_train(s(&data), s(&tuned), &["--steps", "3", "--chiral-features"]);
-    let size = args.iter().position(|a| *a == "--size").unwrap();
-    args.drain(size..size + 2);
-    args.extend_from_slice(&["--init", s(&base)]);
-    digctl_ok(&args);
+    digctl_ok(&tiny_tune(
+        s(&data),
+        s(&tuned),
+        s(&base),
+        &["--steps", "3", "--chiral-features"],
+    ));
     assert_eq!(read(&tuned.join("config.json"))["chiral_features"], true);
     let summary = read(&tuned.join("training.json"));
     assert_eq!(
@@ -212,15 +220,12 @@ fn chiral_features_are_added_to_a_trained_model_and_sample_loads_it() {
 
     // --tr-sigma-max replaces the schedule's largest translation noise.
     let wide = dir.path().join("wide");
-    let mut args = tiny_train(
+    digctl_ok(&tiny_tune(
         s(&data),
         s(&wide),
+        s(&base),
         &["--steps", "1", "--tr-sigma-max", "100"],
-    );
-    let size = args.iter().position(|a| *a == "--size").unwrap();
-    args.drain(size..size + 2);
-    args.extend_from_slice(&["--init", s(&base)]);
-    digctl_ok(&args);
+    ));
     let cfg = read(&wide.join("config.json"));
     assert_eq!(cfg["tr_sigma_max"], 100.0);
     assert!(cfg.get("chiral_features").is_none());
