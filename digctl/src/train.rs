@@ -116,6 +116,12 @@ pub struct TrainArgs {
     /// same machine and thread count.
     #[arg(long)]
     resume: bool,
+    /// Stop after this update (validation, checkpoint and model directory
+    /// written there) although the learning-rate schedule runs to --steps;
+    /// `--resume` continues the run as if it had not stopped. For a stage of
+    /// a longer recipe, or a run that must fit a session.
+    #[arg(long, value_name = "N")]
+    stop_at: Option<u64>,
     /// Keep an exponential moving average of the weights with this decay
     /// (e.g. 0.999: about the last 1000 updates), checkpointed beside the
     /// weights; its validation loss is measured beside theirs.
@@ -243,6 +249,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if args.model_weights == Weights::Ema && args.ema.is_none() {
         bail!("--model-weights ema needs --ema DECAY (for example --ema 0.999)");
     }
+    let stop = match args.stop_at {
+        Some(n) if n == 0 || n > args.steps => {
+            bail!(
+                "--stop-at must be between 1 and --steps ({}), got {n}",
+                args.steps
+            )
+        }
+        Some(n) => n,
+        None => args.steps,
+    };
     if args.checkpoint_every == 0 || args.val_every == 0 || args.log_every == 0 {
         bail!("--checkpoint-every, --val-every and --log-every must be at least 1");
     }
@@ -412,7 +428,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     });
     let session = Instant::now();
     let seconds = |t: &Trainer| t.seconds_before + session.elapsed().as_secs_f64();
-    while trainer.step < opts.steps {
+    if trainer.step > stop {
+        bail!(
+            "the run in {} is at update {}, already past --stop-at {stop}",
+            args.out.display(),
+            trainer.step
+        );
+    }
+    while trainer.step < stop {
         let st = trainer.train_step()?;
         let s = trainer.step;
         if let Some(bar) = &bar {
@@ -422,7 +445,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 st.loss, st.tr_loss, st.rot_loss
             ));
         }
-        if s.is_multiple_of(args.log_every) || s == opts.steps {
+        if s.is_multiple_of(args.log_every) || s == stop {
             if let Some(p) = trainer.log_window() {
                 let line = format!(
                     "step {s}/{}: loss {:.4} (tr {:.4}, rot {:.4}), lr {:.2e}, grad norm {:.3}, {:.0} s",
@@ -440,7 +463,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 }
             }
         }
-        if s.is_multiple_of(args.val_every) || s == opts.steps {
+        if s.is_multiple_of(args.val_every) || s == stop {
             if let Some(v) = trainer.validate(4)? {
                 let ema = match trainer.validate_ema(4)? {
                     Some(e) => format!(
@@ -459,7 +482,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 }
             }
         }
-        if s.is_multiple_of(args.checkpoint_every) || s == opts.steps {
+        if s.is_multiple_of(args.checkpoint_every) || s == stop {
             let secs = seconds(&trainer);
             save(&mut trainer, secs, s == opts.steps)?;
         }
@@ -470,6 +493,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if trainer.step == opts.steps && !args.out.join("training.json").exists() {
         let secs = seconds(&trainer);
         save(&mut trainer, secs, true)?;
+    }
+    if trainer.step < opts.steps {
+        eprintln!(
+            "stopped at update {} of {} (--stop-at); continue with --resume",
+            trainer.step, opts.steps
+        );
     }
     eprintln!(
         "trained {} steps in {:.0} s (this session {:.0} s); model in {}",

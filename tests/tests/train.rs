@@ -111,6 +111,48 @@ fn a_short_run_gives_a_model_that_sample_loads_and_resume_extends_it() {
     assert_eq!(summary["hyperparameters"]["batch_size"], 2);
     assert!(summary["time"]["seconds"].as_f64().unwrap() > 0.0);
 
+    // --stop-at stops a run part-way along its schedule; --resume then
+    // finishes it with the same bytes as the run that never stopped.
+    let staged = dir.path().join("staged");
+    let err = digctl_err(&tiny_train(
+        s(&data),
+        s(&staged),
+        &["--steps", "4", "--stop-at", "5"],
+    ));
+    assert!(
+        err.contains("--stop-at must be between 1 and --steps (4), got 5"),
+        "{err}"
+    );
+    digctl_ok(&tiny_train(
+        s(&data),
+        s(&staged),
+        &["--steps", "4", "--stop-at", "2"],
+    ));
+    let part: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(staged.join("training.json")).unwrap())
+            .unwrap();
+    assert_eq!(part["steps_done"], 2);
+    assert_eq!(part["finished"], false);
+    let err = digctl_err(&tiny_train(
+        s(&data),
+        s(&staged),
+        &["--steps", "4", "--stop-at", "1", "--resume"],
+    ));
+    assert!(
+        err.contains("is at update 2, already past --stop-at 1"),
+        "{err}"
+    );
+    digctl_ok(&tiny_train(
+        s(&data),
+        s(&staged),
+        &["--steps", "4", "--resume"],
+    ));
+    assert_eq!(
+        std::fs::read(staged.join("model.safetensors")).unwrap(),
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        "stopped at 2 and resumed differs from 4 updates in one go"
+    );
+
     // The output is a model directory that `digctl sample` loads unchanged.
     let run = dir.path().join("samples");
     digctl_ok(&[
