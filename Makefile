@@ -16,7 +16,7 @@ help:
 	@echo "make run    sample adenylate kinase from the trained model through digctl standalone, fetch and score it"
 	@echo "make test   run every test"
 	@echo "make run-hp35  the same flow for HP35 with an UNTRAINED random model (pipeline only)"
-	@echo "make train-adk  retrain examples/adk/model (about 90 min on 2 cores; examples/adk/README.md)"
+	@echo "make train-adk  retrain examples/adk/model: three stages, about 3.5 h on 2 cores, resumable (examples/adk/README.md)"
 	@echo "make evaluate-adk  256 samples x 500 steps of the AdK model, scored (examples/adk/README.md)"
 	@echo "make chirality-adk  where and why the AdK model folds mirror images (examples/adk/README.md, about 10 min on one core)"
 	@echo "make bench  sampler benchmark (naive vs optimized, published architecture)"
@@ -51,14 +51,10 @@ run: build
 run-hp35: build
 	DIG_DEMO=hp35 DIGCTL=$(DIGCTL) scripts/demo.sh
 
-# The shipped AdK model: the exact training command (examples/adk/README.md).
-# OUT=... trains elsewhere; add ARGS=--resume to continue an interrupted run.
-ADK_OUT ?= examples/adk/model
+# The shipped AdK model's three-stage training recipe (examples/adk/README.md);
+# run it again to resume after an interruption. OUT=... (default train-adk).
 train-adk: build
-	cd examples/adk && ../../$(DIGCTL) train --data manifest.jsonl --out $(abspath $(ADK_OUT)) \
-	    --size small --steps 7000 --batch-size 4 --lr 1e-3 --warmup 300 --schedule cosine \
-	    --min-lr-fraction 0.05 --clip 1.0 --dropout 0 --seed 0 --val-fraction 0.1 \
-	    --checkpoint-every 500 --val-every 1000 --log-every 100 --threads 1 $(ARGS)
+	DIGCTL=$(DIGCTL) scripts/train-adk.sh
 
 # docs/steering.md: unsteered, filtered and steered AdK ensembles (PARTS, OUT, N ...).
 bench-steering: build
