@@ -6,7 +6,8 @@
 #
 # DIG_DEMO=adk (default): adenylate kinase from the model trained on its MD
 #   frames (examples/adk/model), scored by `digctl evaluate` against the
-#   closed and open crystal structures.
+#   closed and open crystal structures. DIG_DEMO_MODEL samples another
+#   AdK model directory (e.g. examples/adk/model-35A, the one shipped before).
 # DIG_DEMO=hp35: HP35 with an UNTRAINED random model (pipeline only).
 set -euo pipefail
 
@@ -17,7 +18,7 @@ PORT=${DIG_DEMO_PORT:-8765}
 
 case "$DEMO" in
 adk)
-    MODEL=examples/adk/model
+    MODEL=${DIG_DEMO_MODEL:-examples/adk/model}
     FEATURES=examples/adk/features.npz
     FASTA=examples/adk/adk.fasta
     # The README's recommended setting (ab2, 50 steps: 50 network calls per

@@ -11,7 +11,9 @@
 #   partial    partial diffusion of the demo ensemble's invalid samples
 #   path       the closed-to-open interpolation
 # The demo ensemble is demo/adk (make run); STEPS (50) Heun steps of the ODE,
-# PROBES (2) Hutchinson probes, THREADS (1) libtorch threads.
+# PROBES (2) Hutchinson probes, THREADS (1) libtorch threads; MODEL
+# (examples/adk/model) the model directory (docs/density.md was measured on
+# examples/adk/model-35A, with a demo ensemble of that model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIGCTL=${DIGCTL:-target/release/digctl}
@@ -23,8 +25,9 @@ THREADS=${THREADS:-1}
 DEMO=${DEMO:-demo/adk}
 PY=.venv/bin/python
 M=examples/adk
+MODEL=${MODEL:-$M/model}
 mkdir -p "$OUT"
-common=(--model $M/model --features $M/features.npz --flow-steps "$STEPS" --threads "$THREADS")
+common=(--model "$MODEL" --features $M/features.npz --flow-steps "$STEPS" --threads "$THREADS")
 density() { # structures out.json [extra]
     local s=$1 o=$2; shift 2
     echo "density: $s -> $o"
@@ -37,7 +40,7 @@ for part in $PARTS; do
     roundtrip)
         $PY scripts/density_inputs.py every "$OUT/frames.pdb" "$OUT/roundtrip.pdb" "${RT_EVERY:-1}"
         echo "round trip: $OUT/roundtrip.pdb"
-        /usr/bin/time -f "  %e s" "$DIGCTL" density --model $M/model --features $M/features.npz \
+        /usr/bin/time -f "  %e s" "$DIGCTL" density --model "$MODEL" --features $M/features.npz \
             --ode "${RT_ODE:-flow}" --flow-steps "${RT_STEPS:-100}" --threads "$THREADS" \
             --structures "$OUT/roundtrip.pdb" \
             --round-trip --no-density --batch-size 4 --out "$OUT/roundtrip.json"
@@ -64,7 +67,7 @@ for part in $PARTS; do
         n=$(grep -c '^MODEL' "$OUT/invalid.pdb")
         for t in ${TIMES:-0.1 0.2 0.3}; do
             echo "partial diffusion of $n invalid samples from t = $t"
-            $DIGCTL sample --model $M/model --features $M/features.npz --solver ab2 --steps 50 \
+            $DIGCTL sample --model "$MODEL" --features $M/features.npz --solver ab2 --steps 50 \
                 --from-structure "$OUT/invalid.pdb" --from-time "$t" --num-samples "$n" --seed 0 \
                 --threads "$THREADS" --out "$OUT/partial-$t" >/dev/null
             $DIGCTL evaluate --samples "$OUT/partial-$t" --reference $M/closed.pdb --reference $M/open.pdb \

@@ -10,7 +10,8 @@
 #   open     --steer examples/adk/steer-open.json (towards open.pdb)
 #   cost     seconds and network calls per returned sample for K = 1, 2, 4, 8
 # OUT (default steering-runs/), N (256), STEPS (50), THREADS (1), BATCH (16),
-# COST_N (16) change the settings.
+# COST_N (16) change the settings; MODEL (examples/adk/model) the model
+# directory (docs/steering.md was measured on examples/adk/model-35A).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,13 +19,14 @@ DIGCTL=${DIGCTL:-$ROOT/target/release/digctl}
 OUT=$(realpath -m "${OUT:-steering-runs}")
 N=${N:-256}; STEPS=${STEPS:-50}; THREADS=${THREADS:-1}; BATCH=${BATCH:-16}; COST_N=${COST_N:-16}
 PARTS=${PARTS:-det sde filter physical open cost}
+MODEL=$(realpath "${MODEL:-examples/adk/model}")
 mkdir -p "$OUT"
 cd examples/adk
 
 sample() { # name, args...
   local name=$1; shift
   local t0=$(date +%s.%N)
-  "$DIGCTL" sample --model model --features features.npz --fasta adk.fasta \
+  "$DIGCTL" sample --model "$MODEL" --features features.npz --fasta adk.fasta \
     --batch-size "$BATCH" --steps "$STEPS" --threads "$THREADS" --seed 0 \
     --out "$OUT/$name" "$@" 2>"$OUT/$name.log" >/dev/null || true
   local t1=$(date +%s.%N)

@@ -2,7 +2,7 @@
 # The shipped AdK model's training recipe (examples/adk/README.md,
 # "Training"), three `digctl train` runs, each from the one before:
 #   1. 7000 updates of batch 4 at the published noise schedule
-#      (tr_sigma_max 35 Å): the model shipped until 2026-12-05, kept as
+#      (tr_sigma_max 35 Å): the model shipped until 2026-12-04, kept as
 #      examples/adk/model-35A;
 #   2. from it, batch 16 with a moving average of the weights and three
 #      times as many draws at t >= 0.7: a 3000-update schedule stopped at
