@@ -446,6 +446,12 @@ pub(crate) struct SubmitJob {
     /// `log_density_std_error` (float64) in every shard's npz. About
     /// 100 forward passes and 400 vector-Jacobian products more per sample.
     log_density: Option<bool>,
+    /// Follow the probability-flow ODE (half the published drift) above
+    /// this diffusion time and `solver`'s update at and below it
+    /// (`digctl sample --flow-above`; examples/adk/README.md). In [0, 1];
+    /// not with solver `flow`, `steering` or `log_density`.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    flow_above: Option<f64>,
     /// Partial diffusion (docs/density.md): start every sample from these
     /// structures, uploaded by this tenant with `POST /v1/structures` (the
     /// SHA-256 it answered; sample `i` from structure `i mod M`), noised by
@@ -532,6 +538,10 @@ struct SamplingView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     from_structure: Option<dig_common::job::FromStructure>,
+    /// The probability-flow ODE above this diffusion time, the solver's
+    /// update below; absent: the solver's ODE throughout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flow_above: Option<f64>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -677,6 +687,7 @@ pub(crate) fn job_view(id: JobId, p: &JobProgress) -> JobView {
             steering: p.steering.clone(),
             log_density: p.log_density,
             from_structure: p.from_structure.clone(),
+            flow_above: p.flow_above,
         },
         shards: ShardCounts {
             done: p.shards_done,
@@ -946,6 +957,27 @@ pub(crate) async fn validate(
             })
         }
     };
+    if let Some(t) = req.flow_above {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(ApiError::invalid(format!(
+                "flow_above: must be a diffusion time in [0, 1], got {t}"
+            )));
+        }
+        for (clash, set) in [
+            (
+                "solver flow (the probability flow at every step already)",
+                req.solver == Some(Solver::Flow),
+            ),
+            ("steering", steering.is_some()),
+            ("log_density", req.log_density == Some(true)),
+        ] {
+            if set {
+                return Err(ApiError::invalid(format!(
+                    "flow_above: cannot be combined with {clash}"
+                )));
+            }
+        }
+    }
     let steps = req.steps.unwrap_or(n_time_step);
     let steps_for_size = dig_common::job::network_calls(
         req.solver.unwrap_or_default(),
@@ -974,6 +1006,7 @@ pub(crate) async fn validate(
         steering,
         log_density: req.log_density.unwrap_or(false),
         from_structure,
+        flow_above: req.flow_above,
     })
 }
 
@@ -1359,6 +1392,7 @@ mod tests {
             steering: None,
             log_density: false,
             from_structure: None,
+            flow_above: None,
         }
     }
 

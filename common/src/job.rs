@@ -201,6 +201,11 @@ pub struct JobSpec {
     /// Absent: sampling from the prior.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_structure: Option<FromStructure>,
+    /// The probability-flow ODE above this diffusion time, the solver's
+    /// update below (`digctl sample --flow-above`); absent: the solver's
+    /// ODE throughout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_above: Option<f64>,
 }
 
 /// Where a partial-diffusion job starts: sample `i` from structure
@@ -356,6 +361,7 @@ mod tests {
             filter: None,
             steering: None,
             log_density: false,
+            flow_above: None,
             from_structure: None,
         }
     }

@@ -38,6 +38,7 @@ fn spec(tenant: &str, num_samples: u64, shard_size: u64, created_at: u64) -> Job
         steering: None,
         log_density: false,
         from_structure: None,
+        flow_above: None,
     }
 }
 

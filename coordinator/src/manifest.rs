@@ -6,7 +6,7 @@ use dig_common::job::{JobId, SampleFilter, Solver};
 use serde::{Deserialize, Serialize};
 
 /// `jobs/{id}/manifest.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub job: JobId,
     pub num_samples: u64,
@@ -31,6 +31,9 @@ pub struct Manifest {
     /// shards' npz then hold `steer_energy` and `steer_log_z`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steering: Option<serde_json::Value>,
+    /// The probability flow above this diffusion time (`flow_above`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_above: Option<f64>,
 }
 
 impl Manifest {

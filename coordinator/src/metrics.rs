@@ -235,6 +235,7 @@ mod tests {
             steering: None,
             log_density: false,
             from_structure: None,
+            flow_above: None,
         }
     }
 

@@ -532,6 +532,7 @@ impl Reconciler {
             network_calls_per_sample: spec.network_calls(),
             filter: spec.filter,
             steering: spec.steering.clone(),
+            flow_above: spec.flow_above,
         };
         let json = serde_json::to_vec_pretty(&manifest)?;
         self.store

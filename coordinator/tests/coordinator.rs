@@ -146,6 +146,7 @@ impl Cluster {
             steering: None,
             log_density: false,
             from_structure: None,
+            flow_above: None,
         };
         let json = serde_json::to_vec(&spec).unwrap();
         self.store

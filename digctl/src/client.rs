@@ -196,6 +196,10 @@ pub enum ClientCommand {
         /// `log_density`; `log_density` in every shard's npz).
         #[arg(long)]
         log_density: bool,
+        /// The probability-flow ODE above diffusion time T, --solver's
+        /// update below (the job's `flow_above`; `digctl sample --flow-above`).
+        #[arg(long, value_name = "T")]
+        flow_above: Option<f64>,
         /// Partial diffusion: upload this PDB (one structure or several
         /// MODELs) and start every sample from it, noised to --from-time
         /// (the job's `from_structure`; docs/density.md).
@@ -353,6 +357,7 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
             max_draw_factor,
             steer,
             log_density,
+            flow_above,
             from_structure,
             from_time,
             model,
@@ -456,6 +461,7 @@ async fn execute(cmd: ClientCommand) -> Result<()> {
                 log_density,
                 from_structure,
                 from_time,
+                flow_above,
             };
             let answer = api
                 .post(&["v1", "jobs"], Some(&request), idempotency_key.as_deref())

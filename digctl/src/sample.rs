@@ -63,6 +63,14 @@ pub struct SampleArgs {
     /// samples have the densities of `digctl density` (docs/density.md).
     #[arg(long, default_value = "euler")]
     solver: dig_model::sampling::Solver,
+    /// Follow the probability-flow ODE (half the published drift) at
+    /// diffusion times above T and --solver's update at T and below: the
+    /// flow carries the prior's spread down, the published update copes
+    /// with an inexact score near the data (examples/adk/README.md, "Why
+    /// the closed state is lost"). T in [0, 1]; 1 is the plain solver.
+    /// Not with --solver flow, --noise, --steer or --log-density.
+    #[arg(long, value_name = "T")]
+    flow_above: Option<f64>,
     /// Keep only physically valid samples (`physical`: consecutive CA-CA
     /// < 4.5 Å, C(i)-N(i+1) < 2.0 Å, no atoms of residues more than two apart
     /// closer than 1.0 Å): exactly --num-samples valid ones, the first in
@@ -184,6 +192,18 @@ pub fn run(args: SampleArgs) -> Result<()> {
         tch::set_num_threads(t);
     }
     let mut schedule = Schedule::with_solver(&cfg, &so3, args.steps, args.solver)?;
+    if let Some(t_c) = args.flow_above {
+        for (clash, set) in [
+            ("--noise", args.noise.is_some()),
+            ("--steer", args.steer.is_some()),
+            ("--log-density", args.log_density),
+        ] {
+            if set {
+                bail!("--flow-above cannot be combined with {clash} (it changes the ODE those assume)");
+            }
+        }
+        schedule = schedule.with_flow_above(&cfg, t_c)?;
+    }
     // Partial diffusion: the tail of the schedule from --from-time, and the
     // input structures noised to its first step's level.
     let partial = match (&args.from_structure, args.from_time) {
@@ -246,8 +266,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let sampler = Sampler::new(&model.net, schedule);
     let n = init.len();
     tracing::info!(
-        "sampling {n} structures of L = {len} with {steps} {} steps ({calls} network calls each), batch {} on {:?}",
+        "sampling {n} structures of L = {len} with {steps} {}{} steps ({calls} network calls each), batch {} on {:?}",
         args.solver,
+        args.flow_above.map_or(String::new(), |t| format!(" (probability flow above t = {t})")),
         args.batch_size,
         device
     );
@@ -349,6 +370,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         "init_state": args.init_state,
         "steps": steps,
         "solver": args.solver.as_str(),
+        "flow_above": args.flow_above,
         "network_calls_per_sample": calls,
         "noise": steering.as_ref().map(|s| s.noise),
         "steering": spec,

@@ -86,16 +86,29 @@ fn each_solver_converges_at_its_order_on_a_closed_form_flow() {
     let t0 = Tensor::from_slice(&[20.0f32, 10.0, -15.0]).view([1, 1, 3]);
     let r0 = expmap(&Tensor::from_slice(&[-1.2f32, 0.4, 0.9]).view([1, 1, 3]));
     let decay = (-1.5f64).exp();
-    let want_tr: Vec<f64> = f64s(&(&a + (&t0 - &a) * decay));
     let v0 = log_map(&matmul3(&f64s(&r0), &transpose3(&target)));
-    let want_rot = matmul3(
-        &f64s(&expmap(
-            &Tensor::from_slice(&v0.map(|x| (x * decay) as f32)).view([1, 1, 3]),
-        )),
-        &target,
-    );
-    let error = |solver: Solver, steps: i64| -> (f64, usize) {
-        let schedule = Schedule::with_solver(&cfg, &so3, Some(steps), solver).unwrap();
+    let error = |solver: Solver, steps: i64, flow_above: Option<f64>| -> (f64, usize) {
+        let mut schedule = Schedule::with_solver(&cfg, &so3, Some(steps), solver).unwrap();
+        if let Some(t_c) = flow_above {
+            schedule = schedule.with_flow_above(&cfg, t_c).unwrap();
+        }
+        // The ODE's drift factor c (1/2 on the flow's steps) scales the
+        // exponent: T(1) = a + (T0 - a) exp(-int c lambda dtau).
+        let decay = match flow_above {
+            None => decay,
+            Some(t_c) => {
+                let tau_c = 1.0 - t_c;
+                let lam = |a: f64, b: f64| (b - a) + (b * b - a * a) / 2.0;
+                (-(0.5 * lam(0.0, tau_c) + lam(tau_c, 1.0))).exp()
+            }
+        };
+        let want_tr: Vec<f64> = f64s(&(&a + (&t0 - &a) * decay));
+        let want_rot = matmul3(
+            &f64s(&expmap(
+                &Tensor::from_slice(&v0.map(|x| (x * decay) as f32)).view([1, 1, 3]),
+            )),
+            &target,
+        );
         let mut field = Contraction {
             cfg: cfg.clone(),
             a: a.shallow_clone(),
@@ -122,12 +135,20 @@ fn each_solver_converges_at_its_order_on_a_closed_form_flow() {
     };
     // The flow solver integrates another ODE (the probability flow): its
     // distance to the published run does not vanish with the step.
-    for solver in Solver::ALL.into_iter().filter(|&s| s != Solver::Flow) {
-        let (e1, c1) = error(solver, 10);
-        let (e2, _) = error(solver, 20);
-        let (e3, _) = error(solver, 40);
+    // With `--flow-above 0.5` (a point of every grid here) each solver
+    // integrates the flow above and the published ODE below at its order:
+    // Heun's corrector and ab2's history take the slope of the ODE of the
+    // step, not of its neighbour's.
+    for (solver, flow_above) in Solver::ALL
+        .into_iter()
+        .filter(|&s| s != Solver::Flow)
+        .flat_map(|s| [(s, None), (s, Some(0.5))])
+    {
+        let (e1, c1) = error(solver, 10, flow_above);
+        let (e2, _) = error(solver, 20, flow_above);
+        let (e3, _) = error(solver, 40, flow_above);
         let (r1, r2) = (e1 / e2, e2 / e3);
-        println!("{solver}: error {e1:.3e} / {e2:.3e} / {e3:.3e} at 10/20/40 steps ({c1} calls at 10): ratios {r1:.2}, {r2:.2}");
+        println!("{solver}, flow above {flow_above:?}: error {e1:.3e} / {e2:.3e} / {e3:.3e} at 10/20/40 steps ({c1} calls at 10): ratios {r1:.2}, {r2:.2}");
         let (lo, hi) = match solver {
             Solver::Euler | Solver::Exp => (1.7, 2.4),
             Solver::Heun | Solver::Ab2 => (3.3, 4.8),
@@ -135,7 +156,7 @@ fn each_solver_converges_at_its_order_on_a_closed_form_flow() {
         };
         assert!(
             (lo..hi).contains(&r2),
-            "{solver}: error ratio {r2} when the step halves"
+            "{solver}, flow above {flow_above:?}: error ratio {r2} when the step halves"
         );
     }
 }
@@ -277,8 +298,11 @@ fn the_published_update_returns_the_middle_of_a_path_where_the_probability_flow_
             ..ModelConfig::default()
         };
         let start = Tensor::randn([n, l, 3], (Kind::Float, Device::Cpu)) * sigma_max;
-        let run = |solver: Solver, steps: i64| {
-            let schedule = Schedule::with_solver(&cfg, &so3, Some(steps), solver).unwrap();
+        let run = |solver: Solver, steps: i64, flow_above: Option<f64>| {
+            let mut schedule = Schedule::with_solver(&cfg, &so3, Some(steps), solver).unwrap();
+            if let Some(t_c) = flow_above {
+                schedule = schedule.with_flow_above(&cfg, t_c).unwrap();
+            }
             let mut field = Path {
                 frames: frames.shallow_clone(),
                 s0: 0.3,
@@ -292,12 +316,18 @@ fn the_published_update_returns_the_middle_of_a_path_where_the_probability_flow_
             );
             nearest_frames(&frames, &tr, third)
         };
-        let published = run(Solver::Euler, 500);
-        let flow = run(Solver::Flow, 100);
+        let published = run(Solver::Euler, 500, None);
+        let flow = run(Solver::Flow, 100, None);
+        let hybrid = run(Solver::Euler, 500, Some(0.3));
+        let hybrid_ab2 = run(Solver::Ab2, 50, Some(0.3));
+        let late = run(Solver::Euler, 500, Some(0.6));
         for (name, f) in [
             ("frames", data),
             ("published, 500 steps", published),
             ("flow, 100 Heun steps", flow),
+            ("flow above 0.3, euler 500", hybrid),
+            ("flow above 0.3, ab2 50", hybrid_ab2),
+            ("flow above 0.6, euler 500", late),
         ] {
             println!(
                 "tr_sigma_max {sigma_max}: {name}: first 30 frames {:.3}, middle {:.3}, last 30 {:.3}, spread of the frame index {:.1}",
@@ -310,11 +340,108 @@ fn the_published_update_returns_the_middle_of_a_path_where_the_probability_flow_
         assert!((flow.0 - data.0).abs() < 0.06, "{flow:?} vs {data:?}");
         assert!((flow.2 - data.2).abs() < 0.06, "{flow:?} vs {data:?}");
         assert!((flow.3 / data.3 - 1.0).abs() < 0.1, "{flow:?} vs {data:?}");
+        // The flow down to t = 0.3 (sigma_tr 0.58 Å at 35 Å, 0.98 Å at 200 Å,
+        // below the path's length) and the published update below it: the
+        // path's fractions again.
+        for h in [hybrid, hybrid_ab2] {
+            assert!((h.0 - data.0).abs() < 0.06, "{h:?} vs {data:?}");
+            assert!((h.2 - data.2).abs() < 0.06, "{h:?} vs {data:?}");
+            assert!((h.3 / data.3 - 1.0).abs() < 0.1, "{h:?} vs {data:?}");
+        }
         // The published update: the middle only.
         assert!(published.0 < 0.01 && published.2 < 0.01, "{published:?}");
         assert!(published.3 < 0.35 * data.3, "{published:?} vs {data:?}");
         // ... and the larger the schedule's noise, the narrower.
         assert!(published.3 < narrowest, "{published:?} at {sigma_max} Å");
         narrowest = published.3;
+    }
+}
+
+/// `with_flow_above`: 1 changes nothing, 0 on Heun is `--solver flow` bit
+/// for bit, the steps above the switch carry half the gains (the
+/// exponential integrator its own), and bad values are refused by name.
+#[test]
+fn flow_above_switches_the_steps_above_it_to_the_probability_flow() {
+    let cfg = ModelConfig::default();
+    let so3 = So3Tables::compute();
+    let plain = |solver| Schedule::with_solver(&cfg, &so3, Some(20), solver).unwrap();
+    for solver in [Solver::Euler, Solver::Exp, Solver::Heun, Solver::Ab2] {
+        let same = plain(solver).with_flow_above(&cfg, 1.0).unwrap();
+        assert_eq!(same.steps, plain(solver).steps, "{solver}");
+        let mixed = plain(solver).with_flow_above(&cfg, 0.5).unwrap();
+        assert_eq!(mixed.flow_above, Some(0.5));
+        for (m, p) in mixed.steps.iter().zip(&plain(solver).steps) {
+            if m.t > 0.5 {
+                assert_eq!(m.drift, 0.5, "{solver} at t {}", m.t);
+                let ratio = m.tr_gain / p.tr_gain;
+                match solver {
+                    Solver::Exp => {
+                        // sigma^2 (1 - rho) over sigma^2 (1 - rho^2) = 1 / (1 + rho)
+                        let rho = (cfg.tr_sigma_max / cfg.tr_sigma_min).powf(-m.dt);
+                        assert!((ratio - 1.0 / (1.0 + rho)).abs() < 1e-12, "{ratio} {rho}");
+                    }
+                    _ => {
+                        assert_eq!(m.tr_gain, p.tr_gain * 0.5);
+                        assert_eq!(m.rot_gain, p.rot_gain * 0.5);
+                    }
+                }
+            } else {
+                assert_eq!(m, p, "{solver} at t {}", m.t);
+            }
+        }
+        // A partial-diffusion tail keeps the switch.
+        assert_eq!(mixed.tail(5).flow_above, Some(0.5));
+    }
+    let flow = plain(Solver::Flow);
+    let heun0 = plain(Solver::Heun).with_flow_above(&cfg, 0.0).unwrap();
+    assert_eq!(heun0.steps, flow.steps);
+    let start = Tensor::randn([4, 8, 3], (Kind::Float, Device::Cpu)) * 35.0;
+    let rot = Tensor::eye(3, (Kind::Float, Device::Cpu)).expand([4, 8, 3, 3], true);
+    let frames = Tensor::randn([5, 8, 3], (Kind::Double, Device::Cpu));
+    let field = || Path {
+        frames: frames.shallow_clone(),
+        s0: 0.3,
+    };
+    let run = |s: &Schedule| {
+        integrate(
+            s,
+            &mut field(),
+            start.shallow_clone(),
+            rot.shallow_clone(),
+            |_| {},
+        )
+        .0
+    };
+    assert!(
+        run(&heun0).equal(&run(&flow)),
+        "heun with flow above 0 is not flow"
+    );
+    for (solver, t_c, want) in [
+        (
+            Solver::Euler,
+            1.5,
+            "--flow-above must be a diffusion time in [0, 1], got 1.5",
+        ),
+        (
+            Solver::Euler,
+            -0.1,
+            "--flow-above must be a diffusion time in [0, 1], got -0.1",
+        ),
+        (
+            Solver::Euler,
+            f64::NAN,
+            "--flow-above must be a diffusion time in [0, 1], got NaN",
+        ),
+        (
+            Solver::Flow,
+            0.5,
+            "--solver flow follows the probability flow at every step already",
+        ),
+    ] {
+        let err = plain(solver)
+            .with_flow_above(&cfg, t_c)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{err}");
     }
 }

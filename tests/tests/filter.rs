@@ -258,6 +258,26 @@ fn submissions_name_a_bad_solver_or_filter_and_a_bad_draw_factor() {
             400,
             "steps: must be between 1 and 500, got 501",
         ),
+        (
+            serde_json::json!({"flow_above": 1.5}),
+            400,
+            "flow_above: must be a diffusion time in [0, 1], got 1.5",
+        ),
+        (
+            serde_json::json!({"flow_above": 0.5, "solver": "flow"}),
+            400,
+            "flow_above: cannot be combined with solver flow",
+        ),
+        (
+            serde_json::json!({"flow_above": 0.5, "log_density": true}),
+            400,
+            "flow_above: cannot be combined with log_density",
+        ),
+        (
+            serde_json::json!({"flow_above": 0.5, "steering": {"potentials": [{"type": "clash"}]}}),
+            400,
+            "flow_above: cannot be combined with steering",
+        ),
     ] {
         let mut req = serde_json::json!({
             "sequence": dig_tests::cluster::SEQUENCE,
@@ -323,4 +343,85 @@ fn submissions_name_a_bad_solver_or_filter_and_a_bad_draw_factor() {
     assert_eq!(view["sampling"]["steps"], 25);
     assert_eq!(view["sampling"]["network_calls_per_sample"], 49);
     assert_eq!(view["sampling"]["filter"], serde_json::Value::Null);
+}
+
+/// `flow_above` through the services: a job that follows the probability
+/// flow above t = 0.5 and ab2 below returns `digctl sample --flow-above 0.5`'s
+/// samples bit for bit (two shards of the workers' batch of 5), states the switch
+/// in its view and manifest, and samples something else than plain ab2.
+#[test]
+fn a_job_with_flow_above_through_the_services_equals_digctl_sample() {
+    let _guard = serial();
+    let mut c = Cluster::distributed("flow-above");
+    c.upload_model_dir(&data("model"), MODEL);
+    let _api = c.start_api();
+    let _coordinator = c.start_coordinator();
+    let _worker = c.start_worker();
+    let sha = c.upload_features_from(&c.key_a, &data("features.npz"));
+    let extra = ["--solver", "ab2", "--flow-above", "0.5"];
+    let job = fragment::submit(&c, &sha, (10, 4, 20), 5, &extra);
+    c.client_ok(
+        &c.key_a,
+        &["wait", &job, "--poll-ms", "200", "--timeout", "600"],
+    );
+    let view = c.status(&c.key_a, &job);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    assert_eq!(view["sampling"]["solver"], "ab2", "{view}");
+    assert_eq!(view["sampling"]["flow_above"], 0.5, "{view}");
+    assert_eq!(view["sampling"]["network_calls_per_sample"], 20, "{view}");
+    let shards = c.fetch(&c.key_a, &job);
+    let fetched_dir = c.dir.path().join(format!("fetch-{job}"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fetched_dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["flow_above"], 0.5, "{manifest}");
+    let mut fetched = shards[0].clone();
+    fetched.append(shards[1].clone());
+    let local_dir = c.dir.path().join("local-flow-above");
+    let (ok, err) = fragment::sample(&local_dir, (10, 4, 20), BATCH, &extra);
+    assert!(ok, "{err}");
+    let local = Ensemble::read_npz(&local_dir.join("samples.npz"), SEQUENCE).unwrap();
+    assert_eq!(fetched.sample_index, local.sample_index);
+    assert_eq!(fetched.tr, local.tr, "samples differ");
+    assert_eq!(fetched.rot_mat, local.rot_mat);
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(local_dir.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["flow_above"], 0.5, "{run}");
+    // Plain ab2 from the same noise ends elsewhere.
+    let plain_dir = c.dir.path().join("local-ab2");
+    let (ok, err) = fragment::sample(&plain_dir, (10, 4, 20), BATCH, &["--solver", "ab2"]);
+    assert!(ok, "{err}");
+    let plain = Ensemble::read_npz(&plain_dir.join("samples.npz"), SEQUENCE).unwrap();
+    let moved = local
+        .tr
+        .iter()
+        .zip(&plain.tr)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        moved > 0.5,
+        "flow above 0.5 moved no coordinate more than {moved} Å"
+    );
+    // The CLI names what it cannot combine.
+    for (args, want) in [
+        (
+            vec!["--flow-above", "0.5", "--noise", "1"],
+            "--flow-above cannot be combined with --noise",
+        ),
+        (
+            vec!["--flow-above", "2", "--solver", "ab2"],
+            "--flow-above must be a diffusion time in [0, 1], got 2",
+        ),
+        (
+            vec!["--flow-above", "0.5", "--solver", "flow"],
+            "--solver flow follows the probability flow at every step already",
+        ),
+    ] {
+        let (ok, err) = fragment::sample(&c.dir.path().join("bad"), (2, 4, 20), BATCH, &args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(c.cleanup());
 }

@@ -172,6 +172,17 @@ impl ShardSampler {
         }
         let mut schedule =
             Schedule::with_solver(&cfg, &self.so3, spec.steps, model_solver(spec.solver))?;
+        if let Some(t_c) = spec.flow_above {
+            // Validated at submission; checked again, as any spec field.
+            if spec.steering.is_some() || spec.log_density {
+                return Err(invalid(
+                    "flow_above cannot be combined with steering or log_density".into(),
+                ));
+            }
+            schedule = schedule
+                .with_flow_above(&cfg, t_c)
+                .map_err(|e| invalid(format!("flow_above: {e}")))?;
+        }
         let indices: Vec<u64> = (task.start..task.end).collect();
         // Partial diffusion: `digctl sample --from-structure`'s rule, so a
         // job draws what the CLI draws.

@@ -35,6 +35,7 @@ fn spec(n: u64, shard: u64) -> JobSpec {
         steering: None,
         log_density: false,
         from_structure: None,
+        flow_above: None,
     }
 }
 

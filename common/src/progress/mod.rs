@@ -91,6 +91,9 @@ pub struct JobProgress {
     /// The spec's partial-diffusion start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_structure: Option<crate::job::FromStructure>,
+    /// The spec's `flow_above`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_above: Option<f64>,
 }
 
 impl JobProgress {
@@ -115,6 +118,7 @@ impl JobProgress {
             steering: spec.steering.clone(),
             log_density: spec.log_density,
             from_structure: spec.from_structure.clone(),
+            flow_above: spec.flow_above,
         }
     }
 }
@@ -136,6 +140,9 @@ fn sampling_fields(spec: &JobSpec) -> Vec<(&'static str, String)> {
     }
     if spec.log_density {
         fields.push(("log_density", "true".to_string()));
+    }
+    if let Some(t) = spec.flow_above {
+        fields.push(("flow_above", t.to_string()));
     }
     if let Some(f) = &spec.from_structure {
         fields.push((

@@ -435,6 +435,7 @@ fn parse_job(
             })?),
         },
         log_density: field(&map, job, "log_density")?.unwrap_or(false),
+        flow_above: field(&map, job, "flow_above")?,
         from_structure: match map.get("from_structure") {
             None => None,
             Some(f) => Some(serde_json::from_str(f).map_err(|_| {

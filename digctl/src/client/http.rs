@@ -369,6 +369,9 @@ pub struct SubmitRequest {
     pub from_structure: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from_time: Option<f64>,
+    /// The probability flow above this time (`flow_above`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow_above: Option<f64>,
 }
 
 /// `POST /v1/jobs` answer (202, or the full view on an idempotent replay).
@@ -579,6 +582,7 @@ mod tests {
             log_density: false,
             from_structure: None,
             from_time: None,
+            flow_above: None,
         };
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(

@@ -597,6 +597,7 @@ mod tests {
             network_calls_per_sample: None,
             filter: None,
             steering: None,
+            flow_above: None,
         };
         check_manifest(&m, job).unwrap();
         assert!(check_manifest(&m, JobId::new()).is_err());

@@ -18,10 +18,15 @@ pub struct StepPlan {
     pub sigma_rot: f64,
     /// `score_norm(sigma_rot)` from the IGSO(3) table.
     pub rot_score_norm: f64,
-    /// `g_T^2 dt`, the translation update's factor on `s_T`.
+    /// The translation update's factor on `s_T`: `c g_T^2 dt` (the
+    /// exponential integrator's gain for `Solver::Exp`).
     pub tr_gain: f64,
-    /// `g_R^2 dt`.
+    /// `c g_R^2 dt` (likewise).
     pub rot_gain: f64,
+    /// `c`, the drift factor of the ODE this step integrates: 1 for the
+    /// published ODE `dx/dtau = g^2 s`, 1/2 for the probability flow
+    /// (`Solver::Flow`, and the steps above `--flow-above`).
+    pub drift: f64,
 }
 
 /// How the sampler integrates its ODE (see the module documentation).
@@ -89,11 +94,44 @@ impl std::str::FromStr for Solver {
     }
 }
 
+/// The exponential integrator's gains of the step from `t` to `t - dt` for
+/// the ODE of drift factor `c` (1: published, 1/2: probability flow). With
+/// the score as a denoiser the published ODE keeps `T - T0 ~ sigma_tr^2`
+/// and `log(R R0^T) ~ sigma_rot^4` (the published `g_R` carries a factor
+/// 2), the probability flow their square roots; holding the denoised pose
+/// over the step, the exact gains are `sigma_tr^2 (1 - rho_tr^(2c))` and
+/// `sigma_rot^2 (1 - rho_rot^(4c))`, `rho = sigma(t - dt) / sigma(t)`.
+fn exp_gains(cfg: &ModelConfig, t: f64, dt: f64, c: f64) -> (f64, f64) {
+    let (tr_min, tr_max) = (cfg.tr_sigma_min, cfg.tr_sigma_max);
+    let (rot_min, rot_max) = (cfg.rot_sigma_min, cfg.rot_sigma_max);
+    let sigma_tr = tr_min.powf(1.0 - t) * tr_max.powf(t);
+    let sigma_rot = rot_min.powf(1.0 - t) * rot_max.powf(t);
+    let t_next = t - dt;
+    let next_tr = tr_min.powf(1.0 - t_next) * tr_max.powf(t_next);
+    let next_rot = rot_min.powf(1.0 - t_next) * rot_max.powf(t_next);
+    let (rho_tr, rho_rot) = (next_tr / sigma_tr, next_rot / sigma_rot);
+    if c == 1.0 {
+        // The published gains, as they have always been computed.
+        (
+            sigma_tr * sigma_tr * (1.0 - rho_tr * rho_tr),
+            sigma_rot * sigma_rot * (1.0 - rho_rot.powi(4)),
+        )
+    } else {
+        (
+            sigma_tr * sigma_tr * (1.0 - rho_tr.powf(2.0 * c)),
+            sigma_rot * sigma_rot * (1.0 - rho_rot.powf(4.0 * c)),
+        )
+    }
+}
+
 /// The whole step schedule of a run with `steps` steps.
 #[derive(Debug, Clone)]
 pub struct Schedule {
     pub steps: Vec<StepPlan>,
     pub solver: Solver,
+    /// The time above which the steps follow the probability flow
+    /// ([`Schedule::with_flow_above`]); `None`: the solver's own ODE.
+    pub flow_above: Option<f64>,
 }
 
 impl Schedule {
@@ -121,6 +159,7 @@ impl Schedule {
         let (tr_min, tr_max) = (cfg.tr_sigma_min, cfg.tr_sigma_max);
         let (rot_min, rot_max) = (cfg.rot_sigma_min, cfg.rot_sigma_max);
         let dt = 1.0 / steps as f64;
+        let drift = if solver == Solver::Flow { 0.5 } else { 1.0 };
         let plans = (0..steps)
             .map(|k| {
                 let t = 1.0 - k as f64 / steps as f64;
@@ -135,16 +174,9 @@ impl Schedule {
                 // The published code's factor 2 outside the root (sic).
                 let g_rot = 2.0 * sigma_rot * (rot_max / rot_min).ln().sqrt();
                 let (tr_gain, rot_gain) = if solver == Solver::Exp {
-                    let t_next = t - dt;
-                    let next_tr = tr_min.powf(1.0 - t_next) * tr_max.powf(t_next);
-                    let next_rot = rot_min.powf(1.0 - t_next) * rot_max.powf(t_next);
-                    let (rho_tr, rho_rot) = (next_tr / sigma_tr, next_rot / sigma_rot);
-                    (
-                        sigma_tr * sigma_tr * (1.0 - rho_tr * rho_tr),
-                        sigma_rot * sigma_rot * (1.0 - rho_rot.powi(4)),
-                    )
+                    exp_gains(cfg, t, dt, 1.0)
                 } else {
-                    (g_tr * g_tr * dt, g_rot * g_rot * dt)
+                    (g_tr * g_tr * dt * drift, g_rot * g_rot * dt * drift)
                 };
                 StepPlan {
                     t,
@@ -155,13 +187,49 @@ impl Schedule {
                     rot_score_norm: so3.score_norm(sigma_rot),
                     tr_gain,
                     rot_gain,
+                    drift,
                 }
             })
             .collect();
         Ok(Schedule {
             steps: plans,
             solver,
+            flow_above: None,
         })
+    }
+
+    /// The steps at times above `t_c` follow the probability-flow ODE (half
+    /// the published drift, `sampling::flow`), those at `t_c` and below the
+    /// solver's own: a sampler that carries the prior's spread down to
+    /// `t_c` as the probability flow does and then the published update's
+    /// robustness to an inexact score below it (examples/adk/README.md,
+    /// "Why the closed state is lost"). `t_c = 1` changes nothing; `t_c =
+    /// 0` is the probability flow throughout. Network calls are the solver's.
+    /// Refused for `Solver::Flow` (the flow throughout already).
+    pub fn with_flow_above(mut self, cfg: &ModelConfig, t_c: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&t_c) {
+            return Err(ModelError::Invalid(format!(
+                "--flow-above must be a diffusion time in [0, 1], got {t_c}"
+            )));
+        }
+        if self.solver == Solver::Flow {
+            return Err(ModelError::Invalid(
+                "--flow-above: --solver flow follows the probability flow at every step already; \
+                 use euler, exp, heun or ab2 below the switch"
+                    .into(),
+            ));
+        }
+        for plan in self.steps.iter_mut().filter(|p| p.t > t_c + 1e-12) {
+            plan.drift = 0.5;
+            if self.solver == Solver::Exp {
+                (plan.tr_gain, plan.rot_gain) = exp_gains(cfg, plan.t, plan.dt, 0.5);
+            } else {
+                plan.tr_gain *= 0.5;
+                plan.rot_gain *= 0.5;
+            }
+        }
+        self.flow_above = Some(t_c);
+        Ok(self)
     }
 
     /// The first step of a run that starts at diffusion time `from_time`
@@ -180,6 +248,7 @@ impl Schedule {
         Schedule {
             steps: self.steps[k.min(self.steps.len())..].to_vec(),
             solver: self.solver,
+            flow_above: self.flow_above,
         }
     }
 

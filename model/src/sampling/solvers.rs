@@ -26,6 +26,9 @@
 //!   whose solutions carry the noise distribution to the model's: Heun's
 //!   method on this grid (`flow::flow` integrates the same ODE on a
 //!   continuous grid for encoding, decoding and densities).
+//! * `Schedule::with_flow_above(t_c)`: any of the first four on the
+//!   probability flow above `t_c` and on the published ODE below (the
+//!   schedule's gains carry each step's drift factor).
 //!
 //! The [`Schedule`] holds every per-step scalar, computed once in f64;
 //! [`Sampler::run`] works on a batch of poses of one protein sharing one
@@ -171,7 +174,7 @@ pub fn integrate(
     mut on_step: impl FnMut(usize),
 ) -> (Tensor, Tensor) {
     let (mut tr, mut rot) = (tr, rot);
-    let mut previous: Option<(Tensor, Tensor)> = None;
+    let mut previous: Option<(Tensor, Tensor, f64)> = None;
     for (k, plan) in schedule.steps.iter().enumerate() {
         let (s_tr, s_rot) = field.score(&tr, &rot, plan);
         match schedule.solver {
@@ -179,25 +182,24 @@ pub fn integrate(
                 (tr, rot) = euler_update(&tr, &rot, &s_tr, &s_rot, plan);
             }
             Solver::Heun | Solver::Flow => {
-                // The probability-flow ODE moves by half the published drift.
-                let f = if schedule.solver == Solver::Flow {
-                    0.5
-                } else {
-                    1.0
-                };
-                let d_tr = &s_tr * (f * plan.tr_gain);
-                let d_rot = &s_rot * (f * plan.rot_gain);
+                // The gains carry the drift factor (1/2 on the probability
+                // flow's steps). The corrector's slope at t_{k+1} is that of
+                // this step's ODE: with `--flow-above` the next point may
+                // belong to the other one.
+                let d_tr = &s_tr * plan.tr_gain;
+                let d_rot = &s_rot * plan.rot_gain;
                 match next_point(schedule, k) {
                     None => {
                         tr = &tr + d_tr;
                         rot = expmap(&d_rot).matmul(&rot);
                     }
                     Some(next) => {
+                        let r = plan.drift / next.drift;
                         let tr_pred = &tr + &d_tr;
                         let rot_pred = expmap(&d_rot).matmul(&rot);
                         let (s2_tr, s2_rot) = field.score(&tr_pred, &rot_pred, &next);
-                        tr = &tr + (d_tr + s2_tr * (f * next.tr_gain)) * 0.5;
-                        let v = (d_rot + s2_rot * (f * next.rot_gain)) * 0.5;
+                        tr = &tr + (d_tr + s2_tr * (r * next.tr_gain)) * 0.5;
+                        let v = (d_rot + s2_rot * (r * next.rot_gain)) * 0.5;
                         rot = expmap(&v).matmul(&rot);
                     }
                 }
@@ -207,11 +209,23 @@ pub fn integrate(
                 let d_rot = &s_rot * plan.rot_gain;
                 let (v_tr, v_rot) = match &previous {
                     None => (d_tr.shallow_clone(), d_rot.shallow_clone()),
-                    Some((p_tr, p_rot)) => (&d_tr * 1.5 - p_tr * 0.5, &d_rot * 1.5 - p_rot * 0.5),
+                    // Across a `--flow-above` switch the previous slope is
+                    // taken on this step's ODE (the drift factors' ratio),
+                    // which keeps the method second order.
+                    Some((p_tr, p_rot, p_drift)) if *p_drift != plan.drift => {
+                        let r = plan.drift / p_drift;
+                        (
+                            &d_tr * 1.5 - p_tr * (0.5 * r),
+                            &d_rot * 1.5 - p_rot * (0.5 * r),
+                        )
+                    }
+                    Some((p_tr, p_rot, _)) => {
+                        (&d_tr * 1.5 - p_tr * 0.5, &d_rot * 1.5 - p_rot * 0.5)
+                    }
                 };
                 tr = &tr + v_tr;
                 rot = expmap(&v_rot).matmul(&rot);
-                previous = Some((d_tr, d_rot));
+                previous = Some((d_tr, d_rot, plan.drift));
             }
         }
         on_step(k);
