@@ -331,6 +331,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 "features": p.entry.features.display().to_string(),
                 "weight": p.entry.weight,
                 "residues": p.len_residues(),
+                "terminal_signal_nats": p.terminal_signal(cfg.tr_sigma_max),
                 "frames": p.frames.len(),
                 "train_frames": p.train.len(),
                 "val_frames": p.val.len(),
@@ -346,6 +347,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
             p.train.len(),
             p.val.len()
         );
+        let signal = p.terminal_signal(cfg.tr_sigma_max);
+        if signal > dig_model::dataset::TERMINAL_SIGNAL_WARN {
+            // The noise level that leaves 1.5 nats (AdK at 200 Å: 1.4).
+            let wide = cfg.tr_sigma_max * (signal / 1.5).sqrt();
+            eprintln!(
+                "warning: {}: at tr_sigma_max {} Å its training frames keep {signal:.1} nats of \
+                 structure at t = 1 (|x0|^2 / sigma^2), which the sampler's prior does not have; \
+                 models trained so fold mirror images (examples/adk/README.md, \"Stage 3\"). \
+                 --tr-sigma-max {:.0} leaves 1.5 nats.",
+                p.name,
+                cfg.tr_sigma_max,
+                wide.ceil()
+            );
+        }
     }
     eprintln!(
         "model: d_model {}, d_pair {}, {} layers, {} heads{}, {} parameters; {} steps of batch {} on {:?}, {} threads",

@@ -93,7 +93,38 @@ impl ProteinData {
     pub fn len_residues(&self) -> usize {
         self.features.len() as usize
     }
+
+    /// The structure a training frame keeps at t = 1, averaged over the
+    /// training frames: `|x0|^2 / tr_sigma_max^2` (nats; `x0` the frame's
+    /// CA translations, centred), the log-likelihood ratio of the frame's
+    /// own orientation against a random one under the last noise level.
+    /// The sampler starts from the prior, which holds none: a model trained
+    /// where this is large learns to read structure out of the noise, not
+    /// to fold a cloud without it (examples/adk/README.md, "Stage 3": 46.7
+    /// nats for AdK at 35 Å went with a quarter of mirror images; 1.4 at
+    /// 200 Å). 0 without training frames.
+    pub fn terminal_signal(&self, tr_sigma_max: f64) -> f64 {
+        if self.train.is_empty() {
+            return 0.0;
+        }
+        let total: f64 = self
+            .train
+            .iter()
+            .map(|&i| {
+                self.frames[i]
+                    .0
+                    .iter()
+                    .map(|&x| (x as f64) * (x as f64))
+                    .sum::<f64>()
+            })
+            .sum();
+        total / self.train.len() as f64 / (tr_sigma_max * tr_sigma_max)
+    }
 }
+
+/// `digctl train` warns above this terminal signal (nats; see
+/// [`ProteinData::terminal_signal`]).
+pub const TERMINAL_SIGNAL_WARN: f64 = 10.0;
 
 /// Loads every manifest entry: reads the trajectory, checks it against the
 /// features (residue count), builds frames and holds out `val_fraction` of

@@ -246,8 +246,10 @@ fn job_progress_lost_in_redis_is_rebuilt_from_the_object_store() {
         coordinator.log()
     );
 
-    // A cancelled job: the coordinator leaves a marker in the store.
-    let cancelled = submit(&c, &sha, 40, 32);
+    // A cancelled job: the coordinator leaves a marker in the store. Large
+    // enough (100 shards) that the two workers cannot finish it before the
+    // cancel arrives on a loaded machine (40 samples once did).
+    let cancelled = submit(&c, &sha, 1000, 32);
     c.client_ok(&c.key_a, &["cancel", &cancelled]);
     let marker = ObjectLayout::new(&c.namespace).job_state(cancelled.parse().unwrap());
     wait_until(

@@ -262,12 +262,57 @@ fn chiral_features_are_added_to_a_trained_model_and_sample_loads_it() {
 
     // --tr-sigma-max replaces the schedule's largest translation noise.
     let wide = dir.path().join("wide");
-    digctl_ok(&tiny_tune(
+    let text = digctl_ok(&tiny_tune(
         s(&data),
         s(&wide),
         s(&base),
         &["--steps", "1", "--tr-sigma-max", "100"],
     ));
+    assert!(!text.contains("warning"), "{text}");
+    // The structure a frame keeps at t = 1, |x0|^2 / sigma^2 of the centred
+    // CA atoms, is recorded, and warned about when large.
+    let pdb = std::fs::read_to_string(dir.path().join("frag.pdb")).unwrap();
+    let ca: Vec<[f64; 3]> = pdb
+        .lines()
+        .filter(|l| l.starts_with("ATOM") && &l[12..16] == " CA ")
+        .map(|l| [30, 38, 46].map(|c| l[c..c + 8].trim().parse::<f64>().unwrap()))
+        .collect();
+    assert_eq!(ca.len(), 20);
+    let mean: [f64; 3] = [0, 1, 2].map(|k| ca.iter().map(|a| a[k]).sum::<f64>() / 20.0);
+    let x0_sq: f64 = ca
+        .iter()
+        .map(|a| (0..3).map(|k| (a[k] - mean[k]).powi(2)).sum::<f64>())
+        .sum();
+    let recorded = |run: &Path| {
+        read(&run.join("training.json"))["data"]["trajectories"][0]["terminal_signal_nats"]
+            .as_f64()
+            .unwrap()
+    };
+    let want = x0_sq / 100.0 / 100.0;
+    assert!(
+        (recorded(&wide) - want).abs() < 1e-4 * want,
+        "{} vs {want}",
+        recorded(&wide)
+    );
+    let narrow = dir.path().join("narrow");
+    let text = digctl_ok(&tiny_tune(
+        s(&data),
+        s(&narrow),
+        s(&base),
+        &["--steps", "1", "--tr-sigma-max", "3"],
+    ));
+    let want = x0_sq / 9.0;
+    assert!(want > 10.0, "{want}");
+    assert!((recorded(&narrow) - want).abs() < 1e-4 * want);
+    let line = format!(
+        "at tr_sigma_max 3 Å its training frames keep {want:.1} nats of structure at t = 1"
+    );
+    assert!(text.contains("warning: ") && text.contains(&line), "{text}");
+    let wider = (3.0 * (want / 1.5).sqrt()).ceil();
+    assert!(
+        text.contains(&format!("--tr-sigma-max {wider:.0} leaves 1.5 nats")),
+        "{text}"
+    );
     let cfg = read(&wide.join("config.json"));
     assert_eq!(cfg["tr_sigma_max"], 100.0);
     assert!(cfg.get("chiral_features").is_none());
