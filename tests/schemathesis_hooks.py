@@ -19,6 +19,8 @@ here, in the cases generated to be valid only, each by name:
   the structures the test uploaded (`DIG_SCHEMATHESIS_STRUCTURES`),
   `from_time` 0.5 when absent; both are removed with steering;
 - `max_draw_factor` only with `filter`: `filter` is set to `physical`;
+- `flow_above` does not combine with steering, `log_density` or solver
+  `flow`: it is removed with any of them;
 - steering: the solver becomes `euler`, `window` is put in order
   (t_start >= t_end), potentials that depend on the protein (`rmsd`, `q`:
   a reference with one point per residue; `distance`: residues within it)
@@ -100,6 +102,12 @@ def usable(entry):
     if entry.get("steering") is not None:
         entry["solver"] = "euler"
         entry["steering"] = usable_steering(entry["steering"])
+    if entry.get("flow_above") is not None and (
+        entry.get("steering") is not None
+        or entry.get("log_density") is True
+        or entry.get("solver") == "flow"
+    ):
+        entry.pop("flow_above")
     return entry
 
 

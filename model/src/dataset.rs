@@ -100,9 +100,9 @@ impl ProteinData {
     /// own orientation against a random one under the last noise level.
     /// The sampler starts from the prior, which holds none: a model trained
     /// where this is large learns to read structure out of the noise, not
-    /// to fold a cloud without it (examples/adk/README.md, "Stage 3": 46.7
-    /// nats for AdK at 35 Å went with a quarter of mirror images; 1.4 at
-    /// 200 Å). 0 without training frames.
+    /// to fold a cloud without it (examples/adk/README.md, "Stage 3": 57.6
+    /// nats for AdK's DIMS frames at 35 Å went with a quarter of mirror
+    /// images; 1.8 at 200 Å). 0 without training frames.
     pub fn terminal_signal(&self, tr_sigma_max: f64) -> f64 {
         if self.train.is_empty() {
             return 0.0;
