@@ -9,12 +9,18 @@
 #      update 1600 (`--stop-at`);
 #   3. from stage 2's averaged weights, the schedule's largest translation
 #      noise raised to 200 Å (`--tr-sigma-max`; the README's "Mirror
-#      images" says why): 2000 updates of batch 16. Its model directory is
-#      examples/adk/model.
+#      images" says why): 2000 updates of batch 16, shipped 2026-12-04
+#      to 2026-12-05;
+#   4. from it, a 3000-update schedule at lr 4e-4 stopped at update 1000;
+#   5. from stage 4's averaged weights, four times as many draws at
+#      t >= 0.6 (`--high-t-weight 4 --high-t-from 0.6`): a 1000-update
+#      schedule run to update 600, then stretched to 2000 updates
+#      (`--resume --steps 2000`, as the shipped run was) and stopped at
+#      update 1800. Its model directory is examples/adk/model.
 # Every stage checkpoints every 100-500 updates; run the script again after
 # any interruption and it resumes where it stopped (finished stages are
-# kept). OUT (default train-adk) holds stage1/ stage2/ stage3/. About 3.5 h
-# on this 2-core machine (83 + 70 + 60 min). The first stage's initial
+# kept). OUT (default train-adk) holds stage1/ ... stage5/. About 5.5 h
+# on this 2-core machine (83 + 70 + 60 + 30 + 80 min). The first stage's initial
 # weights were drawn before commit acfaaef, so the result is an equivalent
 # model, not the shipped bytes; from stage 1's shipped weights on
 # (STAGE1=examples/adk/model-35A skips it) the runs are bit-reproducible on
@@ -50,4 +56,15 @@ train "$OUT/stage2" --init "$STAGE1" --steps 3000 --stop-at 1600 --batch-size 16
 train "$OUT/stage3" --init "$OUT/stage2" --tr-sigma-max 200 --steps 2000 --batch-size 16 \
     --lr 5e-4 --warmup 100 --seed 5 --checkpoint-every 100 --val-every 500 \
     --log-every 20 --threads 2 --ema 0.995 --model-weights ema
-echo "model: $OUT/stage3 (config.json, model.safetensors, training.json: what examples/adk/model holds)"
+train "$OUT/stage4" --init "$OUT/stage3" --tr-sigma-max 200 --steps 3000 --stop-at 1000 \
+    --batch-size 16 --lr 4e-4 --warmup 100 --seed 6 --checkpoint-every 100 --val-every 500 \
+    --log-every 20 --threads 2 --ema 0.995 --model-weights ema
+stage5=(--init "$OUT/stage4" --tr-sigma-max 200 --batch-size 16 --lr 3e-4 --warmup 50
+    --seed 7 --checkpoint-every 100 --val-every 500 --log-every 20 --threads 1
+    --ema 0.995 --model-weights ema --high-t-weight 4 --high-t-from 0.6)
+done5=$(grep -o '"steps_done": *[0-9]*' "$OUT/stage5/training.json" 2>/dev/null | grep -o '[0-9]*$' || echo 0)
+if (( done5 < 600 )); then
+    train "$OUT/stage5" "${stage5[@]}" --steps 1000 --stop-at 600
+fi
+train "$OUT/stage5" "${stage5[@]}" --steps 2000 --stop-at 1800
+echo "model: $OUT/stage5 (config.json, model.safetensors, training.json: what examples/adk/model holds)"
