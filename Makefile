@@ -51,7 +51,7 @@ run: build
 run-hp35: build
 	DIG_DEMO=hp35 DIGCTL=$(DIGCTL) scripts/demo.sh
 
-# The shipped AdK model's three-stage training recipe (examples/adk/README.md);
+# The shipped AdK model's five-stage training recipe (examples/adk/README.md);
 # run it again to resume after an interruption. OUT=... (default train-adk).
 train-adk: build
 	DIGCTL=$(DIGCTL) scripts/train-adk.sh
