@@ -16,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::ModelConfig;
 use crate::network::ScoreNetwork;
 use crate::sampling::expmap;
+use crate::sampling::schedule::sigma;
 use crate::so3::{self, So3Tables};
 use crate::{ModelError, Result};
 
@@ -166,8 +167,8 @@ impl Default for Igso3 {
 pub fn sigmas(cfg: &ModelConfig, k: i64) -> (f64, f64) {
     let t = 1.0 - k as f64 / cfg.n_time_step as f64;
     (
-        cfg.tr_sigma_min.powf(1.0 - t) * cfg.tr_sigma_max.powf(t),
-        cfg.rot_sigma_min.powf(1.0 - t) * cfg.rot_sigma_max.powf(t),
+        sigma(cfg.tr_sigma_min, cfg.tr_sigma_max, t),
+        sigma(cfg.rot_sigma_min, cfg.rot_sigma_max, t),
     )
 }
 

@@ -105,11 +105,11 @@ impl FlowTimes {
     }
 
     pub fn sigma_tr(&self, t: f64) -> f64 {
-        self.tr_min.powf(1.0 - t) * self.tr_max.powf(t)
+        super::schedule::sigma(self.tr_min, self.tr_max, t)
     }
 
     pub fn sigma_rot(&self, t: f64) -> f64 {
-        self.rot_min.powf(1.0 - t) * self.rot_max.powf(t)
+        super::schedule::sigma(self.rot_min, self.rot_max, t)
     }
 
     /// `g_T(t)^2 = d sigma_tr^2 / dt`.

@@ -94,6 +94,12 @@ impl std::str::FromStr for Solver {
     }
 }
 
+/// The noise level at diffusion time `t` of a geometric schedule from
+/// `min` (t = 0) to `max` (t = 1), as the published code computes it.
+pub fn sigma(min: f64, max: f64, t: f64) -> f64 {
+    min.powf(1.0 - t) * max.powf(t)
+}
+
 /// The exponential integrator's gains of the step from `t` to `t - dt` for
 /// the ODE of drift factor `c` (1: published, 1/2: probability flow). With
 /// the score as a denoiser the published ODE keeps `T - T0 ~ sigma_tr^2`
@@ -104,11 +110,11 @@ impl std::str::FromStr for Solver {
 fn exp_gains(cfg: &ModelConfig, t: f64, dt: f64, c: f64) -> (f64, f64) {
     let (tr_min, tr_max) = (cfg.tr_sigma_min, cfg.tr_sigma_max);
     let (rot_min, rot_max) = (cfg.rot_sigma_min, cfg.rot_sigma_max);
-    let sigma_tr = tr_min.powf(1.0 - t) * tr_max.powf(t);
-    let sigma_rot = rot_min.powf(1.0 - t) * rot_max.powf(t);
-    let t_next = t - dt;
-    let next_tr = tr_min.powf(1.0 - t_next) * tr_max.powf(t_next);
-    let next_rot = rot_min.powf(1.0 - t_next) * rot_max.powf(t_next);
+    let (sigma_tr, sigma_rot) = (sigma(tr_min, tr_max, t), sigma(rot_min, rot_max, t));
+    let (next_tr, next_rot) = (
+        sigma(tr_min, tr_max, t - dt),
+        sigma(rot_min, rot_max, t - dt),
+    );
     let (rho_tr, rho_rot) = (next_tr / sigma_tr, next_rot / sigma_rot);
     if c == 1.0 {
         // The published gains, as they have always been computed.
@@ -168,8 +174,8 @@ impl Schedule {
                 } else {
                     ((k * n) as f64 / steps as f64).round() as i64
                 };
-                let sigma_tr = tr_min.powf(1.0 - t) * tr_max.powf(t);
-                let sigma_rot = rot_min.powf(1.0 - t) * rot_max.powf(t);
+                let sigma_tr = sigma(tr_min, tr_max, t);
+                let sigma_rot = sigma(rot_min, rot_max, t);
                 let g_tr = sigma_tr * (2.0 * (tr_max / tr_min).ln()).sqrt();
                 // The published code's factor 2 outside the root (sic).
                 let g_rot = 2.0 * sigma_rot * (rot_max / rot_min).ln().sqrt();

@@ -211,16 +211,11 @@ pub fn integrate(
                     None => (d_tr.shallow_clone(), d_rot.shallow_clone()),
                     // Across a `--flow-above` switch the previous slope is
                     // taken on this step's ODE (the drift factors' ratio),
-                    // which keeps the method second order.
-                    Some((p_tr, p_rot, p_drift)) if *p_drift != plan.drift => {
-                        let r = plan.drift / p_drift;
-                        (
-                            &d_tr * 1.5 - p_tr * (0.5 * r),
-                            &d_rot * 1.5 - p_rot * (0.5 * r),
-                        )
-                    }
-                    Some((p_tr, p_rot, _)) => {
-                        (&d_tr * 1.5 - p_tr * 0.5, &d_rot * 1.5 - p_rot * 0.5)
+                    // which keeps the method second order; with equal
+                    // factors the weight is exactly 1/2.
+                    Some((p_tr, p_rot, p_drift)) => {
+                        let w = 0.5 * plan.drift / p_drift;
+                        (&d_tr * 1.5 - p_tr * w, &d_rot * 1.5 - p_rot * w)
                     }
                 };
                 tr = &tr + v_tr;
