@@ -880,27 +880,61 @@ impl Worker {
             .map_err(|e| WorkerError::Other(format!("job {job}: unreadable spec: {e}")))
     }
 
-    /// The model directory in the local cache, downloaded once.
+    /// The model directory in the local cache, downloaded once per version:
+    /// the directory is keyed by the store objects' ETags (two HEADs a
+    /// shard), so a model uploaded again under the same id is fetched again
+    /// and sampled, not the copy cached before.
     async fn local_model(&self, model: &str) -> Result<PathBuf, WorkerError> {
-        let dir = self.settings.cache_dir.join("models").join(model);
-        if dir.join("config.json").is_file() {
-            return Ok(dir);
+        // A few tries: an upload that lands between the HEADs and the GETs
+        // changes the version, and the next try fetches the new one.
+        for _ in 0..3 {
+            let files = ["model.safetensors", "config.json"];
+            let mut tags = Vec::with_capacity(files.len());
+            for file in files {
+                let meta = self
+                    .ctx
+                    .store
+                    .head(&self.ctx.layout.model_file(model, file))
+                    .await?;
+                tags.push(version_tag(&meta));
+            }
+            let dir = self
+                .settings
+                .cache_dir
+                .join("models")
+                .join(model)
+                .join(model_version(&tags));
+            if dir.join("config.json").is_file() {
+                return Ok(dir);
+            }
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(CommonError::from)?;
+            // Weights first, config last: a directory with a config is
+            // complete.
+            let mut changed = false;
+            for (file, tag) in files.iter().zip(&tags) {
+                let got = self
+                    .ctx
+                    .store
+                    .get(&self.ctx.layout.model_file(model, file))
+                    .await?;
+                if version_tag(&got.meta) != *tag {
+                    changed = true;
+                    break;
+                }
+                let bytes = got.bytes().await?;
+                write_atomically(&dir.join(file), &bytes).await?;
+            }
+            if !changed {
+                return Ok(dir);
+            }
+            // Complete or absent: drop the half-fetched version.
+            let _ = tokio::fs::remove_dir_all(&dir).await;
         }
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(CommonError::from)?;
-        // Weights first, config last: a directory with a config is complete.
-        for file in ["model.safetensors", "config.json"] {
-            let bytes = self
-                .ctx
-                .store
-                .get(&self.ctx.layout.model_file(model, file))
-                .await?
-                .bytes()
-                .await?;
-            write_atomically(&dir.join(file), &bytes).await?;
-        }
-        Ok(dir)
+        Err(WorkerError::Other(format!(
+            "model {model} changed in the store three times while this worker fetched it"
+        )))
     }
 
     /// A local copy of uploaded structures (a partial-diffusion job's
@@ -987,6 +1021,32 @@ pub fn device_name(device: Device) -> String {
         Device::Cuda(n) => format!("cuda:{n}"),
         other => format!("{other:?}").to_lowercase(),
     }
+}
+
+/// What identifies one upload of a store object: its ETag, or its size
+/// and modification time where the store gives none.
+fn version_tag(meta: &object_store::ObjectMeta) -> String {
+    match &meta.e_tag {
+        Some(tag) => tag.clone(),
+        None => format!(
+            "{}-{}",
+            meta.size,
+            meta.last_modified.timestamp_nanos_opt().unwrap_or_default()
+        ),
+    }
+}
+
+/// The local directory name of one version of a model: the first 16 hex
+/// digits of the SHA-256 of its files' tags, so that a model uploaded again
+/// under its id is fetched again instead of served stale from the cache.
+fn model_version(tags: &[String]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for tag in tags {
+        hasher.update(tag.as_bytes());
+        hasher.update(b"\n");
+    }
+    hex::encode(&hasher.finalize()[..8])
 }
 
 async fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WorkerError> {

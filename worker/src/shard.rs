@@ -1,7 +1,7 @@
 //! Sampling one shard, with the model and the protein context cached
 //! across shards.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dig_common::job::{JobSpec, ShardTask};
@@ -55,7 +55,9 @@ pub struct ShardSampler {
     so3: So3Tables,
     // The protein context borrows nothing from the model, but it is only
     // valid for the model that made it: dropping the model drops it too.
-    model: Option<(String, DigModel)>,
+    // Keyed by the model's local directory, not its id: the worker fetches
+    // a model re-uploaded under the same id into a new directory.
+    model: Option<(PathBuf, DigModel)>,
     protein: Option<LoadedProtein>,
     pub stats: CacheStats,
 }
@@ -73,8 +75,8 @@ impl ShardSampler {
         }
     }
 
-    fn model(&mut self, model_id: &str, model_dir: &Path) -> Result<&DigModel, ShardError> {
-        if self.model.as_ref().is_some_and(|(id, _)| id == model_id) {
+    fn model(&mut self, model_dir: &Path) -> Result<&DigModel, ShardError> {
+        if self.model.as_ref().is_some_and(|(dir, _)| dir == model_dir) {
             self.stats.model_hits += 1;
             metrics::worker().model_cache_hits.inc();
         } else {
@@ -82,7 +84,7 @@ impl ShardSampler {
             metrics::worker().model_cache_misses.inc();
             self.protein = None;
             self.model = Some((
-                model_id.to_string(),
+                model_dir.to_path_buf(),
                 DigModel::load_dir(model_dir, self.device)?,
             ));
         }
@@ -132,7 +134,7 @@ impl ShardSampler {
             index: task.index,
             message,
         };
-        self.model(&spec.model, model_dir)?;
+        self.model(model_dir)?;
         let (_, model) = self.model.as_ref().expect("model loaded");
         let cfg = model.net.config().clone();
         if self

@@ -3,7 +3,8 @@
 //! local run gives, and a redelivered shard neither duplicates nor changes
 //! anything; cancelled jobs' shards are skipped or stopped unwritten,
 //! shutdown finishes or requeues the shard in progress, transient store
-//! failures cost no attempt and workers dying on a shard do. Servers come
+//! failures cost no attempt and workers dying on a shard do, and a model
+//! uploaded again under its id is sampled, not the cached copy. Servers come
 //! from `scripts/services.sh` (`make test` runs it).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -226,8 +227,13 @@ impl Cluster {
 
 /// The bytes a single local sampler gives for shard `i` of `spec`.
 fn expected_shard(spec: &JobSpec, i: u64) -> Vec<u8> {
+    expected_shard_with(spec, i, &data(""))
+}
+
+/// [`expected_shard`] with the model in `model_dir`.
+fn expected_shard_with(spec: &JobSpec, i: u64, model_dir: &std::path::Path) -> Vec<u8> {
     let mut s = ShardSampler::new(Device::Cpu, 2, u64::MAX);
-    s.sample(spec, &spec.shard(i), &data(""), &data("features.npz"))
+    s.sample(spec, &spec.shard(i), model_dir, &data("features.npz"))
         .unwrap()
         .npz_bytes()
         .unwrap()
@@ -311,6 +317,60 @@ async fn a_redelivered_shard_counts_once_and_rewrites_identical_bytes() {
     assert!(first == second);
     let p = c.redis.get(spec.id).await.unwrap().unwrap();
     assert_eq!((p.shards_done, p.samples_done), (1, 2));
+    c.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_uploaded_again_under_its_id_is_sampled_not_the_cached_copy() {
+    let c = cluster().await;
+    let spec = c.submit(4, 2).await;
+    let w = Worker::new(c.ctx.clone(), c.settings("w1"));
+    w.process(&spec.shard(0)).await.unwrap();
+    c.assert_shard_is_local(&spec, 0).await;
+
+    // Other weights under the same id: the fixture's, each scaled by 0.9.
+    let other = tempfile::tempdir().unwrap();
+    let scaled: Vec<(String, tch::Tensor)> =
+        tch::Tensor::read_safetensors(data("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| (name, t * 0.9))
+            .collect();
+    tch::Tensor::write_safetensors(&scaled, other.path().join("model.safetensors")).unwrap();
+    std::fs::copy(data("config.json"), other.path().join("config.json")).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        let bytes = std::fs::read(other.path().join(file)).unwrap();
+        c.ctx
+            .store
+            .put(
+                &c.ctx.layout.model_file("dig-small", file),
+                PutPayload::from(bytes),
+            )
+            .await
+            .unwrap();
+    }
+
+    // The same worker, with the old model on disk and in memory, samples
+    // the next shard with the new one.
+    w.process(&spec.shard(1)).await.unwrap();
+    let got = c
+        .ctx
+        .store
+        .get(&c.ctx.layout.shard(spec.id, 1))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let new = expected_shard_with(&spec, 1, other.path());
+    assert!(
+        new != expected_shard(&spec, 1),
+        "the scaled model samples the same"
+    );
+    assert!(
+        got.as_ref() == new.as_slice(),
+        "shard 1 came from the cached old model"
+    );
     c.cleanup().await;
 }
 
