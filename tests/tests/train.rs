@@ -260,14 +260,19 @@ fn chiral_features_are_added_to_a_trained_model_and_sample_loads_it() {
     ]);
     assert!(run.join("samples.npz").is_file());
 
-    // --tr-sigma-max replaces the schedule's largest translation noise.
-    let wide = dir.path().join("wide");
-    let text = digctl_ok(&tiny_tune(
-        s(&data),
-        s(&wide),
-        s(&base),
-        &["--steps", "1", "--tr-sigma-max", "100"],
-    ));
+    // --tr-sigma-max replaces the schedule's largest translation noise: one
+    // update at that noise, into `dir/name`, with what the run printed.
+    let tune_at = |name: &str, sigma: &str| {
+        let out = dir.path().join(name);
+        let text = digctl_ok(&tiny_tune(
+            s(&data),
+            s(&out),
+            s(&base),
+            &["--steps", "1", "--tr-sigma-max", sigma],
+        ));
+        (out, text)
+    };
+    let (wide, text) = tune_at("wide", "100");
     assert!(!text.contains("warning"), "{text}");
     // The structure a frame keeps at t = 1, |x0|^2 / sigma^2 of the centred
     // CA atoms, is recorded, and warned about when large.
@@ -294,13 +299,7 @@ fn chiral_features_are_added_to_a_trained_model_and_sample_loads_it() {
         "{} vs {want}",
         recorded(&wide)
     );
-    let narrow = dir.path().join("narrow");
-    let text = digctl_ok(&tiny_tune(
-        s(&data),
-        s(&narrow),
-        s(&base),
-        &["--steps", "1", "--tr-sigma-max", "3"],
-    ));
+    let (narrow, text) = tune_at("narrow", "3");
     let want = x0_sq / 9.0;
     assert!(want > 10.0, "{want}");
     assert!((recorded(&narrow) - want).abs() < 1e-4 * want);
