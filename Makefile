@@ -16,7 +16,7 @@ help:
 	@echo "make run    sample adenylate kinase from the trained model through digctl standalone, fetch and score it"
 	@echo "make test   run every test"
 	@echo "make run-hp35  the same flow for HP35 with an UNTRAINED random model (pipeline only)"
-	@echo "make train-adk  retrain examples/adk/model: six stages, about 6.5 h on 2 cores, resumable (examples/adk/README.md)"
+	@echo "make train-adk  retrain examples/adk/model: six stages, about 7 h on 2 cores, resumable (examples/adk/README.md)"
 	@echo "make evaluate-adk  256 samples x 500 steps of the AdK model, scored (examples/adk/README.md)"
 	@echo "make chirality-adk  where and why the AdK model folds mirror images (examples/adk/README.md, about 10 min on one core)"
 	@echo "make bench  sampler benchmark (naive vs optimized, published architecture)"
