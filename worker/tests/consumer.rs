@@ -176,19 +176,23 @@ impl Cluster {
     /// Asserts that shard `i` of `spec` in the store is what a single
     /// local sampler gives, byte for byte.
     async fn assert_shard_is_local(&self, spec: &JobSpec, i: u64) {
-        let got = self
-            .ctx
+        let got = self.shard_bytes(spec, i).await;
+        assert!(
+            got.as_ref() == expected_shard(spec, i).as_slice(),
+            "shard {i} differs from the local run"
+        );
+    }
+
+    /// The bytes of shard `i` of `spec` in the store.
+    async fn shard_bytes(&self, spec: &JobSpec, i: u64) -> bytes::Bytes {
+        self.ctx
             .store
             .get(&self.ctx.layout.shard(spec.id, i))
             .await
             .unwrap()
             .bytes()
             .await
-            .unwrap();
-        assert!(
-            got.as_ref() == expected_shard(spec, i).as_slice(),
-            "shard {i} differs from the local run"
-        );
+            .unwrap()
     }
 
     async fn shard_exists(&self, spec: &JobSpec, i: u64) -> bool {
@@ -353,15 +357,7 @@ async fn a_model_uploaded_again_under_its_id_is_sampled_not_the_cached_copy() {
     // The same worker, with the old model on disk and in memory, samples
     // the next shard with the new one.
     w.process(&spec.shard(1)).await.unwrap();
-    let got = c
-        .ctx
-        .store
-        .get(&c.ctx.layout.shard(spec.id, 1))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = c.shard_bytes(&spec, 1).await;
     let new = expected_shard_with(&spec, 1, other.path());
     assert!(
         new != expected_shard(&spec, 1),
