@@ -19,12 +19,12 @@
 #      update 1800, shipped 2026-12-05;
 #   6. from stage 5's averaged weights, eight times as many draws at
 #      t >= 0.5 (`--high-t-weight 8 --high-t-from 0.5`): a 3000-update
-#      schedule stopped at update 1500 (update 900 was shipped first, the
-#      same day). Its model directory is examples/adk/model.
+#      schedule stopped at update 1800 (updates 900 and 1500 were shipped
+#      first, the same day). Its model directory is examples/adk/model.
 # Every stage checkpoints every 100-500 updates; run the script again after
 # any interruption and it resumes where it stopped (finished stages are
 # kept). OUT (default train-adk) holds stage1/ ... stage6/. About 7 h
-# on this 2-core machine (83 + 70 + 60 + 30 + 80 + 75 min). The first stage's initial
+# on this 2-core machine (83 + 70 + 60 + 30 + 80 + 90 min). The first stage's initial
 # weights were drawn before commit acfaaef, so the result is an equivalent
 # model, not the shipped bytes; from stage 1's shipped weights on
 # (STAGE1=examples/adk/model-35A skips it) the runs are bit-reproducible on
@@ -71,7 +71,7 @@ if (( done5 < 600 )); then
     train "$OUT/stage5" "${stage5[@]}" --steps 1000 --stop-at 600
 fi
 train "$OUT/stage5" "${stage5[@]}" --steps 2000 --stop-at 1800
-train "$OUT/stage6" --init "$OUT/stage5" --tr-sigma-max 200 --steps 3000 --stop-at 1500 \
+train "$OUT/stage6" --init "$OUT/stage5" --tr-sigma-max 200 --steps 3000 --stop-at 1800 \
     --batch-size 16 --lr 3e-4 --warmup 50 --seed 8 --checkpoint-every 100 --val-every 500 \
     --log-every 20 --threads 1 --ema 0.995 --model-weights ema \
     --high-t-weight 8 --high-t-from 0.5
