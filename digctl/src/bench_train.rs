@@ -111,6 +111,7 @@ fn native(cfg: &ModelConfig, l: i64, args: &BenchTrainArgs) -> Result<(Vec<f64>,
         dropout: 0.1,
         ema: None,
         time_weighting: None,
+        exact_target_above: None,
     };
     let data = synthetic_protein(cfg, l, 8);
     let mut trainer = Trainer::new(model, vec![data], opts)?;

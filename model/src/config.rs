@@ -35,6 +35,17 @@ pub struct ModelConfig {
     /// the published architecture and absent from its config files.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub chiral_features: bool,
+    /// Not published (examples/adk/README.md, "An orientation channel"):
+    /// each layer's point attention also averages value *directions*
+    /// `R_j^T p_j` (`attn.orient_value`, `ORIENT_POINTS` per head) without
+    /// the residues' positions, and feeds their mean in the residue's frame
+    /// to the output through `attn.orient_out` (zero-initialised, so adding
+    /// it to a trained model leaves its function unchanged). The published
+    /// value points carry `+ T_j`, which at high translation noise swamps
+    /// the consensus of the residues' orientations that the rotation score
+    /// needs there. Off in the published architecture.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub orientation_features: bool,
 }
 
 impl Default for ModelConfig {
@@ -55,6 +66,7 @@ impl Default for ModelConfig {
             rp_num_buckets: 64,
             rp_max_distance: 128,
             chiral_features: false,
+            orientation_features: false,
         }
     }
 }
@@ -63,6 +75,8 @@ impl Default for ModelConfig {
 pub const QUERY_POINTS: i64 = 4;
 /// Value points per head in point attention.
 pub const VALUE_POINTS: i64 = 8;
+/// Value directions per head with `orientation_features`.
+pub const ORIENT_POINTS: i64 = 4;
 
 impl ModelConfig {
     pub fn load(path: &Path) -> Result<Self> {

@@ -9,6 +9,7 @@ pub mod backbone;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
+pub mod empirical;
 pub mod error;
 pub mod evaluate;
 pub mod features;

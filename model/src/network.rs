@@ -11,7 +11,7 @@
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{ModelConfig, QUERY_POINTS, VALUE_POINTS};
+use crate::config::{ModelConfig, ORIENT_POINTS, QUERY_POINTS, VALUE_POINTS};
 use crate::kernels;
 
 /// Linear layer without bias, `y = x W^T`, as the published `bias=False` layers.
@@ -139,6 +139,10 @@ struct PointAttention {
     /// With `chiral_features`: the heads' handedness features into the
     /// output (`attn.chiral_out`, no bias, zero-initialised).
     chiral_out: Option<nn::Linear>,
+    /// With `orientation_features`: value directions (`attn.orient_value`,
+    /// no bias) and their mean in the residue's frame into the output
+    /// (`attn.orient_out`, no bias, zero-initialised).
+    orient: Option<(nn::Linear, nn::Linear)>,
 }
 
 /// The handedness of what the heads attend to: for each unordered triple of
@@ -216,6 +220,22 @@ impl PointAttention {
                         ws_init: nn::Init::Const(0.0),
                         ..Default::default()
                     },
+                )
+            }),
+            orient: cfg.orientation_features.then(|| {
+                let n = h * ORIENT_POINTS * 3;
+                (
+                    linear_nobias(&vs / "orient_value", d, n),
+                    nn::linear(
+                        &vs / "orient_out",
+                        n,
+                        d,
+                        nn::LinearConfig {
+                            bias: false,
+                            ws_init: nn::Init::Const(0.0),
+                            ..Default::default()
+                        },
+                    ),
                 )
             }),
         }
@@ -312,12 +332,32 @@ impl PointAttention {
             .chiral_out
             .as_ref()
             .map(|lin| lin.forward(&chiral_triples(&o_l, h)));
+        let orient = self.orient.as_ref().map(|(value, out)| {
+            // R_j^T p_j: directions in the global frame, no translation.
+            let n = ORIENT_POINTS * 3;
+            let dirs = value
+                .forward(x)
+                .view([b, l, h * ORIENT_POINTS, 3])
+                .matmul(frames.rot)
+                .view([b, l, h, n])
+                .permute([0, 2, 1, 3]); // (B, H, L, P*3)
+            let mean = attn
+                .matmul(&dirs)
+                .permute([0, 2, 1, 3])
+                .reshape([b, l, h * ORIENT_POINTS, 3])
+                .matmul(&frames.rot.transpose(-1, -2)) // R_i m: the residue's frame
+                .reshape([b, l, h * n]);
+            out.forward(&mean)
+        });
         let o_l = o_l.reshape([b, l, h * VALUE_POINTS * 3]);
-        let out = self.fc_out.forward(&Tensor::cat(&[o_s, o_l, o_z, o_n], -1));
-        match chiral {
-            Some(c) => out + c,
-            None => out,
+        let mut out = self.fc_out.forward(&Tensor::cat(&[o_s, o_l, o_z, o_n], -1));
+        if let Some(c) = chiral {
+            out += c;
         }
+        if let Some(o) = orient {
+            out += o;
+        }
+        out
     }
 }
 

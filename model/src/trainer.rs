@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::dataset::ProteinData;
+use crate::empirical::EmpiricalScore;
 use crate::training::{diffusion_loss, Adam, Batch, Ema, Igso3, Noise};
 use crate::weights::DigModel;
 use crate::{ModelError, Result};
@@ -55,6 +56,14 @@ pub struct TrainOptions {
     /// the published draw, so its losses compare across runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_weighting: Option<crate::training::TimeWeighting>,
+    /// Above this diffusion time the training targets are the exact score
+    /// of the protein's training frames at the perturbed pose (averaged
+    /// over global rotations, [`crate::empirical`]) instead of the score of
+    /// the one frame that was noised (`--exact-target-above`). The loss has
+    /// the same minimiser and far less variance where the noise hides which
+    /// frame it came from. Validation keeps the published targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact_target_above: Option<f64>,
 }
 
 impl TrainOptions {
@@ -109,6 +118,11 @@ impl TrainOptions {
             }
             if !(w.from > 0.0 && w.from < 1.0) {
                 return bad(format!("--high-t-from must be in (0, 1), got {}", w.from));
+            }
+        }
+        if let Some(t) = self.exact_target_above {
+            if !(0.0..1.0).contains(&t) {
+                return bad(format!("--exact-target-above must be in [0, 1), got {t}"));
             }
         }
         if !(0.0..=1.0).contains(&self.min_lr_fraction) {
@@ -173,6 +187,9 @@ pub struct Trainer {
     /// Training seconds of earlier sessions of this run (resumed).
     pub seconds_before: f64,
     window: Vec<(f64, f64, f64, f64)>,
+    /// Exact-score targets per (protein, crop start, crop length), built on
+    /// first use from the protein's training frames.
+    exact: HashMap<(usize, usize, usize), EmpiricalScore>,
 }
 
 /// The result of one update.
@@ -226,6 +243,7 @@ impl Trainer {
             ema,
             seconds_before: 0.0,
             window: Vec::new(),
+            exact: HashMap::new(),
         })
     }
 
@@ -289,6 +307,8 @@ impl Trainer {
 
     /// The loss of `frames` of protein `p` over the crop `[start, start+len)`
     /// with noise drawn from `rng`; `dropout` as in [`diffusion_loss`].
+    /// `training`: time steps and targets as the options say (weighted,
+    /// exact above a time); otherwise the published draw and targets.
     fn batch_loss(
         &mut self,
         rng: &mut ChaCha20Rng,
@@ -296,8 +316,12 @@ impl Trainer {
         frames: &[usize],
         (start, len): (usize, usize),
         dropout: Option<f64>,
-        weighting: Option<crate::training::TimeWeighting>,
+        training: bool,
     ) -> Result<crate::training::LossParts> {
+        let (weighting, exact_above) = match training {
+            true => (self.opts.time_weighting, self.opts.exact_target_above),
+            false => (None, None),
+        };
         let batch = self.batch(p, frames, start, len);
         let cfg = self.model.net.config();
         let noise = match weighting {
@@ -305,7 +329,40 @@ impl Trainer {
             Some(w) => Noise::draw_weighted(rng, frames.len(), len, cfg, &mut self.igso, &w)?,
         };
         let (single, pair) = self.features(p, start, len);
-        Ok(diffusion_loss(
+        let Some(above) = exact_above else {
+            return Ok(diffusion_loss(
+                &self.model.net,
+                &single,
+                &pair,
+                &batch,
+                &noise,
+                &mut self.igso,
+                dropout,
+            ));
+        };
+        let mut emp_rng = ChaCha20Rng::seed_from_u64(rng.next_u64());
+        let prot = &self.data[p];
+        let emp = self.exact.entry((p, start, len)).or_insert_with(|| {
+            let cropped: Vec<(Vec<f32>, Vec<f32>)> = prot
+                .train
+                .iter()
+                .map(|&f| {
+                    let (t, r) = &prot.frames[f];
+                    (
+                        t[start * 3..(start + len) * 3].to_vec(),
+                        r[start * 9..(start + len) * 9].to_vec(),
+                    )
+                })
+                .collect();
+            EmpiricalScore::new(&cropped)
+        });
+        let mut targets = |t: f64, tr: &Tensor, rot: &Tensor, s_tr: f64, s_rot: f64| {
+            (t > above).then(|| {
+                let (a, b, _) = emp.score_batch(tr, rot, s_tr, s_rot, &mut emp_rng);
+                (a, b)
+            })
+        };
+        Ok(crate::training::diffusion_loss_with(
             &self.model.net,
             &single,
             &pair,
@@ -313,6 +370,7 @@ impl Trainer {
             &noise,
             &mut self.igso,
             dropout,
+            Some(&mut targets),
         ))
     }
 
@@ -339,8 +397,7 @@ impl Trainer {
         // everything else from the ChaCha stream.
         tch::manual_seed((self.opts.seed.wrapping_mul(1_000_003) ^ s) as i64 & i64::MAX);
         let dropout = (self.opts.dropout > 0.0).then_some(self.opts.dropout);
-        let weighting = self.opts.time_weighting;
-        let parts = self.batch_loss(&mut rng, p, &frames, (start, len), dropout, weighting)?;
+        let parts = self.batch_loss(&mut rng, p, &frames, (start, len), dropout, true)?;
         self.adam.zero_grad();
         parts.loss.backward();
         let grad_norm = self.adam.clip_grad_norm(self.opts.clip);
@@ -454,7 +511,7 @@ impl Trainer {
             for &f in &val {
                 for _ in 0..repeats {
                     let crop = self.crop(&mut rng, l);
-                    let parts = self.batch_loss(&mut rng, p, &[f, f], crop, None, None)?;
+                    let parts = self.batch_loss(&mut rng, p, &[f, f], crop, None, false)?;
                     sum.0 += parts.loss.double_value(&[]);
                     sum.1 += parts.tr_loss.double_value(&[]);
                     sum.2 += parts.rot_loss.double_value(&[]);

@@ -343,6 +343,28 @@ pub fn diffusion_loss(
     igso: &mut Igso3,
     dropout: Option<f64>,
 ) -> LossParts {
+    diffusion_loss_with(net, single, pair, batch, noise, igso, dropout, None)
+}
+
+/// Score targets in place of the noise's own: called per example with its
+/// diffusion time, perturbed pose `tr (1, L, 3)`, `rot (1, L, 3, 3)` and
+/// noise levels; `Some((s_T, s_R))` (each `(1, L, 3)`, the sampler's
+/// convention) replaces that example's targets.
+pub type TargetFn<'a> = dyn FnMut(f64, &Tensor, &Tensor, f64, f64) -> Option<(Tensor, Tensor)> + 'a;
+
+/// [`diffusion_loss`] with the targets of some examples given by `targets`
+/// (`digctl train --exact-target-above`).
+#[allow(clippy::too_many_arguments)]
+pub fn diffusion_loss_with(
+    net: &ScoreNetwork,
+    single: &Tensor,
+    pair: &Tensor,
+    batch: &Batch,
+    noise: &Noise,
+    igso: &mut Igso3,
+    dropout: Option<f64>,
+    targets: Option<&mut TargetFn<'_>>,
+) -> LossParts {
     let cfg = net.config();
     let dev = batch.tr.device();
     let (b, l, _) = batch.tr.size3().expect("tr (B, L, 3)");
@@ -379,6 +401,31 @@ pub fn diffusion_loss(
         .masked_fill(&pad.unsqueeze(-1), 0.0);
     let tr_target = (-&z / tr_sigma.view([b, 1, 1])).masked_fill(&pad, 0.0);
     let rot_target = (&rot_score / rot_score_norm.view([b, 1, 1])).masked_fill(&pad, 0.0);
+    if let Some(f) = targets {
+        let _guard = tch::no_grad_guard();
+        let n = cfg.n_time_step as f64;
+        for (i, &k) in noise.steps.iter().enumerate() {
+            let i64_ = i as i64;
+            let padded = batch.mask.get(i64_).any().int64_value(&[]) != 0;
+            if padded {
+                continue;
+            }
+            let (st, sr) = sigmas(cfg, k);
+            let t = 1.0 - k as f64 / n;
+            if let Some((s_t, s_r)) = f(
+                t,
+                &tr_pert.narrow(0, i64_, 1),
+                &rot_pert.narrow(0, i64_, 1),
+                st,
+                sr,
+            ) {
+                tr_target.narrow(0, i64_, 1).copy_(&(s_t * st));
+                rot_target
+                    .narrow(0, i64_, 1)
+                    .copy_(&(s_r / igso.score_norm(sr)));
+            }
+        }
+    }
     let step = Tensor::from_slice(&noise.steps).to_device(dev);
     let (pred_tr, pred_rot) = net.forward_train(
         single,

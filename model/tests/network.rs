@@ -300,3 +300,83 @@ fn with_config_copies_weights_and_refuses_another_shape() {
         "{err}"
     );
 }
+
+#[test]
+fn orientation_features_start_at_zero_and_keep_the_network_equivariant() {
+    let model = DigModel::load_dir(&data(""), Device::Cpu).unwrap();
+    let mut cfg = model.net.config().clone();
+    cfg.orientation_features = true;
+    let oriented = model.with_config(&cfg).unwrap();
+    let old: BTreeMap<String, Vec<i64>> = model.state_dict_shapes().into_iter().collect();
+    let new: BTreeMap<String, Vec<i64>> = oriented.state_dict_shapes().into_iter().collect();
+    let added: Vec<String> = new
+        .keys()
+        .filter(|k| !old.contains_key(*k))
+        .cloned()
+        .collect();
+    let n = cfg.n_heads * dig_model::config::ORIENT_POINTS * 3;
+    let mut expected = Vec::new();
+    for i in 0..cfg.n_layer {
+        expected.push(format!(
+            "st_module.encoder.layers.{i}.attn.orient_out.weight"
+        ));
+        expected.push(format!(
+            "st_module.encoder.layers.{i}.attn.orient_value.weight"
+        ));
+    }
+    assert_eq!(added, expected);
+    assert_eq!(new[&expected[0]], vec![cfg.d_model, n]);
+    assert_eq!(new[&expected[1]], vec![n, cfg.d_model]);
+
+    let f = npz("features.npz");
+    let fw = npz("forward.npz");
+    let (tr, rot) = (fw["tr"].shallow_clone(), fw["rot_mat"].shallow_clone());
+    let run = |m: &DigModel, tr: &Tensor, rot: &Tensor| {
+        let ctx = m.net.prepare(&f["single"], &f["pair"], u64::MAX);
+        m.net
+            .forward_step(&ctx, tr, rot, Some(&fw["mask"]), &fw["step"])
+    };
+    let ((t0, r0), (t1, r1)) = (run(&model, &tr, &rot), run(&oriented, &tr, &rot));
+    assert!(
+        t0.equal(&t1) && r0.equal(&r1),
+        "zero orient_out must add exactly 0"
+    );
+
+    // Non-zero output weights: the new path carries signal, and turning the
+    // whole pose (T -> Q T, R -> R Q^T) turns the translation score with it
+    // and leaves the rotation score alone.
+    tch::manual_seed(4);
+    let named: Vec<(String, Tensor)> = oriented
+        .state_dict()
+        .into_iter()
+        .map(|(k, t)| {
+            if k.ends_with("orient_out.weight") {
+                let r = Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.5;
+                (k, r)
+            } else {
+                (k, t)
+            }
+        })
+        .collect();
+    let oriented = DigModel::from_tensors(&cfg, named, Device::Cpu).unwrap();
+    let (t2, r2) = run(&oriented, &tr, &rot);
+    assert!(max_abs_diff(&t2, &t0) > 1e-3 && max_abs_diff(&r2, &r0) > 1e-3);
+    let q = rotation([0.3, -0.5, 0.8], 2.1);
+    let (t3, r3) = run(&oriented, &tr.matmul(&q.tr()), &rot.matmul(&q.tr()));
+    let (dt, dr) = (
+        max_abs_diff(&t3, &t2.matmul(&q.tr())),
+        max_abs_diff(&r3, &r2),
+    );
+    assert!(
+        dt < 1e-4 && dr < 1e-4,
+        "translation score {dt}, rotation score {dr}"
+    );
+    // Moving the whole pose changes nothing either.
+    let shift = Tensor::from_slice(&[40f32, -25.0, 13.0]).view([1, 1, 3]);
+    let (t4, r4) = run(&oriented, &(&tr + shift), &rot);
+    let (dt, dr) = (max_abs_diff(&t4, &t2), max_abs_diff(&r4, &r2));
+    assert!(
+        dt < 1e-3 && dr < 1e-3,
+        "after a shift: translation {dt}, rotation {dr}"
+    );
+}

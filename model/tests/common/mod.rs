@@ -80,6 +80,7 @@ pub fn options(steps: u64) -> TrainOptions {
         dropout: 0.1, // dropout's generator is part of what must resume exactly
         ema: None,
         time_weighting: None,
+        exact_target_above: None,
     }
 }
 
