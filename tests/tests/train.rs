@@ -260,6 +260,55 @@ fn chiral_features_are_added_to_a_trained_model_and_sample_loads_it() {
     ]);
     assert!(run.join("samples.npz").is_file());
 
+    // --orientation-features likewise (with exact targets at high noise,
+    // which training.json records): added at zero, trained, loadable.
+    let oriented = dir.path().join("oriented");
+    digctl_ok(&tiny_tune(
+        s(&data),
+        s(&oriented),
+        s(&base),
+        &[
+            "--steps",
+            "3",
+            "--orientation-features",
+            "--exact-target-above",
+            "0.5",
+        ],
+    ));
+    assert_eq!(
+        read(&oriented.join("config.json"))["orientation_features"],
+        true
+    );
+    let summary = read(&oriented.join("training.json"));
+    assert_eq!(summary["init"]["added"], "orientation_features");
+    assert_eq!(summary["hyperparameters"]["exact_target_above"], 0.5);
+    let weights = tch::Tensor::read_safetensors(oriented.join("model.safetensors")).unwrap();
+    let out: Vec<_> = weights
+        .iter()
+        .filter(|(k, _)| k.ends_with("attn.orient_out.weight"))
+        .collect();
+    assert_eq!(out.len(), 2);
+    for (k, t) in out {
+        // 4 heads x 4 directions x 3 into d_model 32.
+        assert_eq!(t.size(), vec![32, 48], "{k}");
+        assert!(t.abs().max().double_value(&[]) > 0.0, "{k} is still zero");
+    }
+    let run = dir.path().join("oriented-samples");
+    digctl_ok(&[
+        "sample",
+        "--model",
+        s(&oriented),
+        "--features",
+        s(&feats),
+        "--num-samples",
+        "2",
+        "--steps",
+        "5",
+        "--out",
+        s(&run),
+    ]);
+    assert!(run.join("samples.npz").is_file());
+
     // --tr-sigma-max replaces the schedule's largest translation noise: one
     // update at that noise, into `dir/name`, with what the run printed.
     let tune_at = |name: &str, sigma: &str| {
@@ -450,6 +499,13 @@ fn bad_training_input_is_refused_with_a_message_naming_the_problem() {
     // An odd batch size.
     let err = run(&[line(&pdb, &feats)], &["--batch-size", "3"]);
     assert!(err.contains("--batch-size must be even"), "{err}");
+
+    // An exact-target threshold outside the diffusion times.
+    let err = run(&[line(&pdb, &feats)], &["--exact-target-above", "1.5"]);
+    assert!(
+        err.contains("--exact-target-above must be in [0, 1), got 1.5"),
+        "{err}"
+    );
 
     // Nothing half-written: no failed run left a model directory behind.
     assert!(!out.join("config.json").exists());
