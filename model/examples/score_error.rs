@@ -11,7 +11,11 @@
 //! network's outputs and the exact score ([`dig_model::empirical`], all the
 //! entry's frames) in the units of the training targets, beside the mean
 //! square of the exact score and the published loss against the noise's own
-//! target (which exceeds the first by the target's variance).
+//! target (which exceeds the first by the target's variance). The last two
+//! columns put the translation error in ångström: the RMS distance between
+//! the network's denoised positions `x + sigma^2 s_T` and the exact ones,
+//! and the RMS size of the exact ones (the frames' CA positions, turned and
+//! averaged by the posterior).
 
 use std::path::Path;
 
@@ -64,12 +68,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         l,
         per_time
     );
-    println!("t     sigma_tr sigma_rot | tr: (net-exact)^2  exact^2  (net-noise)^2 | rot: (net-exact)^2  exact^2  (net-noise)^2");
+    println!(
+        "t     sigma_tr sigma_rot | tr: (net-exact)^2  exact^2  (net-noise)^2 | rot: (net-exact)^2  exact^2  (net-noise)^2 | x0 err Å  E[x0] Å"
+    );
     for t in [0.98, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.3] {
         let k = ((1.0 - t) * cfg.n_time_step as f64).round() as i64;
         let (st, sr) = sigmas(&cfg, k);
         let norm = igso.score_norm(sr);
-        let mut acc = [0.0f64; 6];
+        let mut acc = [0.0f64; 7];
         for _ in 0..per_time {
             let f = (r.next_u64() % prot.frames.len() as u64) as usize;
             let (t0, r0) = &prot.frames[f];
@@ -112,6 +118,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let n_rot = Tensor::from_slice(&s_noise.iter().map(|&x| x as f32).collect::<Vec<_>>())
                 .view([1, l as i64, 3]);
             let m = |x: Tensor| x.square().mean(Kind::Float).double_value(&[]);
+            // The exact denoised positions E[G T0 | x] = x + sigma^2 s_T.
+            acc[6] += m(&trt + &e_tr * st);
             acc[0] += m(&p_tr - &e_tr);
             acc[1] += m(e_tr.shallow_clone());
             acc[2] += m(&p_tr - &n_tr);
@@ -121,8 +129,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let a = acc.map(|x| x / per_time as f64);
         println!(
-            "{t:<5} {st:>8.2} {sr:>9.3} | {:>17.4} {:>8.4} {:>14.4} | {:>18.4} {:>8.4} {:>14.4}",
-            a[0], a[1], a[2], a[3], a[4], a[5]
+            "{t:<5} {st:>8.2} {sr:>9.3} | {:>17.4} {:>8.4} {:>14.4} | {:>18.4} {:>8.4} {:>14.4} | {:>9.2} {:>9.2}",
+            a[0],
+            a[1],
+            a[2],
+            a[3],
+            a[4],
+            a[5],
+            st * a[0].sqrt(),
+            a[6].sqrt()
         );
     }
     Ok(())

@@ -273,6 +273,16 @@ impl PointAttention {
         let k = heads(self.scalar_key.forward(x));
         let v = heads(self.scalar_value.forward(x));
         let a_s = q.matmul(&k.transpose(-1, -2)) * (1.0 / ((3 * c) as f64).sqrt()); // (B, H, L, L)
+                                                                                    // The orientation channel's attention: scalar and pair terms only.
+                                                                                    // Point distances grow with the translation noise and would make it
+                                                                                    // attend to whatever few residues the noise put nearest.
+        let orient_attn = self.orient.as_ref().map(|_| {
+            let mut logits = &a_s + &pair.bias;
+            if let Some(mb) = mask_bias {
+                logits += mb;
+            }
+            logits.softmax(-1, Kind::Float)
+        });
 
         let pts =
             |lin: &nn::Linear, n: i64| frames.to_global(&lin.forward(x).view([b, l, h * n, 3])); // (B, L, H*n, 3)
@@ -332,23 +342,27 @@ impl PointAttention {
             .chiral_out
             .as_ref()
             .map(|lin| lin.forward(&chiral_triples(&o_l, h)));
-        let orient = self.orient.as_ref().map(|(value, out)| {
-            // R_j^T p_j: directions in the global frame, no translation.
-            let n = ORIENT_POINTS * 3;
-            let dirs = value
-                .forward(x)
-                .view([b, l, h * ORIENT_POINTS, 3])
-                .matmul(frames.rot)
-                .view([b, l, h, n])
-                .permute([0, 2, 1, 3]); // (B, H, L, P*3)
-            let mean = attn
-                .matmul(&dirs)
-                .permute([0, 2, 1, 3])
-                .reshape([b, l, h * ORIENT_POINTS, 3])
-                .matmul(&frames.rot.transpose(-1, -2)) // R_i m: the residue's frame
-                .reshape([b, l, h * n]);
-            out.forward(&mean)
-        });
+        let orient = self
+            .orient
+            .as_ref()
+            .zip(orient_attn)
+            .map(|((value, out), attn)| {
+                // R_j^T p_j: directions in the global frame, no translation.
+                let n = ORIENT_POINTS * 3;
+                let dirs = value
+                    .forward(x)
+                    .view([b, l, h * ORIENT_POINTS, 3])
+                    .matmul(frames.rot)
+                    .view([b, l, h, n])
+                    .permute([0, 2, 1, 3]); // (B, H, L, P*3)
+                let mean = attn
+                    .matmul(&dirs)
+                    .permute([0, 2, 1, 3])
+                    .reshape([b, l, h * ORIENT_POINTS, 3])
+                    .matmul(&frames.rot.transpose(-1, -2)) // R_i m: the residue's frame
+                    .reshape([b, l, h * n]);
+                out.forward(&mean)
+            });
         let o_l = o_l.reshape([b, l, h * VALUE_POINTS * 3]);
         let mut out = self.fc_out.forward(&Tensor::cat(&[o_s, o_l, o_z, o_n], -1));
         if let Some(c) = chiral {
