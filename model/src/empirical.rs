@@ -432,22 +432,6 @@ impl EmpiricalScore {
             }
         }
         let cum: f64 = keep.iter().map(|k| k.1).sum();
-        let order = [keep
-            .iter()
-            .copied()
-            .fold((0, 0.0), |a, k| if k.1 > a.1 { k } else { a })
-            .0];
-        if std::env::var("DIG_EMP_DEBUG").is_ok() {
-            let j = order[0];
-            eprintln!(
-                "g*={:?} best={:?} frame={} w={} ess={ess} keep={}",
-                comps[j % n].center,
-                gs[j / n],
-                j % n,
-                w[j],
-                keep.len()
-            );
-        }
         let mut s_tr = vec![[0.0; 3]; l];
         let mut s_rot = vec![[0.0; 3]; l];
         for &(j, wj) in &keep {
@@ -667,7 +651,6 @@ mod tests {
             v_all.push(v);
         }
         emp.proposals = 256;
-        eprintln!("g = {g:?}");
         let (s_tr, s_rot, d) = emp.score(&x, &rr, st, sr, &mut rng);
         assert_eq!(d.top_frame, i);
         assert!(d.top_weight > 0.999, "{d:?}");

@@ -342,6 +342,11 @@ impl Trainer {
         };
         let mut emp_rng = ChaCha20Rng::seed_from_u64(rng.next_u64());
         let prot = &self.data[p];
+        // One entry per crop window: bounded, for long proteins cropped at
+        // many places (each holds the training frames of its window).
+        if self.exact.len() >= 32 && !self.exact.contains_key(&(p, start, len)) {
+            self.exact.clear();
+        }
         let emp = self.exact.entry((p, start, len)).or_insert_with(|| {
             let cropped: Vec<(Vec<f32>, Vec<f32>)> = prot
                 .train
