@@ -23,10 +23,10 @@
 use std::collections::HashMap;
 use std::f64::consts::PI;
 
-use rand::RngCore;
 use rand_chacha::ChaCha20Rng;
 use tch::{Kind, Tensor};
 
+use crate::rng::{quaternion_to_matrix, uniform};
 use crate::sampling::flow::logmap;
 use crate::so3::{self, So3Tables};
 
@@ -73,10 +73,6 @@ pub fn rng(seed: u64) -> ChaCha20Rng {
     ChaCha20Rng::seed_from_u64(seed)
 }
 
-fn uniform(rng: &mut ChaCha20Rng) -> f64 {
-    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-}
-
 fn normal(rng: &mut ChaCha20Rng) -> f64 {
     let u1 = uniform(rng).max(1e-300);
     let u2 = uniform(rng);
@@ -85,20 +81,9 @@ fn normal(rng: &mut ChaCha20Rng) -> f64 {
 
 /// A rotation uniform in Haar measure (a normalised Gaussian quaternion).
 fn uniform_rotation(rng: &mut ChaCha20Rng) -> M3 {
-    let q: Vec<f64> = (0..4).map(|_| normal(rng)).collect();
+    let q = [normal(rng), normal(rng), normal(rng), normal(rng)];
     let n = q.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let (r, i, j, k) = (q[0] / n, q[1] / n, q[2] / n, q[3] / n);
-    [
-        1.0 - 2.0 * (j * j + k * k),
-        2.0 * (i * j - k * r),
-        2.0 * (i * k + j * r),
-        2.0 * (i * j + k * r),
-        1.0 - 2.0 * (i * i + k * k),
-        2.0 * (j * k - i * r),
-        2.0 * (i * k - j * r),
-        2.0 * (j * k + i * r),
-        1.0 - 2.0 * (i * i + j * j),
-    ]
+    quaternion_to_matrix(q.map(|v| v / n))
 }
 
 /// `log f(w; sigma)` (the IGSO(3) density against the normalised Haar
@@ -594,7 +579,7 @@ fn log_add(a: f64, b: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
+    use rand::{RngCore, SeedableRng};
 
     fn structure(seed: u64, l: usize) -> (Vec<f32>, Vec<f32>) {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);

@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dataset::ProteinData;
 use crate::empirical::EmpiricalScore;
-use crate::training::{diffusion_loss, Adam, Batch, Ema, Igso3, Noise};
+use crate::training::{Adam, Batch, Ema, Igso3, Noise};
 use crate::weights::DigModel;
 use crate::{ModelError, Result};
 
@@ -306,7 +306,8 @@ impl Trainer {
     }
 
     /// The loss of `frames` of protein `p` over the crop `[start, start+len)`
-    /// with noise drawn from `rng`; `dropout` as in [`diffusion_loss`].
+    /// with noise drawn from `rng`; `dropout` as in
+    /// [`diffusion_loss`](crate::training::diffusion_loss).
     /// `training`: time steps and targets as the options say (weighted,
     /// exact above a time); otherwise the published draw and targets.
     fn batch_loss(
@@ -329,44 +330,43 @@ impl Trainer {
             Some(w) => Noise::draw_weighted(rng, frames.len(), len, cfg, &mut self.igso, &w)?,
         };
         let (single, pair) = self.features(p, start, len);
-        let Some(above) = exact_above else {
-            return Ok(diffusion_loss(
-                &self.model.net,
-                &single,
-                &pair,
-                &batch,
-                &noise,
-                &mut self.igso,
-                dropout,
-            ));
+        let mut exact = match exact_above {
+            None => None,
+            Some(above) => {
+                let emp_rng = ChaCha20Rng::seed_from_u64(rng.next_u64());
+                let prot = &self.data[p];
+                // One entry per crop window: bounded, for long proteins
+                // cropped at many places (each holds the training frames of
+                // its window).
+                if self.exact.len() >= 32 && !self.exact.contains_key(&(p, start, len)) {
+                    self.exact.clear();
+                }
+                let emp = self.exact.entry((p, start, len)).or_insert_with(|| {
+                    let cropped: Vec<(Vec<f32>, Vec<f32>)> = prot
+                        .train
+                        .iter()
+                        .map(|&f| {
+                            let (t, r) = &prot.frames[f];
+                            (
+                                t[start * 3..(start + len) * 3].to_vec(),
+                                r[start * 9..(start + len) * 9].to_vec(),
+                            )
+                        })
+                        .collect();
+                    EmpiricalScore::new(&cropped)
+                });
+                Some((above, emp, emp_rng))
+            }
         };
-        let mut emp_rng = ChaCha20Rng::seed_from_u64(rng.next_u64());
-        let prot = &self.data[p];
-        // One entry per crop window: bounded, for long proteins cropped at
-        // many places (each holds the training frames of its window).
-        if self.exact.len() >= 32 && !self.exact.contains_key(&(p, start, len)) {
-            self.exact.clear();
-        }
-        let emp = self.exact.entry((p, start, len)).or_insert_with(|| {
-            let cropped: Vec<(Vec<f32>, Vec<f32>)> = prot
-                .train
-                .iter()
-                .map(|&f| {
-                    let (t, r) = &prot.frames[f];
-                    (
-                        t[start * 3..(start + len) * 3].to_vec(),
-                        r[start * 9..(start + len) * 9].to_vec(),
-                    )
-                })
-                .collect();
-            EmpiricalScore::new(&cropped)
-        });
+        let has_exact = exact.is_some();
         let mut targets = |t: f64, tr: &Tensor, rot: &Tensor, s_tr: f64, s_rot: f64| {
-            (t > above).then(|| {
-                let (a, b, _) = emp.score_batch(tr, rot, s_tr, s_rot, &mut emp_rng);
+            let (above, emp, emp_rng) = exact.as_mut()?;
+            (t > *above).then(|| {
+                let (a, b, _) = emp.score_batch(tr, rot, s_tr, s_rot, emp_rng);
                 (a, b)
             })
         };
+        let targets: Option<&mut crate::training::TargetFn<'_>> = has_exact.then_some(&mut targets);
         Ok(crate::training::diffusion_loss_with(
             &self.model.net,
             &single,
@@ -375,7 +375,7 @@ impl Trainer {
             &noise,
             &mut self.igso,
             dropout,
-            Some(&mut targets),
+            targets,
         ))
     }
 
