@@ -7,6 +7,8 @@
 //! between the ensembles' RMSD-to-reference distributions (one per
 //! reference structure), network calls and seconds per sample. Prints a
 //! Markdown table (the one in docs/performance.md) and optionally JSON.
+//! With `--flow-above T` every setting, the reference included, follows the
+//! probability flow above t = T (the AdK model's recommended setting).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -59,6 +61,12 @@ pub struct FidelityArgs {
     /// batch size; its first --samples samples) instead of sampling it again.
     #[arg(long)]
     reference_samples: Option<PathBuf>,
+    /// Follow the probability flow above diffusion time T in every setting,
+    /// the reference included (`digctl sample --flow-above`): the fidelity of
+    /// a recommended setting that uses it. A --reference-samples run must
+    /// have been sampled with the same T (its run.json says).
+    #[arg(long, value_name = "T")]
+    flow_above: Option<f64>,
     /// Also write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -127,7 +135,10 @@ pub fn run(args: FidelityArgs) -> Result<()> {
         indices: (0..args.samples).collect(),
     };
     let draw = |solver: Solver, steps: i64| -> Result<(Ensemble, f64, usize)> {
-        let schedule = Schedule::with_solver(&cfg, &so3, Some(steps), solver)?;
+        let mut schedule = Schedule::with_solver(&cfg, &so3, Some(steps), solver)?;
+        if let Some(t_c) = args.flow_above {
+            schedule = schedule.with_flow_above(&cfg, t_c)?;
+        }
         let calls = schedule.network_calls();
         let sampler = Sampler::new(&model.net, schedule);
         let t = Instant::now();
@@ -155,7 +166,10 @@ pub fn run(args: FidelityArgs) -> Result<()> {
 
     let full = cfg.n_time_step;
     eprintln!(
-        "reference: euler, {full} steps, {n} samples (seed {}) of {}",
+        "reference: euler, {full} steps{}, {n} samples (seed {}) of {}",
+        args.flow_above.map_or(String::new(), |t| format!(
+            " (probability flow above t = {t})"
+        )),
         args.seed,
         args.model.display()
     );
@@ -182,12 +196,26 @@ pub fn run(args: FidelityArgs) -> Result<()> {
                 steer: None,
                 log_density: None,
             };
-            // Seconds per sample from the run's record, when it has one.
-            let secs = path
+            // The run's record, when it has one: its switch to the published
+            // update must be this run's, and it gives the seconds per sample.
+            let record = path
                 .parent()
                 .map(|d| d.join("run.json"))
                 .and_then(|p| std::fs::read_to_string(p).ok())
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+            if let Some(v) = &record {
+                let theirs = v["flow_above"].as_f64();
+                if theirs != args.flow_above {
+                    let show = |t: Option<f64>| t.map_or("none".to_string(), |t| t.to_string());
+                    bail!(
+                        "{} was sampled with flow_above {} (its run.json), this run with --flow-above {}: the reference must follow the same ODE",
+                        path.display(),
+                        show(theirs),
+                        show(args.flow_above)
+                    );
+                }
+            }
+            let secs = record
                 .and_then(|v| Some(v["seconds"].as_f64()? / v["num_samples"].as_f64()?))
                 .unwrap_or(f64::NAN);
             (e, secs, full as usize)
@@ -248,6 +276,7 @@ pub fn run(args: FidelityArgs) -> Result<()> {
         let out = json!({
             "model": args.model.display().to_string(),
             "samples": n, "seed": args.seed, "references": names,
+            "flow_above": args.flow_above,
             "threads": tch::get_num_threads(), "rows": rows,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out)? + "\n")

@@ -141,3 +141,116 @@ print(t.n_frames, t.n_atoms, float(np.abs(pdb - ref).max()))
         "CA-CA distances in the PDB differ from the sampler's by {err} A"
     );
 }
+
+/// `bench-fidelity --flow-above`: every setting follows the flow above T, the
+/// reference too. Its 500-step Euler row equals a `digctl sample --flow-above`
+/// run from the same seed bit for bit (median 0), and a reference sampled
+/// with another switch is refused by name.
+#[test]
+fn bench_fidelity_with_flow_above_matches_digctl_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let (model, features) = (fixture(""), fixture("features.npz"));
+        let mut args = vec![
+            "sample",
+            "--model",
+            s(&model),
+            "--features",
+            s(&features),
+            "--num-samples",
+            "3",
+            "--batch-size",
+            "3",
+            "--seed",
+            "0",
+            "--threads",
+            "1",
+            "--out",
+            s(&out),
+        ];
+        args.extend_from_slice(extra);
+        digctl_ok(&args);
+        out
+    };
+    let flow = sample("flow", &["--flow-above", "0.5"]);
+    let plain = sample("plain", &[]);
+    let fidelity = |reference: &Path, extra: &[&str]| {
+        let json = dir.path().join("fidelity.json");
+        let (model, features) = (fixture(""), fixture("features.npz"));
+        let (pdb, npz) = (flow.join("samples.pdb"), reference.join("samples.npz"));
+        let mut args = vec![
+            "bench-fidelity",
+            "--model",
+            s(&model),
+            "--features",
+            s(&features),
+            "--reference",
+            s(&pdb),
+            "--samples",
+            "3",
+            "--batch-size",
+            "3",
+            "--threads",
+            "1",
+            "--solvers",
+            "euler",
+            "--steps",
+            "500",
+            "--reference-samples",
+            s(&npz),
+            "--json",
+            s(&json),
+        ];
+        args.extend_from_slice(extra);
+        let out = dig_tests::digctl(&args);
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.success(), text, json)
+    };
+    let (ok, err, json) = fidelity(&flow, &["--flow-above", "0.5"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["flow_above"], 0.5, "{v}");
+    let row = &v["rows"][1];
+    assert_eq!(
+        (row["solver"].as_str(), row["steps"].as_i64()),
+        (Some("euler"), Some(500))
+    );
+    assert_eq!(
+        row["median_rmsd"], 0.0,
+        "the flow-above Euler run is digctl sample's: {v}"
+    );
+    assert_eq!(row["p95_rmsd"], 0.0, "{v}");
+    // The same reference against the plain sampler: refused, naming both.
+    let (ok, err, _) = fidelity(&flow, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "was sampled with flow_above 0.5 (its run.json), this run with --flow-above none"
+        ),
+        "{err}"
+    );
+    let (ok, err, _) = fidelity(&plain, &["--flow-above", "0.5"]);
+    assert!(!ok);
+    assert!(
+        err.contains("flow_above none (its run.json), this run with --flow-above 0.5"),
+        "{err}"
+    );
+    // The plain reference with the plain sampler: its Euler row is it too,
+    // and the flow run lies elsewhere.
+    let (ok, err, json) = fidelity(&plain, &[]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["rows"][1]["median_rmsd"], 0.0, "{v}");
+    assert_eq!(v["flow_above"], serde_json::Value::Null);
+    let moved = dig_tests::python(
+        r#"
+import sys, numpy as np
+a = np.load(sys.argv[1])["tr"]; b = np.load(sys.argv[2])["tr"]
+print(float(np.abs(a - b).max()))
+"#,
+        &[&flow.join("samples.npz"), &plain.join("samples.npz")],
+    );
+    let moved: f64 = moved.trim().parse().unwrap();
+    assert!(moved > 0.1, "the flow above 0.5 moved nothing: {moved}");
+}
