@@ -16,8 +16,8 @@ help:
 	@echo "make run    sample adenylate kinase from the trained model through digctl standalone, fetch and score it"
 	@echo "make test   run every test"
 	@echo "make run-hp35  the same flow for HP35 with an UNTRAINED random model (pipeline only)"
-	@echo "make train-adk  retrain examples/adk/model: six stages, about 7 h on 2 cores, resumable (examples/adk/README.md)"
-	@echo "make evaluate-adk  256 samples x 500 steps of the AdK model, scored (examples/adk/README.md)"
+	@echo "make train-adk  retrain examples/adk/model: seven stages, about 9 h on 2 cores, resumable (examples/adk/README.md)"
+	@echo "make evaluate-adk  256 samples x 500 steps of the AdK model (flow above 0.8), scored (examples/adk/README.md)"
 	@echo "make chirality-adk  where and why the AdK model folds mirror images (examples/adk/README.md, about 10 min on one core)"
 	@echo "make bench  sampler benchmark (naive vs optimized, published architecture)"
 	@echo "make bench-train  training update: native trainer vs the published PyTorch step"
@@ -69,7 +69,8 @@ density-bench: build
 gpu-bundle: setup
 	scripts/gpu-bundle.sh
 
-# The targets' measurement: 256 samples at the full 500 steps, scored.
+# The targets' measurement: 256 samples at the full 500 steps (the flow above
+# t = 0.8, the shipped model's setting; FLOW_ABOVE= for none), scored.
 evaluate-adk: build
 	scripts/evaluate-adk.sh
 

@@ -22,13 +22,15 @@ adk)
     FEATURES=examples/adk/features.npz
     FASTA=examples/adk/adk.fasta
     # The README's recommended setting (ab2, 50 steps: 50 network calls per
-    # structure) and enough samples for the fractions to mean something:
-    # about 3 minutes of sampling on a 2-core machine. DIG_DEMO_SAMPLES,
-    # DIG_DEMO_STEPS and DIG_DEMO_SOLVER change them (euler and 500 steps
-    # is the published sampler).
+    # structure, the probability flow above t = 0.8) and enough samples for
+    # the fractions to mean something: about 3 minutes of sampling on a
+    # 2-core machine. DIG_DEMO_SAMPLES, DIG_DEMO_STEPS, DIG_DEMO_SOLVER and
+    # DIG_DEMO_FLOW_ABOVE change them (euler and 500 steps with
+    # DIG_DEMO_FLOW_ABOVE= is the published sampler).
     SAMPLES=${DIG_DEMO_SAMPLES:-128}
     STEPS=${DIG_DEMO_STEPS:-50}
     SOLVER=${DIG_DEMO_SOLVER:-ab2}
+    FLOW_ABOVE=${DIG_DEMO_FLOW_ABOVE-0.8}
     OUT=demo/adk
     test -f "$MODEL/config.json" || {
         echo "error: $MODEL is missing; train it with the command in examples/adk/README.md" >&2
@@ -42,6 +44,7 @@ hp35)
     SAMPLES=${DIG_DEMO_SAMPLES:-16}
     STEPS=${DIG_DEMO_STEPS:-500}
     SOLVER=${DIG_DEMO_SOLVER:-euler}
+    FLOW_ABOVE=${DIG_DEMO_FLOW_ABOVE-}
     OUT=demo/hp35
     mkdir -p demo
     test -f demo/model/config.json || "$DIGCTL" demo-model demo/model --size small --seed 0
@@ -53,7 +56,7 @@ hp35)
 esac
 
 mkdir -p demo
-echo "demo: $DEMO, model $MODEL, $SAMPLES samples x $STEPS $SOLVER sampler steps (published: 500 euler)"
+echo "demo: $DEMO, model $MODEL, $SAMPLES samples x $STEPS $SOLVER sampler steps${FLOW_ABOVE:+, probability flow above t = $FLOW_ABOVE} (published: 500 euler)"
 echo "starting digctl standalone on 127.0.0.1:$PORT (log: demo/standalone.log, data: $DATA)"
 "$DIGCTL" standalone --data-dir "$DATA" --listen "127.0.0.1:$PORT" --model "$MODEL" \
     >demo/standalone.log 2>&1 &
@@ -76,7 +79,8 @@ export DIG_API_KEY
 DIG_API_KEY=$(cat "$DATA/api-key")
 
 JOB=$("$DIGCTL" submit --features "$FEATURES" --fasta "$FASTA" \
-    --num-samples "$SAMPLES" --steps "$STEPS" --solver "$SOLVER" --seed 1 --shard-size 16 --name "$DEMO-demo")
+    --num-samples "$SAMPLES" --steps "$STEPS" --solver "$SOLVER" ${FLOW_ABOVE:+--flow-above "$FLOW_ABOVE"} \
+    --seed 1 --shard-size 16 --name "$DEMO-demo")
 "$DIGCTL" wait "$JOB"
 rm -rf "$OUT"
 "$DIGCTL" fetch "$JOB" --out "$OUT"

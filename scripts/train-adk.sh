@@ -20,11 +20,17 @@
 #   6. from stage 5's averaged weights, eight times as many draws at
 #      t >= 0.5 (`--high-t-weight 8 --high-t-from 0.5`): a 3000-update
 #      schedule stopped at update 1800 (updates 900 and 1500 were shipped
-#      first, the same day). Its model directory is examples/adk/model.
+#      first, the same day), shipped 2026-12-05;
+#   7. from stage 6's averaged weights, the orientation channel added
+#      (`--orientation-features`, zero-started) at lr 4e-4, seed 13: a
+#      1500-update schedule, then stretched to 4000 updates
+#      (`--resume --steps 4000`, as the shipped run was) and stopped at
+#      update 2700. Its model directory is examples/adk/model, sampled
+#      with `--flow-above 0.8`.
 # Every stage checkpoints every 100-500 updates; run the script again after
 # any interruption and it resumes where it stopped (finished stages are
-# kept). OUT (default train-adk) holds stage1/ ... stage6/. About 7 h
-# on this 2-core machine (83 + 70 + 60 + 30 + 80 + 90 min). The first stage's initial
+# kept). OUT (default train-adk) holds stage1/ ... stage7/. About 9 h
+# on this 2-core machine (83 + 70 + 60 + 30 + 80 + 90 + 125 min). The first stage's initial
 # weights were drawn before commit acfaaef, so the result is an equivalent
 # model, not the shipped bytes; from stage 1's shipped weights on
 # (STAGE1=examples/adk/model-35A skips it) the runs are bit-reproducible on
@@ -75,4 +81,12 @@ train "$OUT/stage6" --init "$OUT/stage5" --tr-sigma-max 200 --steps 3000 --stop-
     --batch-size 16 --lr 3e-4 --warmup 50 --seed 8 --checkpoint-every 100 --val-every 500 \
     --log-every 20 --threads 1 --ema 0.995 --model-weights ema \
     --high-t-weight 8 --high-t-from 0.5
-echo "model: $OUT/stage6 (config.json, model.safetensors, training.json: what examples/adk/model holds)"
+stage7=(--init "$OUT/stage6" --orientation-features --tr-sigma-max 200 --batch-size 16
+    --lr 4e-4 --warmup 50 --seed 13 --checkpoint-every 100 --val-every 300 --log-every 20
+    --threads 2 --ema 0.995 --model-weights ema --high-t-weight 8 --high-t-from 0.5)
+done7=$(grep -o '"steps_done": *[0-9]*' "$OUT/stage7/training.json" 2>/dev/null | grep -o '[0-9]*$' || echo 0)
+if (( done7 < 1500 )); then
+    train "$OUT/stage7" "${stage7[@]}" --steps 1500
+fi
+train "$OUT/stage7" "${stage7[@]}" --steps 4000 --stop-at 2700
+echo "model: $OUT/stage7 (config.json, model.safetensors, training.json: what examples/adk/model holds; sample it with --flow-above 0.8)"

@@ -35,7 +35,7 @@ pub struct ModelConfig {
     /// the published architecture and absent from its config files.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub chiral_features: bool,
-    /// Not published (examples/adk/README.md, "An orientation channel"):
+    /// Not published (examples/adk/README.md, "Two changes aimed at the high-noise score"):
     /// each layer's point attention also averages value *directions*
     /// `R_j^T p_j` (`attn.orient_value`, `ORIENT_POINTS` per head) without
     /// the residues' positions, and feeds their mean in the residue's frame
