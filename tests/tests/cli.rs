@@ -243,14 +243,9 @@ fn bench_fidelity_with_flow_above_matches_digctl_sample() {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(v["rows"][1]["median_rmsd"], 0.0, "{v}");
     assert_eq!(v["flow_above"], serde_json::Value::Null);
-    let moved = dig_tests::python(
-        r#"
-import sys, numpy as np
-a = np.load(sys.argv[1])["tr"]; b = np.load(sys.argv[2])["tr"]
-print(float(np.abs(a - b).max()))
-"#,
-        &[&flow.join("samples.npz"), &plain.join("samples.npz")],
+    let moved = max_abs_diff(
+        &npz(&flow.join("samples.npz"))["tr"],
+        &npz(&plain.join("samples.npz"))["tr"],
     );
-    let moved: f64 = moved.trim().parse().unwrap();
     assert!(moved > 0.1, "the flow above 0.5 moved nothing: {moved}");
 }
